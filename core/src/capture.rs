@@ -1,0 +1,246 @@
+//! The per-connection state behind the capture triggers: the SQL functions
+//! they call and the commit/rollback/update hooks that close a transaction.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::functions::{Context, FunctionFlags};
+use rusqlite::hooks::Action;
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::Connection;
+
+use crate::clocks::{encode_tombstone, encode_uniform, RowClocks, Stamp};
+use crate::codec::{pack_values, unpack_values};
+use crate::hlc::{Hlc, HlcState, TimeSource};
+use crate::value::Value;
+
+/// This database's own site ordinal in `confluo_sites`.
+pub(crate) const LOCAL_SITE: u32 = 0;
+
+/// What the writer connection's functions and hooks share.
+pub(crate) struct TxState {
+    /// False while remote changes are applied: those writes are not local.
+    pub tracking: bool,
+    pub hlc: HlcState,
+    /// The clock last written to `confluo_state`, so a restart never
+    /// issues clocks older than ones already handed out.
+    pub persisted_hlc: Hlc,
+    pub time: Arc<dyn TimeSource>,
+    /// The newest committed db_version.
+    pub committed_dbv: u64,
+    /// The open transaction's db_version and clock, once it wrote.
+    pub tx_dbv: Option<u64>,
+    pub tx_hlc: Option<Hlc>,
+    /// Set by Confluo right before it commits. A commit of tracked writes
+    /// without it (a COMMIT inside app SQL) is refused.
+    pub committing: bool,
+    /// Synced table ids the open transaction wrote; names by id.
+    pub table_names: Vec<(i64, Arc<str>)>,
+    /// Tables changed by the open transaction, and by committed ones not
+    /// yet reported to observers.
+    pub changed: BTreeSet<String>,
+    pub committed_changes: BTreeSet<String>,
+}
+
+impl TxState {
+    pub fn new(time: Arc<dyn TimeSource>, last_hlc: Hlc, committed_dbv: u64) -> Self {
+        TxState {
+            tracking: true,
+            hlc: HlcState::new(last_hlc),
+            persisted_hlc: last_hlc,
+            time,
+            committed_dbv,
+            tx_dbv: None,
+            tx_hlc: None,
+            committing: false,
+            table_names: Vec::new(),
+            changed: BTreeSet::new(),
+            committed_changes: BTreeSet::new(),
+        }
+    }
+
+    /// The open transaction's db_version: one per transaction.
+    pub fn db_version(&mut self) -> u64 {
+        *self.tx_dbv.get_or_insert(self.committed_dbv + 1)
+    }
+
+    /// The open transaction's clock: one per transaction, so every cell a
+    /// transaction writes carries the same clock.
+    pub fn tx_hlc(&mut self) -> Hlc {
+        if let Some(h) = self.tx_hlc {
+            return h;
+        }
+        let h = self.hlc.tick(self.time.now_ms());
+        self.tx_hlc = Some(h);
+        h
+    }
+
+    pub fn mark_changed(&mut self, table: &str) {
+        if !self.changed.contains(table) {
+            self.changed.insert(table.to_owned());
+        }
+    }
+
+    fn mark_table_id(&mut self, id: i64) {
+        if let Some(name) = self
+            .table_names
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, n)| n.clone())
+        {
+            self.mark_changed(&name);
+        }
+    }
+}
+
+pub(crate) type SharedState = Arc<Mutex<TxState>>;
+
+pub(crate) fn lock(state: &SharedState) -> MutexGuard<'_, TxState> {
+    // A panic while holding this lock cannot leave it half-updated in a way
+    // that matters more than refusing every later write would.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn user_err(msg: impl Into<String>) -> rusqlite::Error {
+    rusqlite::Error::UserFunctionError(msg.into().into())
+}
+
+/// `confluo_pack(a, b, ...)`: a composite primary key as one blob;
+/// `confluo_unpack(blob, i)`: its `i`-th value.
+pub(crate) fn register_pure_functions(conn: &Connection) -> rusqlite::Result<()> {
+    conn.create_scalar_function(
+        "confluo_unpack",
+        2,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx: &mut Context<'_>| {
+            let ValueRef::Blob(blob) = ctx.get_raw(0) else {
+                return Ok(Value::Null);
+            };
+            let index: i64 = ctx.get(1)?;
+            let values = unpack_values(blob).map_err(|e| user_err(e.to_string()))?;
+            Ok(usize::try_from(index)
+                .ok()
+                .and_then(|i| values.into_iter().nth(i))
+                .unwrap_or(Value::Null))
+        },
+    )?;
+    conn.create_scalar_function(
+        "confluo_pack",
+        -1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx: &mut Context<'_>| {
+            let values: Vec<Value> = (0..ctx.len())
+                .map(|i| Value::from_ref(ctx.get_raw(i)))
+                .collect();
+            if values.iter().any(Value::is_null) {
+                return Err(user_err("a primary key column of a synced table is NULL"));
+            }
+            Ok(pack_values(&values))
+        },
+    )
+}
+
+/// Registers the capture functions and hooks on the writer connection.
+pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::Result<()> {
+    register_pure_functions(conn)?;
+    let volatile = FunctionFlags::SQLITE_UTF8;
+
+    let s = state.clone();
+    conn.create_scalar_function("confluo_tracking", 0, volatile, move |_| {
+        Ok(lock(&s).tracking)
+    })?;
+
+    let s = state.clone();
+    conn.create_scalar_function("confluo_db_version", 1, volatile, move |ctx| {
+        let table_id: i64 = ctx.get(0)?;
+        let mut st = lock(&s);
+        st.mark_table_id(table_id);
+        Ok(st.db_version() as i64)
+    })?;
+
+    let s = state.clone();
+    conn.create_scalar_function("confluo_clocks_insert", 1, volatile, move |ctx| {
+        let slots: i64 = ctx.get(0)?;
+        let hlc = lock(&s).tx_hlc();
+        Ok(encode_uniform(hlc, LOCAL_SITE, slots.max(0) as usize))
+    })?;
+
+    let s = state.clone();
+    conn.create_scalar_function("confluo_clocks_delete", 0, volatile, move |_| {
+        let hlc = lock(&s).tx_hlc();
+        Ok(encode_tombstone(hlc, LOCAL_SITE))
+    })?;
+
+    // confluo_clocks_update(clocks, old_dbv, new_dbv, slots, mask0, mask1...)
+    let s = state.clone();
+    conn.create_scalar_function("confluo_clocks_update", -1, volatile, move |ctx| {
+        if ctx.len() < 5 {
+            return Err(user_err("confluo_clocks_update: too few arguments"));
+        }
+        let blob = match ctx.get_raw(0) {
+            ValueRef::Blob(b) => b.to_vec(),
+            _ => return Err(user_err("confluo_clocks_update: clocks is not a blob")),
+        };
+        let old_dbv: i64 = ctx.get(1)?;
+        let new_dbv: i64 = ctx.get(2)?;
+        let slots: i64 = ctx.get(3)?;
+        let mut clocks =
+            RowClocks::decode(&blob, old_dbv as u64).map_err(|e| user_err(e.to_string()))?;
+        let hlc = lock(&s).tx_hlc();
+        let stamp = Stamp {
+            hlc,
+            site: LOCAL_SITE,
+            dbv: new_dbv as u64,
+        };
+        clocks.cells.resize(slots.max(0) as usize, None);
+        for arg in 4..ctx.len() {
+            let mask: i64 = ctx.get(arg)?;
+            for bit in 0..62 {
+                if mask & (1 << bit) != 0 {
+                    let slot = (arg - 4) * 62 + bit;
+                    if slot < clocks.cells.len() {
+                        clocks.cells[slot] = Some(stamp);
+                    }
+                }
+            }
+        }
+        Ok(ToSqlOutput::Owned(SqlValue::Blob(
+            clocks.encode(new_dbv as u64),
+        )))
+    })?;
+
+    let s = state.clone();
+    conn.commit_hook(Some(move || {
+        let mut st = lock(&s);
+        if st.tx_dbv.is_some() && !st.committing {
+            // Tracked writes committed by app SQL would skip Confluo's
+            // bookkeeping: turn the commit into a rollback.
+            return true;
+        }
+        if let Some(dbv) = st.tx_dbv.take() {
+            st.committed_dbv = dbv;
+        }
+        st.tx_hlc = None;
+        let changed = std::mem::take(&mut st.changed);
+        st.committed_changes.extend(changed);
+        false
+    }))?;
+
+    let s = state.clone();
+    conn.rollback_hook(Some(move || {
+        let mut st = lock(&s);
+        st.tx_dbv = None;
+        st.tx_hlc = None;
+        st.changed.clear();
+    }))?;
+
+    let s = state.clone();
+    conn.update_hook(Some(
+        move |_: Action, _db: &str, table: &str, _rowid: i64| {
+            if !table.starts_with("confluo_") && !table.starts_with("sqlite_") {
+                lock(&s).mark_changed(table);
+            }
+        },
+    ))?;
+    Ok(())
+}

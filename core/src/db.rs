@@ -1,0 +1,601 @@
+//! The database handle: one writer connection, a pool of readers (WAL),
+//! typed execute/query, write transactions and observers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use crate::capture::{self, lock, SharedState, TxState};
+use crate::error::{Error, Result};
+use crate::hlc::{Hlc, SystemTimeSource, TimeSource};
+use crate::observe::{ChangeListener, Observation, Observers};
+use crate::schema::{self, TableInfo};
+use crate::site::SiteId;
+use crate::value::Value;
+
+/// How a database behaves; `Options::default()` suits most apps.
+#[derive(Clone)]
+pub struct Options {
+    /// A change whose clock is further ahead of this device's clock than
+    /// this is refused, so one device with a wrong clock cannot win every
+    /// conflict forever.
+    pub max_clock_drift: Duration,
+    /// The largest text or blob value `apply` accepts.
+    pub max_value_bytes: usize,
+    /// Reader connections kept open for queries (file databases only).
+    pub readers: usize,
+    /// Where wall-clock time comes from (tests inject a manual clock).
+    pub time: Arc<dyn TimeSource>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_clock_drift: Duration::from_secs(3600),
+            max_value_bytes: 1 << 20,
+            readers: 4,
+            time: Arc::new(SystemTimeSource),
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("max_clock_drift", &self.max_clock_drift)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("readers", &self.readers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of a query: column names and rows of typed values.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Rows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The value of `column` in row `row`, if both exist.
+    pub fn get(&self, row: usize, column: &str) -> Option<&Value> {
+        let c = self.columns.iter().position(|n| n == column)?;
+        self.rows.get(row)?.get(c)
+    }
+}
+
+pub(crate) struct Inner {
+    pub writer: Mutex<Option<Connection>>,
+    readers: Option<ReaderPool>,
+    pub state: SharedState,
+    pub tables: RwLock<HashMap<String, Arc<TableInfo>>>,
+    /// Site ids by ordinal (0 is this database).
+    pub sites: RwLock<Vec<SiteId>>,
+    pub observers: Arc<Observers>,
+    pub site_id: SiteId,
+    pub options: Options,
+}
+
+/// A Confluo database. `Send + Sync`: share it between threads (in an
+/// `Arc`); writes are serialized, reads run in parallel on file databases.
+pub struct Database {
+    pub(crate) inner: Inner,
+}
+
+const METADATA_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS confluo_state(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS confluo_sites(ord INTEGER PRIMARY KEY, site_id BLOB NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS confluo_tables(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS confluo_columns(
+  tbl INTEGER NOT NULL, name TEXT NOT NULL, pk_pos INTEGER, slot INTEGER, live INTEGER NOT NULL,
+  PRIMARY KEY (tbl, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS confluo_peers(site_ord INTEGER PRIMARY KEY, seen INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS confluo_pending(
+  tbl TEXT NOT NULL, pk BLOB NOT NULL, col TEXT NOT NULL, cl INTEGER NOT NULL, value,
+  hlc INTEGER NOT NULL, site BLOB NOT NULL, dbv INTEGER NOT NULL,
+  PRIMARY KEY (tbl, pk, col)) WITHOUT ROWID;
+";
+
+const METADATA_FORMAT: i64 = 1;
+
+impl Database {
+    /// Opens (creating if needed) the database file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Database> {
+        Self::open_with(path, Options::default())
+    }
+
+    /// Opens a private in-memory database (no reader pool: reads share the
+    /// writer connection).
+    pub fn open_in_memory() -> Result<Database> {
+        Self::open_in_memory_with(Options::default())
+    }
+
+    pub fn open_in_memory_with(options: Options) -> Result<Database> {
+        let conn = Connection::open_in_memory()?;
+        Self::init(conn, None, options)
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Database> {
+        let path = path.as_ref().to_path_buf();
+        let conn = Connection::open(&path)?;
+        Self::init(conn, Some(path), options)
+    }
+
+    fn init(mut conn: Connection, path: Option<PathBuf>, options: Options) -> Result<Database> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        if path.is_some() {
+            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(Error::Sqlite {
+                    message: format!("could not enable WAL (journal mode is {mode})"),
+                    code: None,
+                });
+            }
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        conn.execute_batch(&format!("BEGIN IMMEDIATE;{METADATA_SCHEMA}"))?;
+        let setup = (|| -> Result<(SiteId, Hlc, u64, Vec<SiteId>)> {
+            let format: Option<i64> = conn
+                .query_row(
+                    "SELECT value FROM confluo_state WHERE key = 'format'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match format {
+                None => {
+                    conn.execute(
+                        "INSERT INTO confluo_state VALUES ('format', ?1)",
+                        [METADATA_FORMAT],
+                    )?;
+                    conn.execute("INSERT INTO confluo_state VALUES ('hlc', 0)", [])?;
+                }
+                Some(METADATA_FORMAT) => {}
+                Some(other) => {
+                    return Err(Error::Sqlite {
+                        message: format!(
+                            "confluo metadata format {other} is newer than this build"
+                        ),
+                        code: None,
+                    })
+                }
+            }
+            let site: Option<Vec<u8>> = conn
+                .query_row("SELECT site_id FROM confluo_sites WHERE ord = 0", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if site.is_none() {
+                let id = SiteId::random();
+                conn.execute(
+                    "INSERT INTO confluo_sites(ord, site_id) VALUES (0, ?1)",
+                    [&id.as_bytes()[..]],
+                )?;
+            }
+            let sites = load_sites(&conn)?;
+            let hlc: i64 = conn.query_row(
+                "SELECT value FROM confluo_state WHERE key = 'hlc'",
+                [],
+                |r| r.get(0),
+            )?;
+            let mut dbv: u64 = conn.query_row(
+                "SELECT coalesce(max(dbv), 0) FROM confluo_pending",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
+            for t in schema::load_tables(&conn)? {
+                let max: i64 = conn.query_row(
+                    &format!("SELECT coalesce(max(dbv), 0) FROM {}", t.meta_table()),
+                    [],
+                    |r| r.get(0),
+                )?;
+                dbv = dbv.max(max as u64);
+            }
+            Ok((sites[0], Hlc(hlc as u64), dbv, sites))
+        })();
+        let (site_id, hlc, dbv, sites) = match setup {
+            Ok(v) => {
+                conn.execute_batch("COMMIT")?;
+                v
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        let state = Arc::new(Mutex::new(TxState::new(options.time.clone(), hlc, dbv)));
+        capture::install(&mut conn, &state)?;
+        let tables = schema::load_tables(&conn)?;
+        {
+            let mut st = lock(&state);
+            st.table_names = tables.iter().map(|t| (t.id, t.name.clone())).collect();
+        }
+        let readers = path.map(|p| ReaderPool::new(p, options.readers));
+        Ok(Database {
+            inner: Inner {
+                writer: Mutex::new(Some(conn)),
+                readers,
+                state,
+                tables: RwLock::new(
+                    tables
+                        .into_iter()
+                        .map(|t| (t.name.to_string(), Arc::new(t)))
+                        .collect(),
+                ),
+                sites: RwLock::new(sites),
+                observers: Arc::new(Observers::default()),
+                site_id,
+                options,
+            },
+        })
+    }
+
+    /// This database's site id, created once and kept in the file.
+    pub fn site_id(&self) -> SiteId {
+        self.inner.site_id
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
+    /// The newest committed db_version (one per transaction that wrote
+    /// synced tables or applied remote changes).
+    pub fn db_version(&self) -> u64 {
+        lock(&self.inner.state).committed_dbv
+    }
+
+    /// The newest clock this database issued or observed.
+    pub fn current_hlc(&self) -> Hlc {
+        lock(&self.inner.state).hlc.last()
+    }
+
+    /// Runs one statement in its own transaction; returns the number of
+    /// rows it changed.
+    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
+        self.write(|tx| tx.execute(sql, params))
+    }
+
+    /// Runs several statements (a migration, say) in one transaction.
+    pub fn execute_batch(&self, sql: &str) -> Result<()> {
+        self.write(|tx| tx.execute_batch(sql))
+    }
+
+    /// Runs a query. Read-only statements run on a reader connection, so
+    /// they never wait behind a write; others run as a write.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        match &self.inner.readers {
+            Some(pool) => {
+                let outcome = pool.with(|conn| {
+                    let mut stmt = conn.prepare_cached(sql)?;
+                    if !stmt.readonly() {
+                        return Ok(None);
+                    }
+                    Ok(Some(collect_rows(&mut stmt, params)?))
+                })?;
+                match outcome {
+                    Some(rows) => Ok(rows),
+                    None => self.write(|tx| tx.query(sql, params)),
+                }
+            }
+            None => self.write(|tx| tx.query(sql, params)),
+        }
+    }
+
+    /// Runs `f` in one write transaction: committed if it returns `Ok`,
+    /// rolled back if it returns an error.
+    pub fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let tx = self.transaction()?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
+    /// Starts a write transaction. Dropping it without `commit` rolls back.
+    pub fn transaction(&self) -> Result<Transaction<'_>> {
+        let guard = self.writer()?;
+        guard
+            .as_ref()
+            .expect("checked open")
+            .execute_batch("BEGIN IMMEDIATE")?;
+        Ok(Transaction {
+            db: self,
+            conn: Some(guard),
+        })
+    }
+
+    pub(crate) fn writer(&self) -> Result<MutexGuard<'_, Option<Connection>>> {
+        let guard = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            return Err(Error::Closed);
+        }
+        Ok(guard)
+    }
+
+    /// Runs `f` on a connection that sees one consistent snapshot of the
+    /// database: a reader in a read transaction, or the writer for
+    /// in-memory databases.
+    pub(crate) fn read_snapshot<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let run = |conn: &Connection| {
+            conn.execute_batch("BEGIN")?;
+            let out = f(conn);
+            let end = conn.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
+            let out = out?;
+            end?;
+            Ok(out)
+        };
+        match &self.inner.readers {
+            Some(pool) => pool.with(run),
+            None => {
+                let guard = self.writer()?;
+                run(guard.as_ref().expect("checked open"))
+            }
+        }
+    }
+
+    /// Checkpoints the WAL into the main file (for size measurements and
+    /// before backups).
+    pub fn checkpoint(&self) -> Result<()> {
+        let guard = self.writer()?;
+        guard.as_ref().expect("checked open").query_row(
+            "PRAGMA wal_checkpoint(TRUNCATE)",
+            [],
+            |_| Ok(()),
+        )?;
+        Ok(())
+    }
+
+    /// Calls `listener` after every commit that changed any of `tables`
+    /// (all tables when empty), local or remote, with the changed tables.
+    /// Dropping the returned handle stops it.
+    pub fn observe(&self, tables: &[&str], listener: impl ChangeListener) -> Observation {
+        self.inner.observers.add(tables, Arc::new(listener))
+    }
+
+    /// Closes the database; later calls fail with `Error::Closed`.
+    pub fn close(&self) -> Result<()> {
+        let conn = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(pool) = &self.inner.readers {
+            pool.close();
+        }
+        if let Some(conn) = conn {
+            conn.close().map_err(|(_, e)| Error::from(e))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn dispatch_changes(&self) {
+        let changed = std::mem::take(&mut lock(&self.inner.state).committed_changes);
+        if !changed.is_empty() {
+            self.inner.observers.notify(&changed);
+        }
+    }
+
+    /// Commits the writer's open transaction with Confluo's bookkeeping:
+    /// the clock is persisted so it never runs backwards across restarts.
+    pub(crate) fn commit_conn(&self, conn: &Connection) -> Result<()> {
+        let hlc = {
+            let mut st = lock(&self.inner.state);
+            st.committing = true;
+            (st.hlc.last() > st.persisted_hlc).then(|| st.hlc.last())
+        };
+        let result = (|| -> Result<()> {
+            if let Some(hlc) = hlc {
+                conn.prepare_cached("UPDATE confluo_state SET value = ?1 WHERE key = 'hlc'")?
+                    .execute([hlc.0 as i64])?;
+            }
+            conn.execute_batch("COMMIT")?;
+            Ok(())
+        })();
+        {
+            let mut st = lock(&self.inner.state);
+            st.committing = false;
+            if let (Ok(()), Some(hlc)) = (&result, hlc) {
+                st.persisted_hlc = hlc;
+            }
+        }
+        if result.is_err() && !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        result
+    }
+
+    pub(crate) fn table(&self, name: &str) -> Option<Arc<TableInfo>> {
+        self.inner
+            .tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub(crate) fn all_tables(&self) -> Vec<Arc<TableInfo>> {
+        let mut t: Vec<_> = self
+            .inner
+            .tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        t.sort_by_key(|t| t.id);
+        t
+    }
+
+    /// The names of the synced tables.
+    pub fn synced_tables(&self) -> Vec<String> {
+        self.all_tables()
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect()
+    }
+}
+
+pub(crate) fn load_sites(conn: &Connection) -> Result<Vec<SiteId>> {
+    let mut stmt = conn.prepare_cached("SELECT ord, site_id FROM confluo_sites ORDER BY ord")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+    let mut sites = Vec::new();
+    for row in rows {
+        let (ord, bytes) = row?;
+        let site = SiteId::from_slice(&bytes).ok_or_else(|| Error::Sqlite {
+            message: "corrupt confluo metadata: bad site id".into(),
+            code: None,
+        })?;
+        if ord as usize != sites.len() {
+            return Err(Error::Sqlite {
+                message: "corrupt confluo metadata: site ordinals are not dense".into(),
+                code: None,
+            });
+        }
+        sites.push(site);
+    }
+    Ok(sites)
+}
+
+fn collect_rows(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<Rows> {
+    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+    let n = columns.len();
+    let mut rows = Vec::new();
+    let mut cursor = stmt.query(rusqlite::params_from_iter(params))?;
+    while let Some(row) = cursor.next()? {
+        rows.push(
+            (0..n)
+                .map(|i| row.get_ref(i).map(Value::from_ref))
+                .collect::<rusqlite::Result<Vec<_>>>()?,
+        );
+    }
+    Ok(Rows { columns, rows })
+}
+
+/// A write transaction. Statements run on the writer connection; reads in
+/// it see its own writes. Dropped without `commit`, it rolls back.
+pub struct Transaction<'db> {
+    db: &'db Database,
+    conn: Option<MutexGuard<'db, Option<Connection>>>,
+}
+
+impl Transaction<'_> {
+    pub(crate) fn conn(&self) -> &Connection {
+        self.conn
+            .as_ref()
+            .and_then(|g| g.as_ref())
+            .expect("transaction is open")
+    }
+
+    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
+        let mut stmt = self.conn().prepare_cached(sql)?;
+        Ok(stmt.execute(rusqlite::params_from_iter(params))?)
+    }
+
+    pub fn execute_batch(&self, sql: &str) -> Result<()> {
+        Ok(self.conn().execute_batch(sql)?)
+    }
+
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        let mut stmt = self.conn().prepare_cached(sql)?;
+        collect_rows(&mut stmt, params)
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        let guard = self.conn.take().expect("transaction is open");
+        let result = self.db.commit_conn(guard.as_ref().expect("checked open"));
+        drop(guard);
+        self.db.dispatch_changes();
+        result
+    }
+
+    pub fn rollback(mut self) -> Result<()> {
+        let guard = self.conn.take().expect("transaction is open");
+        guard
+            .as_ref()
+            .expect("checked open")
+            .execute_batch("ROLLBACK")?;
+        Ok(())
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if let Some(guard) = self.conn.take() {
+            if let Some(conn) = guard.as_ref() {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+            }
+        }
+    }
+}
+
+/// Read-only connections for queries, opened on demand and kept for reuse.
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    keep: usize,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl ReaderPool {
+    fn new(path: PathBuf, keep: usize) -> Self {
+        ReaderPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+            keep,
+            closed: false.into(),
+        }
+    }
+
+    fn open(&self) -> Result<Connection> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        capture::register_pure_functions(&conn)?;
+        Ok(conn)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        use std::sync::atomic::Ordering;
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => self.open()?,
+        };
+        let out = f(&conn);
+        if !self.closed.load(Ordering::SeqCst) {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < self.keep {
+                idle.push(conn);
+            }
+        }
+        out
+    }
+
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}

@@ -1,0 +1,86 @@
+//! The engine's one error type. Every failure surfaces as one of these
+//! variants; the FFI layer maps them to `ConfluoError` in one place.
+
+use std::time::Duration;
+
+/// Result alias used across the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller passed something the engine refuses (bad change set
+    /// content, a hostile name, a value too large...). Nothing was changed.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// A change set's bytes could not be decoded (truncated, corrupted or of
+    /// an unknown format). Nothing was changed.
+    #[error("malformed change set: {0}")]
+    MalformedChangeSet(String),
+
+    /// A table cannot be synced as it is, or a schema change was refused.
+    /// `problems` lists every reason, not just the first one found.
+    #[error("table {table:?} cannot be synced: {}", problems.join("; "))]
+    Schema {
+        table: String,
+        problems: Vec<String>,
+    },
+
+    /// A change carries a clock too far ahead of this device's clock.
+    #[error("clock drift: a change is {ahead:?} ahead of this device's clock (limit {limit:?})")]
+    ClockDrift { ahead: Duration, limit: Duration },
+
+    /// SQLite refused the statement or the storage failed. `message` is
+    /// SQLite's own message, so app developers see what SQLite said.
+    #[error("sqlite: {message}")]
+    Sqlite {
+        message: String,
+        /// The extended SQLite result code, when SQLite gave one.
+        code: Option<i32>,
+    },
+
+    /// The database was closed.
+    #[error("the database is closed")]
+    Closed,
+}
+
+impl Error {
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidInput(msg.into())
+    }
+
+    pub(crate) fn malformed(msg: impl Into<String>) -> Self {
+        Error::MalformedChangeSet(msg.into())
+    }
+
+    pub(crate) fn schema(table: &str, problems: Vec<String>) -> Self {
+        Error::Schema {
+            table: table.to_owned(),
+            problems,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(err: rusqlite::Error) -> Self {
+        let code = match &err {
+            rusqlite::Error::SqliteFailure(e, _) => Some(e.extended_code),
+            _ => None,
+        };
+        let message = match &err {
+            // rusqlite's Display for failures already is SQLite's message.
+            rusqlite::Error::SqliteFailure(_, Some(msg)) => msg.clone(),
+            other => other.to_string(),
+        };
+        Error::Sqlite { message, code }
+    }
+}
+
+impl From<rusqlite::types::FromSqlError> for Error {
+    fn from(err: rusqlite::types::FromSqlError) -> Self {
+        Error::Sqlite {
+            message: format!("unexpected value in confluo metadata: {err}"),
+            code: None,
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Confluo's engine: an ordinary SQLite database whose synced tables record
+//! per-column CRDT metadata (hybrid logical clocks, last-writer-wins per
+//! column, causal-length deletes), export only what a peer misses, and merge
+//! what comes back so every replica converges.
+//!
+//! ```
+//! use confluo_core::{Database, Value};
+//!
+//! let alice = Database::open_in_memory()?;
+//! let bob = Database::open_in_memory()?;
+//! for db in [&alice, &bob] {
+//!     db.execute_batch("CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT)")?;
+//!     db.enable_sync("todo")?;
+//! }
+//! alice.execute("INSERT INTO todo VALUES (?1, ?2, ?3)", &["t1".into(), "Buy milk".into(), "open".into()])?;
+//! let seen = bob.seen_version(alice.site_id())?;
+//! bob.apply(&alice.changes_for_peer(bob.site_id(), seen)?)?;
+//! let rows = bob.query("SELECT title FROM todo", &[])?;
+//! assert_eq!(rows.rows[0][0], Value::Text("Buy milk".into()));
+//! # Ok::<(), confluo_core::Error>(())
+//! ```
+
+mod capture;
+mod changeset;
+mod clocks;
+mod codec;
+mod db;
+mod error;
+mod hlc;
+pub mod merge;
+mod observe;
+mod replication;
+mod schema;
+mod site;
+mod value;
+
+pub use changeset::{Change, ChangeSet, FORMAT_VERSION};
+pub use db::{Database, Options, Rows, Transaction};
+pub use error::{Error, Result};
+pub use hlc::{Hlc, ManualTimeSource, SystemTimeSource, TimeSource};
+pub use observe::{ChangeListener, Observation};
+pub use replication::ApplyReport;
+pub use site::SiteId;
+pub use value::Value;

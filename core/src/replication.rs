@@ -1,0 +1,856 @@
+//! Making tables synced, exporting what a peer misses, and merging what
+//! comes back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+
+use crate::capture::{lock, SharedState};
+use crate::changeset::{Change, ChangeSet};
+use crate::clocks::{RowClocks, Stamp};
+use crate::codec::{pack_values, unpack_values};
+use crate::db::{load_sites, Database, Transaction};
+use crate::error::{Error, Result};
+use crate::hlc::{check_drift, Hlc};
+use crate::merge::{Cell, Outcome, RowState, Target, Version};
+use crate::schema::{self, plausible_name, quote, TableInfo};
+use crate::site::SiteId;
+use crate::value::Value;
+
+/// What `apply` did with a change set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Changes in the set.
+    pub received: usize,
+    /// Changes that won and are now part of this database.
+    pub applied: usize,
+    /// Changes this database already had, or that lost their merge.
+    pub stale: usize,
+    /// Changes for tables or columns this database does not have yet: kept
+    /// and merged when `enable_sync` or `alter_synced_table` adds them.
+    pub deferred: usize,
+    /// The local db_version that recorded the applied changes, if any.
+    pub db_version: Option<u64>,
+}
+
+/// Turns capture off while remote changes are written, and back on after,
+/// whatever happens in between.
+struct RemoteWrites<'a>(&'a SharedState);
+
+impl<'a> RemoteWrites<'a> {
+    fn begin(state: &'a SharedState) -> Self {
+        lock(state).tracking = false;
+        RemoteWrites(state)
+    }
+}
+
+impl Drop for RemoteWrites<'_> {
+    fn drop(&mut self) {
+        lock(self.0).tracking = true;
+    }
+}
+
+/// A cell's local bookkeeping beside its version.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Local {
+    site: u32,
+    dbv: u64,
+    /// The change (index into the applied slice) whose value this cell now
+    /// holds, when this apply wrote it.
+    from: Option<usize>,
+}
+
+/// State shared by the rows of one apply.
+struct ApplyCtx {
+    sites: Vec<SiteId>,
+    site_ords: HashMap<SiteId, u32>,
+    first_new_site: usize,
+    sql: HashMap<(i64, u8, Vec<usize>), String>,
+    report: ApplyReport,
+}
+
+impl ApplyCtx {
+    fn new(sites: Vec<SiteId>) -> Self {
+        let site_ords = sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i as u32))
+            .collect();
+        ApplyCtx {
+            first_new_site: sites.len(),
+            sites,
+            site_ords,
+            sql: HashMap::new(),
+            report: ApplyReport::default(),
+        }
+    }
+
+    fn ord(&mut self, conn: &Connection, site: SiteId) -> Result<u32> {
+        if let Some(&o) = self.site_ords.get(&site) {
+            return Ok(o);
+        }
+        let ord = self.sites.len() as u32;
+        conn.prepare_cached("INSERT INTO confluo_sites(ord, site_id) VALUES (?1, ?2)")?
+            .execute(params![ord, &site.as_bytes()[..]])?;
+        self.sites.push(site);
+        self.site_ords.insert(site, ord);
+        Ok(ord)
+    }
+}
+
+fn meta_key(t: &TableInfo, pk: &[Value]) -> Value {
+    if t.pk.len() == 1 {
+        pk[0].clone()
+    } else {
+        Value::Blob(pack_values(pk))
+    }
+}
+
+impl Database {
+    /// Makes `table` a synced table: validates it (one error listing every
+    /// problem), records its columns, installs the capture triggers, turns
+    /// the rows already there into changes, and merges any changes for it
+    /// that arrived before it was synced. Calling it again on a synced
+    /// table refreshes its triggers.
+    pub fn enable_sync(&self, table: &str) -> Result<()> {
+        let existing = self.table(table);
+        let tx = self.transaction()?;
+        let conn = tx.conn();
+        let (pk, columns) = schema::inspect(conn, table)?;
+        if let Some(t) = &existing {
+            schema::drop_triggers(conn, t)?;
+        }
+        let info = Arc::new(schema::register(conn, table, &pk, &columns)?);
+        self.announce_table(&info);
+        schema::install(conn, &info)?;
+        if existing.is_none() {
+            conn.execute(
+                &format!(
+                    "INSERT INTO {meta}(pk, cl, dbv, clocks) \
+                     SELECT {key}, 1, confluo_db_version({id}), confluo_clocks_insert({slots}) FROM {table} AS t WHERE true \
+                     ON CONFLICT(pk) DO NOTHING",
+                    meta = info.meta_table(),
+                    key = info.key_expr("t"),
+                    id = info.id,
+                    slots = info.slots.len(),
+                    table = quote(table),
+                ),
+                [],
+            )?;
+        }
+        self.activate_pending(&tx, &info)?;
+        tx.commit()?;
+        self.cache_table(info);
+        Ok(())
+    }
+
+    /// Runs `alter_sql` (an `ALTER TABLE`, or any migration of `table`) and
+    /// re-installs the capture triggers for the table's new shape. Changes
+    /// for columns it adds that arrived earlier are merged now. All or
+    /// nothing: on any error the table and its triggers stay as they were.
+    pub fn alter_synced_table(&self, table: &str, alter_sql: &str) -> Result<()> {
+        let existing = self.table(table).ok_or_else(|| {
+            Error::schema(
+                table,
+                vec!["it is not a synced table (call enable_sync first)".into()],
+            )
+        })?;
+        let tx = self.transaction()?;
+        let conn = tx.conn();
+        schema::drop_triggers(conn, &existing)?;
+        conn.execute_batch(alter_sql)?;
+        let (pk, columns) = schema::inspect(conn, table)?;
+        let info = Arc::new(schema::register(conn, table, &pk, &columns)?);
+        schema::install(conn, &info)?;
+        self.activate_pending(&tx, &info)?;
+        tx.commit()?;
+        self.cache_table(info);
+        Ok(())
+    }
+
+    fn announce_table(&self, info: &TableInfo) {
+        let mut st = lock(&self.inner.state);
+        if !st.table_names.iter().any(|(id, _)| *id == info.id) {
+            st.table_names.push((info.id, info.name.clone()));
+        }
+    }
+
+    fn cache_table(&self, info: Arc<TableInfo>) {
+        self.inner
+            .tables
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(info.name.to_string(), info);
+    }
+
+    /// The newest db_version of `peer` this database has received in full:
+    /// the answer to "what have you seen from me?".
+    pub fn seen_version(&self, peer: SiteId) -> Result<u64> {
+        self.read_snapshot(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT p.seen FROM confluo_peers p JOIN confluo_sites s ON s.ord = p.site_ord WHERE s.site_id = ?1",
+                    [&peer.as_bytes()[..]],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+                .unwrap_or(0) as u64)
+        })
+    }
+
+    /// The changes a peer misses: everything recorded after `since`, minus
+    /// what originated at `recipient` (it has those already).
+    pub fn changes_since(&self, since: u64, recipient: Option<SiteId>) -> Result<ChangeSet> {
+        let tables = self.all_tables();
+        let source = self.site_id();
+        self.read_snapshot(|conn| {
+            let sites = load_sites(conn)?;
+            let exclude =
+                recipient.and_then(|r| sites.iter().position(|s| *s == r).map(|p| p as u32));
+            let mut changes = Vec::new();
+            let mut until = since;
+            for t in &tables {
+                until = until.max(export_table(conn, t, since, exclude, &sites, &mut changes)?);
+            }
+            until = until.max(export_pending(conn, since, recipient, &mut changes)?);
+            // Group by db_version, keeping row order inside one; seq is the
+            // position within its db_version.
+            changes.sort_by_key(|c| c.db_version);
+            let mut prev = None;
+            let mut seq = 0u32;
+            for c in &mut changes {
+                seq = if prev == Some(c.db_version) {
+                    seq + 1
+                } else {
+                    0
+                };
+                prev = Some(c.db_version);
+                c.seq = seq;
+            }
+            Ok(ChangeSet {
+                source,
+                recipient,
+                since,
+                until,
+                changes,
+            })
+        })
+    }
+
+    /// Everything `peer` misses, by what it says it has seen from us.
+    pub fn changes_for_peer(&self, peer: SiteId, seen_by_peer: u64) -> Result<ChangeSet> {
+        self.changes_since(seen_by_peer, Some(peer))
+    }
+
+    /// Merges a change set: atomically (one transaction, with the record of
+    /// what was received), idempotently and in any order. A change set with
+    /// any invalid change is refused whole, leaving the database unchanged.
+    pub fn apply(&self, changeset: &ChangeSet) -> Result<ApplyReport> {
+        self.validate(changeset)?;
+        let tx = self.transaction()?;
+        let remote = RemoteWrites::begin(&self.inner.state);
+        let mut ctx = ApplyCtx::new(
+            self.inner
+                .sites
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        );
+        ctx.report.received = changeset.changes.len();
+        self.merge_changes(&tx, &mut ctx, &changeset.changes, None)?;
+        self.record_received(&tx, &mut ctx, changeset)?;
+        if let Some(max) = changeset.changes.iter().map(|c| c.hlc).max() {
+            lock(&self.inner.state).hlc.observe(max);
+        }
+        drop(remote);
+        ctx.report.db_version = lock(&self.inner.state).tx_dbv;
+        tx.commit()?;
+        self.inner
+            .sites
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(&ctx.sites[ctx.first_new_site..]);
+        Ok(ctx.report)
+    }
+
+    /// Refuses anything a correct peer never sends, before writing a byte.
+    fn validate(&self, cs: &ChangeSet) -> Result<()> {
+        let opts = &self.inner.options;
+        let now = opts.time.now_ms();
+        let max = opts.max_value_bytes;
+        for (i, c) in cs.changes.iter().enumerate() {
+            let bad = |msg: String| {
+                Err(Error::invalid(format!(
+                    "change {i} (table {:?}): {msg}",
+                    c.table
+                )))
+            };
+            match self.table(&c.table) {
+                Some(t) => {
+                    if c.pk.len() != t.pk.len() {
+                        return bad(format!(
+                            "the key has {} values, the table's has {}",
+                            c.pk.len(),
+                            t.pk.len()
+                        ));
+                    }
+                    if let Some(col) = &c.column {
+                        if t.slot_of(col).is_none() && !plausible_name(col) {
+                            return bad(format!("column name {col:?} is not acceptable"));
+                        }
+                    }
+                }
+                None => {
+                    if !plausible_name(&c.table) {
+                        return bad("table name is not acceptable".into());
+                    }
+                    if c.column.as_deref().is_some_and(|col| !plausible_name(col)) {
+                        return bad("column name is not acceptable".into());
+                    }
+                    if c.pk.is_empty() {
+                        return bad("the key is empty".into());
+                    }
+                }
+            }
+            for v in c.pk.iter() {
+                if v.is_null() {
+                    return bad("a key value is NULL".into());
+                }
+            }
+            for v in c.pk.iter().chain(std::iter::once(&c.value)) {
+                if v.payload_len() > max {
+                    return bad(format!(
+                        "a value of {} bytes exceeds the limit of {max}",
+                        v.payload_len()
+                    ));
+                }
+                if matches!(v, Value::Real(f) if f.is_nan()) {
+                    return bad("NaN is not a value SQLite keeps".into());
+                }
+            }
+            if c.cl == 0 {
+                return bad("causal length 0".into());
+            }
+            match &c.column {
+                None if !c.value.is_null() => return bad("a row marker carries a value".into()),
+                Some(_) if c.cl % 2 == 0 => return bad("a column change for a deleted row".into()),
+                _ => {}
+            }
+            if c.hlc.0 == 0 {
+                return bad("clock 0".into());
+            }
+            check_drift(c.hlc, now, opts.max_clock_drift)?;
+        }
+        Ok(())
+    }
+
+    /// Merges `changes` row by row (consecutive changes of one row merge
+    /// together; a row may appear again later, which is just slower).
+    /// `adding` is a table being made synced in this transaction, not yet
+    /// in the cache.
+    fn merge_changes(
+        &self,
+        tx: &Transaction<'_>,
+        ctx: &mut ApplyCtx,
+        changes: &[Change],
+        adding: Option<&Arc<TableInfo>>,
+    ) -> Result<()> {
+        let conn = tx.conn();
+        let mut start = 0;
+        while start < changes.len() {
+            let first = &changes[start];
+            let mut end = start + 1;
+            while end < changes.len()
+                && (Arc::ptr_eq(&changes[end].table, &first.table)
+                    || changes[end].table == first.table)
+                && (Arc::ptr_eq(&changes[end].pk, &first.pk) || changes[end].pk == first.pk)
+            {
+                end += 1;
+            }
+            let table = match adding {
+                Some(t) if t.name == first.table => Some(t.clone()),
+                _ => self.table(&first.table),
+            };
+            match table {
+                Some(t) => self.merge_row(conn, ctx, &t, changes, start..end)?,
+                None => {
+                    for c in &changes[start..end] {
+                        self.defer(conn, ctx, c)?;
+                    }
+                }
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn merge_row(
+        &self,
+        conn: &Connection,
+        ctx: &mut ApplyCtx,
+        t: &TableInfo,
+        changes: &[Change],
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let meta = t.meta_table();
+        let pk = &changes[range.start].pk;
+        let key = meta_key(t, pk);
+        let stored: Option<(i64, i64, Vec<u8>)> = conn
+            .prepare_cached(&format!("SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"))?
+            .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let mut row: RowState<Local> = match &stored {
+            None => RowState::unknown(),
+            Some((cl, dbv, blob)) => {
+                let clocks = RowClocks::decode(blob, *dbv as u64)?;
+                let to_cell = |s: Stamp| -> Result<Cell<Local>> {
+                    let site = *ctx
+                        .sites
+                        .get(s.site as usize)
+                        .ok_or_else(|| Error::Sqlite {
+                            message: "corrupt confluo metadata: unknown site ordinal".into(),
+                            code: None,
+                        })?;
+                    Ok(Cell {
+                        version: Version { hlc: s.hlc, site },
+                        data: Local {
+                            site: s.site,
+                            dbv: s.dbv,
+                            from: None,
+                        },
+                    })
+                };
+                RowState {
+                    cl: *cl as u64,
+                    marker: clocks.marker.map(to_cell).transpose()?,
+                    cells: clocks
+                        .cells
+                        .into_iter()
+                        .map(|c| c.map(to_cell).transpose())
+                        .collect::<Result<_>>()?,
+                }
+            }
+        };
+        let was_alive = row.is_alive();
+        let mut reset = false;
+        let mut won = false;
+        for i in range {
+            let c = &changes[i];
+            let target = match &c.column {
+                None => Target::Marker,
+                Some(col) => match t.slot_of(col) {
+                    Some(slot) => Target::Column(slot),
+                    None => {
+                        self.defer(conn, ctx, c)?;
+                        continue;
+                    }
+                },
+            };
+            let site = ctx.ord(conn, c.site)?;
+            let version = Version {
+                hlc: c.hlc,
+                site: c.site,
+            };
+            let data = Local {
+                site,
+                dbv: 0,
+                from: Some(i),
+            };
+            match row.merge(target, c.cl, version, data) {
+                Outcome::Stale => ctx.report.stale += 1,
+                Outcome::Won { reset: r } => {
+                    ctx.report.applied += 1;
+                    reset |= r;
+                    won = true;
+                }
+            }
+        }
+        if !won {
+            return Ok(());
+        }
+        let dbv = lock(&self.inner.state).db_version();
+        let written: Vec<usize> = row
+            .cells
+            .iter()
+            .enumerate()
+            .filter(|(s, c)| {
+                t.slots.get(*s).is_some_and(Option::is_some)
+                    && c.as_ref().is_some_and(|c| c.data.from.is_some())
+            })
+            .map(|(s, _)| s)
+            .collect();
+        let value_of = |slot: usize| -> &Value {
+            let from = row.cells[slot]
+                .as_ref()
+                .and_then(|c| c.data.from)
+                .expect("written cell");
+            &changes[from].value
+        };
+        let now_alive = row.is_alive();
+        if now_alive && (reset || !was_alive) {
+            let sql = ctx
+                .sql
+                .entry((t.id, b'i', written.clone()))
+                .or_insert_with(|| {
+                    let cols: Vec<String> =
+                        t.pk.iter()
+                            .map(|c| quote(c))
+                            .chain(
+                                written
+                                    .iter()
+                                    .map(|&s| quote(t.slots[s].as_deref().expect("live"))),
+                            )
+                            .collect();
+                    let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+                    format!(
+                        "INSERT OR REPLACE INTO {}({}) VALUES ({})",
+                        quote(&t.name),
+                        cols.join(", "),
+                        marks.join(", ")
+                    )
+                });
+            let values = pk.iter().chain(written.iter().map(|&s| value_of(s)));
+            conn.prepare_cached(sql)?
+                .execute(params_from_iter(values))?;
+        } else if now_alive && !written.is_empty() {
+            let sql = ctx
+                .sql
+                .entry((t.id, b'u', written.clone()))
+                .or_insert_with(|| {
+                    let sets: Vec<String> = written
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &s)| {
+                            format!(
+                                "{} = ?{}",
+                                quote(t.slots[s].as_deref().expect("live")),
+                                i + 1
+                            )
+                        })
+                        .collect();
+                    format!(
+                        "UPDATE {} SET {} WHERE {}",
+                        quote(&t.name),
+                        sets.join(", "),
+                        t.key_where(written.len() + 1)
+                    )
+                });
+            let values = written.iter().map(|&s| value_of(s)).chain(pk.iter());
+            conn.prepare_cached(sql)?
+                .execute(params_from_iter(values))?;
+        } else if !now_alive && was_alive {
+            let sql = ctx.sql.entry((t.id, b'd', Vec::new())).or_insert_with(|| {
+                format!("DELETE FROM {} WHERE {}", quote(&t.name), t.key_where(1))
+            });
+            conn.prepare_cached(sql)?
+                .execute(params_from_iter(pk.iter()))?;
+        }
+        if now_alive || was_alive {
+            lock(&self.inner.state).mark_changed(&t.name);
+        }
+
+        let stamp = |c: &Cell<Local>| Stamp {
+            hlc: c.version.hlc,
+            site: c.data.site,
+            dbv: if c.data.from.is_some() {
+                dbv
+            } else {
+                c.data.dbv
+            },
+        };
+        let clocks = RowClocks {
+            marker: row.marker.as_ref().map(stamp),
+            cells: row.cells.iter().map(|c| c.as_ref().map(stamp)).collect(),
+        };
+        conn.prepare_cached(&format!(
+            "INSERT OR REPLACE INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, ?2, ?3, ?4)"
+        ))?
+        .execute(params![key, row.cl as i64, dbv as i64, clocks.encode(dbv)])?;
+        Ok(())
+    }
+
+    /// Keeps a change for a table or column this database does not have
+    /// yet, merged with what was kept before for the same cell.
+    fn defer(&self, conn: &Connection, ctx: &mut ApplyCtx, c: &Change) -> Result<()> {
+        let dbv = lock(&self.inner.state).db_version();
+        let stored = conn
+            .prepare_cached(
+                "INSERT INTO confluo_pending(tbl, pk, col, cl, value, hlc, site, dbv) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT(tbl, pk, col) DO UPDATE SET cl = excluded.cl, value = excluded.value, \
+                 hlc = excluded.hlc, site = excluded.site, dbv = excluded.dbv \
+                 WHERE (excluded.cl, excluded.hlc, excluded.site) > (cl, hlc, site)",
+            )?
+            .execute(params![
+                &*c.table,
+                pack_values(&c.pk),
+                c.column.as_deref().unwrap_or(""),
+                c.cl as i64,
+                &c.value,
+                c.hlc.0 as i64,
+                &c.site.as_bytes()[..],
+                dbv as i64,
+            ])?;
+        if stored > 0 {
+            ctx.report.deferred += 1;
+        } else {
+            ctx.report.stale += 1;
+        }
+        Ok(())
+    }
+
+    /// Merges kept changes that `table` can now hold, and forgets them.
+    fn activate_pending(&self, tx: &Transaction<'_>, t: &Arc<TableInfo>) -> Result<()> {
+        let conn = tx.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT pk, col, cl, value, hlc, site FROM confluo_pending WHERE tbl = ?1 ORDER BY pk, col",
+        )?;
+        let table: Arc<str> = t.name.clone();
+        let mut changes = Vec::new();
+        let mut last_pk: Option<(Vec<u8>, Arc<[Value]>)> = None;
+        let rows = stmt.query_map([&*t.name], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Value>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+            ))
+        })?;
+        for row in rows {
+            let (pk_bytes, col, cl, value, hlc, site) = row?;
+            if !col.is_empty() && t.slot_of(&col).is_none() {
+                continue;
+            }
+            let pk = match &last_pk {
+                Some((b, pk)) if *b == pk_bytes => pk.clone(),
+                _ => {
+                    let pk: Arc<[Value]> = unpack_values(&pk_bytes)?.into();
+                    if pk.len() != t.pk.len() {
+                        // Kept for a differently keyed table of that name: never mergeable.
+                        continue;
+                    }
+                    last_pk = Some((pk_bytes, pk.clone()));
+                    pk
+                }
+            };
+            changes.push(Change {
+                table: table.clone(),
+                pk,
+                column: (!col.is_empty()).then(|| Arc::from(col)),
+                value,
+                hlc: Hlc(hlc as u64),
+                site: SiteId::from_slice(&site).ok_or_else(|| Error::Sqlite {
+                    message: "corrupt confluo metadata: bad site id".into(),
+                    code: None,
+                })?,
+                cl: cl as u64,
+                db_version: 0,
+                seq: 0,
+            });
+        }
+        drop(stmt);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let remote = RemoteWrites::begin(&self.inner.state);
+        let mut ctx = ApplyCtx::new(
+            self.inner
+                .sites
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        );
+        self.merge_changes(tx, &mut ctx, &changes, Some(t))?;
+        drop(remote);
+        for c in &changes {
+            conn.prepare_cached(
+                "DELETE FROM confluo_pending WHERE tbl = ?1 AND pk = ?2 AND col = ?3",
+            )?
+            .execute(params![
+                &*c.table,
+                pack_values(&c.pk),
+                c.column.as_deref().unwrap_or("")
+            ])?;
+        }
+        self.inner
+            .sites
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(&ctx.sites[ctx.first_new_site..]);
+        Ok(())
+    }
+
+    /// Records, in the apply's transaction, how far this database has now
+    /// seen the sender's history. Only a set made for us (or for anyone)
+    /// that starts where we are counts: a set filtered for another peer, or
+    /// one with a gap before it, does not move the cursor.
+    fn record_received(
+        &self,
+        tx: &Transaction<'_>,
+        ctx: &mut ApplyCtx,
+        cs: &ChangeSet,
+    ) -> Result<()> {
+        if cs.source == self.site_id() || cs.recipient.is_some_and(|r| r != self.site_id()) {
+            return Ok(());
+        }
+        let conn = tx.conn();
+        let ord = ctx.ord(conn, cs.source)?;
+        let seen: u64 = conn
+            .query_row(
+                "SELECT seen FROM confluo_peers WHERE site_ord = ?1",
+                [ord],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .unwrap_or(0) as u64;
+        if cs.since <= seen && cs.until > seen {
+            conn.execute(
+                "INSERT INTO confluo_peers(site_ord, seen) VALUES (?1, ?2) \
+                 ON CONFLICT(site_ord) DO UPDATE SET seen = excluded.seen",
+                params![ord, cs.until as i64],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Exports the rows of one table changed after `since`; returns the
+/// table's newest db_version.
+fn export_table(
+    conn: &Connection,
+    t: &TableInfo,
+    since: u64,
+    exclude: Option<u32>,
+    sites: &[SiteId],
+    out: &mut Vec<Change>,
+) -> Result<u64> {
+    let meta = t.meta_table();
+    let live: Vec<(usize, Arc<str>)> = t.live_slots().map(|(s, n)| (s, n.clone())).collect();
+    let cols: String = live
+        .iter()
+        .map(|(_, n)| format!(", t.{}", quote(n)))
+        .collect();
+    let join = if t.pk.len() == 1 {
+        format!("t.{} = m.pk", quote(&t.pk[0]))
+    } else {
+        t.pk.iter()
+            .enumerate()
+            .map(|(i, c)| format!("t.{} = confluo_unpack(m.pk, {i})", quote(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let sql = format!(
+        "SELECT m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m \
+         LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.dbv > ?1",
+        table = quote(&t.name)
+    );
+    let max_dbv: i64 = conn.query_row(
+        &format!("SELECT coalesce(max(dbv), 0) FROM {meta}"),
+        [],
+        |r| r.get(0),
+    )?;
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query([since as i64])?;
+    let site_of = |ord: u32| -> Result<SiteId> {
+        sites
+            .get(ord as usize)
+            .copied()
+            .ok_or_else(|| Error::Sqlite {
+                message: "corrupt confluo metadata: unknown site ordinal".into(),
+                code: None,
+            })
+    };
+    while let Some(r) = rows.next()? {
+        let key = Value::from_ref(r.get_ref(0)?);
+        let cl = r.get::<_, i64>(1)? as u64;
+        let dbv = r.get::<_, i64>(2)? as u64;
+        let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, dbv)?;
+        let fresh = |s: &Stamp| s.dbv > since && Some(s.site) != exclude;
+        let pk: Arc<[Value]> = if t.pk.len() == 1 {
+            vec![key].into()
+        } else {
+            match key {
+                Value::Blob(b) => unpack_values(&b)?.into(),
+                _ => {
+                    return Err(Error::Sqlite {
+                        message: "corrupt confluo metadata: composite key is not a blob".into(),
+                        code: None,
+                    })
+                }
+            }
+        };
+        if let Some(s) = clocks.marker.filter(fresh) {
+            out.push(Change {
+                table: t.name.clone(),
+                pk: pk.clone(),
+                column: None,
+                value: Value::Null,
+                hlc: s.hlc,
+                site: site_of(s.site)?,
+                cl,
+                db_version: s.dbv,
+                seq: 0,
+            });
+        }
+        if cl % 2 == 0 {
+            continue;
+        }
+        for (i, (slot, name)) in live.iter().enumerate() {
+            if let Some(s) = clocks.cells.get(*slot).copied().flatten().filter(fresh) {
+                out.push(Change {
+                    table: t.name.clone(),
+                    pk: pk.clone(),
+                    column: Some(name.clone()),
+                    value: Value::from_ref(r.get_ref(4 + i)?),
+                    hlc: s.hlc,
+                    site: site_of(s.site)?,
+                    cl,
+                    db_version: s.dbv,
+                    seq: 0,
+                });
+            }
+        }
+    }
+    Ok(max_dbv as u64)
+}
+
+/// Exports kept changes for tables and columns this database does not have,
+/// so they still reach peers that do.
+fn export_pending(
+    conn: &Connection,
+    since: u64,
+    recipient: Option<SiteId>,
+    out: &mut Vec<Change>,
+) -> Result<u64> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tbl, pk, col, cl, value, hlc, site, dbv FROM confluo_pending WHERE dbv > ?1 ORDER BY tbl, pk",
+    )?;
+    let mut rows = stmt.query([since as i64])?;
+    let mut max = 0u64;
+    while let Some(r) = rows.next()? {
+        let site = SiteId::from_slice(r.get_ref(6)?.as_blob()?).ok_or_else(|| Error::Sqlite {
+            message: "corrupt confluo metadata: bad site id".into(),
+            code: None,
+        })?;
+        let dbv = r.get::<_, i64>(7)? as u64;
+        max = max.max(dbv);
+        if Some(site) == recipient {
+            continue;
+        }
+        let col: String = r.get(2)?;
+        out.push(Change {
+            table: Arc::from(r.get::<_, String>(0)?),
+            pk: unpack_values(r.get_ref(1)?.as_blob()?)?.into(),
+            column: (!col.is_empty()).then(|| Arc::from(col)),
+            value: r.get(4)?,
+            hlc: Hlc(r.get::<_, i64>(5)? as u64),
+            site,
+            cl: r.get::<_, i64>(3)? as u64,
+            db_version: dbv,
+            seq: 0,
+        });
+    }
+    Ok(max)
+}

@@ -1,0 +1,417 @@
+//! Synced-table schema: introspection and validation of app tables, the
+//! stored column slots, and the capture triggers.
+
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
+
+/// Quotes an SQL identifier, so any name (quotes included) is safe in SQL.
+pub(crate) fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Names the engine accepts for tables and columns it does not know yet
+/// (changes from a peer on a newer app version). Anything else is hostile.
+pub(crate) fn plausible_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !reserved(name)
+        && name
+            .chars()
+            .all(|c| c == '_' || c == '$' || c == '-' || c == ' ' || c.is_alphanumeric())
+}
+
+fn reserved(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("confluo_") || lower.starts_with("sqlite_")
+}
+
+/// A synced table as the engine sees it.
+#[derive(Debug)]
+pub(crate) struct TableInfo {
+    /// Stable id, used by the triggers to report which table changed.
+    pub id: i64,
+    pub name: Arc<str>,
+    pub pk: Vec<Arc<str>>,
+    /// Live columns by slot; `None` for slots of dropped columns.
+    pub slots: Vec<Option<Arc<str>>>,
+}
+
+impl TableInfo {
+    pub fn meta_table(&self) -> String {
+        quote(&format!("confluo_rows_{}", self.name))
+    }
+
+    pub fn slot_of(&self, column: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.as_deref() == Some(column))
+    }
+
+    pub fn live_slots(&self) -> impl Iterator<Item = (usize, &Arc<str>)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+    }
+
+    /// SQL for the metadata key of a row, from a row alias (`NEW`, `t`).
+    /// One-column keys are stored as the value; composite keys are packed.
+    pub fn key_expr(&self, alias: &str) -> String {
+        let cols: Vec<String> = self
+            .pk
+            .iter()
+            .map(|c| format!("{alias}.{}", quote(c)))
+            .collect();
+        if cols.len() == 1 {
+            cols[0].clone()
+        } else {
+            format!("confluo_pack({})", cols.join(", "))
+        }
+    }
+
+    /// `a = ?1 AND b = ?2` over the key columns, parameters from `first`.
+    pub fn key_where(&self, first: usize) -> String {
+        self.pk
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{} = ?{}", quote(c), first + i))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+}
+
+/// What SQLite says of an app table's columns.
+struct ColumnFacts {
+    name: String,
+    declared_type: String,
+    not_null: bool,
+    has_default: bool,
+    pk_pos: i64,
+    generated: bool,
+}
+
+/// The synced columns of a table as it is now: key columns in key order,
+/// then the other columns in table order. Validates against the rules
+/// every synced table must meet and reports every problem at once.
+pub(crate) fn inspect(conn: &Connection, table: &str) -> Result<(Vec<String>, Vec<String>)> {
+    let kind: Option<(String, i64)> = conn
+        .query_row(
+            "SELECT type, wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
+            [table],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((kind, without_rowid)) = kind else {
+        return Err(Error::schema(table, vec!["no such table".into()]));
+    };
+    let mut problems = Vec::new();
+    if kind != "table" {
+        problems.push(format!("it is a {kind}, not an ordinary table"));
+    }
+    if reserved(table) {
+        problems.push("names starting with confluo_ or sqlite_ are reserved".into());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT name, type, \"notnull\", dflt_value IS NOT NULL, pk, hidden \
+         FROM pragma_table_xinfo(?1) ORDER BY cid",
+    )?;
+    let columns = stmt
+        .query_map([table], |r| {
+            Ok(ColumnFacts {
+                name: r.get(0)?,
+                declared_type: r.get(1)?,
+                not_null: r.get(2)?,
+                has_default: r.get(3)?,
+                pk_pos: r.get(4)?,
+                generated: r.get::<_, i64>(5)? >= 2,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+
+    let mut pk: Vec<&ColumnFacts> = columns.iter().filter(|c| c.pk_pos > 0).collect();
+    pk.sort_by_key(|c| c.pk_pos);
+    if pk.is_empty() {
+        problems.push("it has no explicit PRIMARY KEY".into());
+    }
+    let rowid_alias =
+        without_rowid == 0 && pk.len() == 1 && pk[0].declared_type.eq_ignore_ascii_case("INTEGER");
+    for c in &pk {
+        if !c.not_null && !rowid_alias && without_rowid == 0 {
+            problems.push(format!(
+                "primary key column {:?} allows NULL (declare it NOT NULL)",
+                c.name
+            ));
+        }
+    }
+    for c in columns.iter().filter(|c| c.pk_pos == 0 && !c.generated) {
+        if c.not_null && !c.has_default {
+            problems.push(format!("column {:?} is NOT NULL without a DEFAULT", c.name));
+        }
+    }
+
+    let mut idx = conn.prepare("SELECT name, \"unique\", origin FROM pragma_index_list(?1)")?;
+    let indexes = idx
+        .query_map([table], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (name, unique, origin) in &indexes {
+        if *unique && origin != "pk" {
+            problems.push(format!("unique index {name:?} besides the primary key"));
+        }
+        if origin == "pk" {
+            let mut coll =
+                conn.prepare("SELECT name, coll FROM pragma_index_xinfo(?1) WHERE key = 1")?;
+            let colls = coll
+                .query_map([name], |r| {
+                    Ok((r.get::<_, Option<String>>(0)?, r.get::<_, String>(1)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for (col, coll) in colls {
+                if !coll.eq_ignore_ascii_case("BINARY") {
+                    problems.push(format!(
+                        "primary key column {:?} uses collation {coll} (only BINARY keys merge exactly)",
+                        col.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+
+    let fk_enforced: bool = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+    if fk_enforced {
+        let mut fk = conn.prepare("SELECT DISTINCT \"table\" FROM pragma_foreign_key_list(?1)")?;
+        for parent in fk.query_map([table], |r| r.get::<_, String>(0))? {
+            problems.push(format!("enforced foreign key to {:?}", parent?));
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(Error::schema(table, problems));
+    }
+    let pk_names = pk.iter().map(|c| c.name.clone()).collect();
+    let others = columns
+        .iter()
+        .filter(|c| c.pk_pos == 0 && !c.generated)
+        .map(|c| c.name.clone())
+        .collect();
+    Ok((pk_names, others))
+}
+
+pub(crate) fn load_tables(conn: &Connection) -> Result<Vec<TableInfo>> {
+    let mut tables = Vec::new();
+    let mut stmt = conn.prepare("SELECT id, name FROM confluo_tables ORDER BY id")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut cols = conn.prepare(
+        "SELECT name, pk_pos, slot, live FROM confluo_columns WHERE tbl = ?1 ORDER BY pk_pos, slot",
+    )?;
+    for (id, name) in rows {
+        let mut pk = Vec::new();
+        let mut slots: Vec<Option<Arc<str>>> = Vec::new();
+        let entries = cols
+            .query_map([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for (col, pk_pos, slot, live) in entries {
+            match (pk_pos, slot) {
+                (Some(_), _) => pk.push(Arc::from(col)),
+                (None, Some(slot)) => {
+                    let slot = slot as usize;
+                    if slots.len() <= slot {
+                        slots.resize(slot + 1, None);
+                    }
+                    slots[slot] = live.then(|| Arc::from(col));
+                }
+                (None, None) => {}
+            }
+        }
+        tables.push(TableInfo {
+            id,
+            name: Arc::from(name),
+            pk,
+            slots,
+        });
+    }
+    Ok(tables)
+}
+
+/// Records the table's columns, keeping the slots of columns that already
+/// had one, so stored clocks keep pointing at the right column.
+pub(crate) fn register(
+    conn: &Connection,
+    table: &str,
+    pk: &[String],
+    columns: &[String],
+) -> Result<TableInfo> {
+    let id: i64 = match conn
+        .query_row(
+            "SELECT id FROM confluo_tables WHERE name = ?1",
+            [table],
+            |r| r.get(0),
+        )
+        .optional()?
+    {
+        Some(id) => {
+            let old_pk: Vec<String> = conn
+                .prepare("SELECT name FROM confluo_columns WHERE tbl = ?1 AND pk_pos IS NOT NULL ORDER BY pk_pos")?
+                .query_map([id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            if old_pk != pk {
+                return Err(Error::schema(
+                    table,
+                    vec![format!(
+                        "the primary key changed from {old_pk:?} to {pk:?}; a synced table keeps its key"
+                    )],
+                ));
+            }
+            id
+        }
+        None => {
+            conn.execute("INSERT INTO confluo_tables(name) VALUES (?1)", [table])?;
+            let id = conn.last_insert_rowid();
+            for (i, col) in pk.iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO confluo_columns(tbl, name, pk_pos, slot, live) VALUES (?1, ?2, ?3, NULL, 1)",
+                    params![id, col, i as i64],
+                )?;
+            }
+            id
+        }
+    };
+    conn.execute(
+        "UPDATE confluo_columns SET live = 0 WHERE tbl = ?1 AND pk_pos IS NULL",
+        [id],
+    )?;
+    for col in columns {
+        let updated = conn.execute(
+            "UPDATE confluo_columns SET live = 1 WHERE tbl = ?1 AND name = ?2",
+            params![id, col],
+        )?;
+        if updated == 0 {
+            conn.execute(
+                "INSERT INTO confluo_columns(tbl, name, pk_pos, slot, live) \
+                 SELECT ?1, ?2, NULL, coalesce(max(slot) + 1, 0), 1 FROM confluo_columns WHERE tbl = ?1",
+                params![id, col],
+            )?;
+        }
+    }
+    let info = load_tables(conn)?
+        .into_iter()
+        .find(|t| t.id == id)
+        .expect("table just registered");
+    Ok(info)
+}
+
+fn trigger_names(t: &TableInfo) -> [String; 4] {
+    ["ai", "au", "aupk", "ad"].map(|k| quote(&format!("confluo_{k}_{}", t.name)))
+}
+
+pub(crate) fn drop_triggers(conn: &Connection, t: &TableInfo) -> Result<()> {
+    for name in trigger_names(t) {
+        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {name};"))?;
+    }
+    Ok(())
+}
+
+/// Creates the metadata table and the capture triggers. Every trigger is
+/// guarded by `confluo_tracking()`, which only Confluo's connections
+/// define: a write from any other connection fails instead of going
+/// untracked.
+pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
+    let meta = t.meta_table();
+    let table = quote(&t.name);
+    let id = t.id;
+    let slots = t.slots.len();
+    let dbv_index = quote(&format!("confluo_rows_{}_dbv", t.name));
+    let [ai, au, aupk, ad] = trigger_names(t);
+    let new_key = t.key_expr("NEW");
+    let old_key = t.key_expr("OLD");
+    let same_key =
+        t.pk.iter()
+            .map(|c| format!("NEW.{0} IS OLD.{0}", quote(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+    // A column counts as changed when its value differs byte for byte,
+    // whatever the column's collation says.
+    let changed: Vec<String> = t
+        .live_slots()
+        .map(|(_, c)| format!("(NEW.{0} IS NOT OLD.{0} COLLATE BINARY)", quote(c)))
+        .collect();
+    let any_changed = if changed.is_empty() {
+        "0".to_owned()
+    } else {
+        changed.join(" OR ")
+    };
+    // The changed-column bitmask, 62 slots per integer argument.
+    let mut masks = Vec::new();
+    for chunk_start in (0..slots).step_by(62) {
+        let terms: Vec<String> = t
+            .live_slots()
+            .filter(|(s, _)| (chunk_start..chunk_start + 62).contains(s))
+            .map(|(s, c)| {
+                format!(
+                    "((NEW.{0} IS NOT OLD.{0} COLLATE BINARY) << {1})",
+                    quote(c),
+                    s - chunk_start
+                )
+            })
+            .collect();
+        masks.push(if terms.is_empty() {
+            "0".to_owned()
+        } else {
+            terms.join(" | ")
+        });
+    }
+    let masks = if masks.is_empty() {
+        "0".to_owned()
+    } else {
+        masks.join(", ")
+    };
+    let insert_row = |key: &str| {
+        format!(
+            "INSERT INTO {meta}(pk, cl, dbv, clocks) \
+             VALUES ({key}, 1, confluo_db_version({id}), confluo_clocks_insert({slots})) \
+             ON CONFLICT(pk) DO UPDATE SET cl = cl + 1 - cl % 2, dbv = excluded.dbv, clocks = excluded.clocks;"
+        )
+    };
+    let delete_row = |key: &str| {
+        format!(
+            "INSERT INTO {meta}(pk, cl, dbv, clocks) \
+             VALUES ({key}, 2, confluo_db_version({id}), confluo_clocks_delete()) \
+             ON CONFLICT(pk) DO UPDATE SET cl = cl + cl % 2, dbv = excluded.dbv, clocks = excluded.clocks;"
+        )
+    };
+    let (insert_new, delete_old) = (insert_row(&new_key), delete_row(&old_key));
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {meta}(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS {dbv_index} ON {meta}(dbv);
+         CREATE TRIGGER {ai} AFTER INSERT ON {table} WHEN confluo_tracking() BEGIN {insert_new} END;
+         CREATE TRIGGER {au} AFTER UPDATE ON {table} WHEN confluo_tracking() AND {same_key} AND ({any_changed}) BEGIN
+           INSERT INTO {meta}(pk, cl, dbv, clocks)
+             VALUES ({new_key}, 1, confluo_db_version({id}), confluo_clocks_insert({slots}))
+             ON CONFLICT(pk) DO UPDATE SET
+               clocks = confluo_clocks_update(clocks, dbv, excluded.dbv, {slots}, {masks}),
+               dbv = excluded.dbv;
+         END;
+         CREATE TRIGGER {aupk} AFTER UPDATE ON {table} WHEN confluo_tracking() AND NOT ({same_key}) BEGIN
+           {delete_old}
+           {insert_new}
+         END;
+         CREATE TRIGGER {ad} AFTER DELETE ON {table} WHEN confluo_tracking() BEGIN {delete_old} END;"
+    );
+    conn.execute_batch(&sql)?;
+    Ok(())
+}

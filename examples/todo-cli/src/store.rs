@@ -1,0 +1,124 @@
+//! The todo list on top of a Confluo database: what the app does, apart
+//! from how it talks to the user.
+
+use anyhow::{bail, Context, Result};
+use confluo_core::{Database, Value};
+use serde::Serialize;
+
+pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS todo(
+    id TEXT PRIMARY KEY NOT NULL,
+    title TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'open'
+)";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Todo {
+    pub id: String,
+    pub title: String,
+    pub done: bool,
+}
+
+pub struct TodoStore {
+    pub db: Database,
+}
+
+impl TodoStore {
+    pub fn new(db: Database) -> Result<Self> {
+        db.execute_batch(SCHEMA)?;
+        if !db.synced_tables().iter().any(|t| t == "todo") {
+            db.enable_sync("todo")?;
+        }
+        Ok(TodoStore { db })
+    }
+
+    pub fn open(path: &str) -> Result<Self> {
+        let db = Database::open(path).with_context(|| format!("opening {path}"))?;
+        Self::new(db)
+    }
+
+    pub fn in_memory() -> Result<Self> {
+        Self::new(Database::open_in_memory()?)
+    }
+
+    /// Adds a todo; ids are UUIDv7, so they sort by creation time.
+    pub fn add(&self, title: &str) -> Result<String> {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.db.execute(
+            "INSERT INTO todo(id, title, status) VALUES (?1, ?2, 'open')",
+            &[id.clone().into(), title.into()],
+        )?;
+        Ok(id)
+    }
+
+    pub fn list(&self) -> Result<Vec<Todo>> {
+        let rows = self.db.query("SELECT id, title, status FROM todo ORDER BY id", &[])?;
+        Ok(rows
+            .rows
+            .into_iter()
+            .map(|r| Todo {
+                id: r[0].as_str().unwrap_or_default().to_owned(),
+                title: r[1].as_str().unwrap_or_default().to_owned(),
+                done: r[2].as_str() == Some("done"),
+            })
+            .collect())
+    }
+
+    /// The one id starting with `prefix`.
+    pub fn resolve(&self, prefix: &str) -> Result<String> {
+        let rows = self.db.query(
+            "SELECT id FROM todo WHERE substr(id, 1, length(?1)) = ?1 LIMIT 2",
+            &[prefix.into()],
+        )?;
+        match rows.rows.as_slice() {
+            [] => bail!("no todo with an id starting with {prefix:?}"),
+            [one] => Ok(one[0].as_str().unwrap_or_default().to_owned()),
+            _ => bail!("more than one todo has an id starting with {prefix:?}; give more of it"),
+        }
+    }
+
+    pub fn set_done(&self, prefix: &str, done: bool) -> Result<()> {
+        let id = self.resolve(prefix)?;
+        let status = if done { "done" } else { "open" };
+        self.db
+            .execute("UPDATE todo SET status = ?1 WHERE id = ?2", &[status.into(), id.into()])?;
+        Ok(())
+    }
+
+    pub fn rename(&self, prefix: &str, title: &str) -> Result<()> {
+        let id = self.resolve(prefix)?;
+        self.db
+            .execute("UPDATE todo SET title = ?1 WHERE id = ?2", &[title.into(), id.into()])?;
+        Ok(())
+    }
+
+    pub fn remove(&self, prefix: &str) -> Result<()> {
+        let id = self.resolve(prefix)?;
+        self.db.execute("DELETE FROM todo WHERE id = ?1", &[Value::from(id)])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crud_through_id_prefixes() {
+        let store = TodoStore::in_memory().unwrap();
+        let a = store.add("Buy groceries").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = store.add("Call mom").unwrap();
+        assert_eq!(store.list().unwrap().len(), 2);
+        store.set_done(&b, true).unwrap();
+        store.rename(&a, "Buy milk").unwrap();
+        let list = store.list().unwrap();
+        assert_eq!(list[0].title, "Buy milk");
+        assert!(list[1].done);
+        store.remove(&a[..20]).unwrap();
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert!(store.resolve("zzz").is_err());
+        // UUIDv7 ids made in the same process share a prefix.
+        store.add("x").unwrap();
+        assert!(store.resolve(&b[..4]).unwrap_err().to_string().contains("more than one"));
+    }
+}
