@@ -9,7 +9,10 @@ use confluo_core::Database;
 use store::{Todo, TodoStore};
 
 #[derive(Parser)]
-#[command(name = "todo", about = "A todo list that syncs, kept in a Confluo database")]
+#[command(
+    name = "todo",
+    about = "A todo list that syncs, kept in a Confluo database"
+)]
 struct Cli {
     /// The database file.
     #[arg(long, global = true, default_value = "todo.db")]
@@ -69,7 +72,12 @@ fn print_list(todos: &[Todo]) {
         println!("  (nothing to do)");
     }
     for t in todos {
-        println!("  [{}] {}  {}", if t.done { "x" } else { " " }, t.id, t.title);
+        println!(
+            "  [{}] {}  {}",
+            if t.done { "x" } else { " " },
+            t.id,
+            t.title
+        );
     }
 }
 
@@ -122,7 +130,14 @@ fn demo() -> Result<()> {
     show("Alice", &alice)?;
     show("Bob", &bob)?;
     let converged = alice.list()? == bob.list()?;
-    println!("\nConverged: {}", if converged { "yes, both lists are identical" } else { "NO" });
+    println!(
+        "\nConverged: {}",
+        if converged {
+            "yes, both lists are identical"
+        } else {
+            "NO"
+        }
+    );
     anyhow::ensure!(converged, "the two lists differ");
     Ok(())
 }

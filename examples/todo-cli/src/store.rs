@@ -51,7 +51,9 @@ impl TodoStore {
     }
 
     pub fn list(&self) -> Result<Vec<Todo>> {
-        let rows = self.db.query("SELECT id, title, status FROM todo ORDER BY id", &[])?;
+        let rows = self
+            .db
+            .query("SELECT id, title, status FROM todo ORDER BY id", &[])?;
         Ok(rows
             .rows
             .into_iter()
@@ -79,21 +81,26 @@ impl TodoStore {
     pub fn set_done(&self, prefix: &str, done: bool) -> Result<()> {
         let id = self.resolve(prefix)?;
         let status = if done { "done" } else { "open" };
-        self.db
-            .execute("UPDATE todo SET status = ?1 WHERE id = ?2", &[status.into(), id.into()])?;
+        self.db.execute(
+            "UPDATE todo SET status = ?1 WHERE id = ?2",
+            &[status.into(), id.into()],
+        )?;
         Ok(())
     }
 
     pub fn rename(&self, prefix: &str, title: &str) -> Result<()> {
         let id = self.resolve(prefix)?;
-        self.db
-            .execute("UPDATE todo SET title = ?1 WHERE id = ?2", &[title.into(), id.into()])?;
+        self.db.execute(
+            "UPDATE todo SET title = ?1 WHERE id = ?2",
+            &[title.into(), id.into()],
+        )?;
         Ok(())
     }
 
     pub fn remove(&self, prefix: &str) -> Result<()> {
         let id = self.resolve(prefix)?;
-        self.db.execute("DELETE FROM todo WHERE id = ?1", &[Value::from(id)])?;
+        self.db
+            .execute("DELETE FROM todo WHERE id = ?1", &[Value::from(id)])?;
         Ok(())
     }
 }
@@ -119,6 +126,10 @@ mod tests {
         assert!(store.resolve("zzz").is_err());
         // UUIDv7 ids made in the same process share a prefix.
         store.add("x").unwrap();
-        assert!(store.resolve(&b[..4]).unwrap_err().to_string().contains("more than one"));
+        assert!(store
+            .resolve(&b[..4])
+            .unwrap_err()
+            .to_string()
+            .contains("more than one"));
     }
 }
