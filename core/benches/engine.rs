@@ -1,1 +1,260 @@
-fn main() {}
+//! The engine benchmark: the todo workload through Confluo and through plain
+//! SQLite, in the same run, on the same schema. Prints one `RESULT {json}`
+//! line per figure (medians over `CONFLUO_BENCH_RUNS` runs, default 3).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use confluo_core::{ChangeSet, Database, Value};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rusqlite::Connection;
+
+const ROWS: usize = 100_000;
+const SCHEMA: &str =
+    "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT, body TEXT)";
+
+struct Row {
+    id: String,
+    title: String,
+    status: &'static str,
+    body: String,
+}
+
+fn words(rng: &mut impl Rng, len: usize) -> String {
+    const WORDS: &[&str] = &[
+        "buy", "milk", "call", "mom", "water", "plants", "fix", "bike", "book", "flight", "pay",
+        "rent",
+    ];
+    let mut s = String::with_capacity(len + 8);
+    while s.len() < len {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+    }
+    s.truncate(len);
+    s
+}
+
+fn workload() -> Vec<Row> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    (0..ROWS)
+        .map(|_| Row {
+            id: uuid::Uuid::from_u128(rng.random()).to_string(),
+            title: words(&mut rng, 40),
+            status: "in_progress",
+            body: words(&mut rng, 140),
+        })
+        .collect()
+}
+
+#[derive(Default, Clone)]
+struct Times {
+    insert: Duration,
+    update: Duration,
+    delete: Duration,
+    export: Duration,
+    apply: Duration,
+    size: u64,
+    wire_bytes: usize,
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn plain(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
+    let path = dir.join("plain.db");
+    let conn = Connection::open(&path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+    if let Ok(kib) = std::env::var("CONFLUO_CACHE_KIB") {
+        conn.pragma_update(None, "cache_size", format!("-{kib}"))
+            .unwrap();
+    }
+    conn.execute_batch(SCHEMA).unwrap();
+    let mut t = Times::default();
+
+    let start = Instant::now();
+    let tx = conn.unchecked_transaction().unwrap();
+    {
+        let mut stmt = tx
+            .prepare("INSERT INTO todo VALUES (?1, ?2, ?3, ?4)")
+            .unwrap();
+        for r in rows {
+            stmt.execute((&r.id, &r.title, r.status, &r.body)).unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    t.insert = start.elapsed();
+
+    let start = Instant::now();
+    let tx = conn.unchecked_transaction().unwrap();
+    {
+        let mut stmt = tx
+            .prepare("UPDATE todo SET status = ?1 WHERE id = ?2")
+            .unwrap();
+        for &i in order {
+            stmt.execute(("done", &rows[i].id)).unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    t.update = start.elapsed();
+
+    let start = Instant::now();
+    let tx = conn.unchecked_transaction().unwrap();
+    {
+        let mut stmt = tx.prepare("DELETE FROM todo WHERE id = ?1").unwrap();
+        for &i in &order[..ROWS / 10] {
+            stmt.execute([&rows[i].id]).unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    t.delete = start.elapsed();
+
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    t.size = file_size(&path);
+    t
+}
+
+fn open(path: &Path) -> Database {
+    let db = Database::open(path).unwrap();
+    db.execute_batch(SCHEMA).unwrap();
+    db.enable_sync("todo").unwrap();
+    db
+}
+
+fn confluo(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
+    let path = dir.join("confluo.db");
+    let db = open(&path);
+    let mut t = Times::default();
+    let text = |s: &str| Value::Text(s.to_owned());
+
+    let start = Instant::now();
+    db.write(|tx| {
+        for r in rows {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, ?2, ?3, ?4)",
+                &[text(&r.id), text(&r.title), text(r.status), text(&r.body)],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    t.insert = start.elapsed();
+
+    let start = Instant::now();
+    db.write(|tx| {
+        for &i in order {
+            tx.execute(
+                "UPDATE todo SET status = ?1 WHERE id = ?2",
+                &[text("done"), text(&rows[i].id)],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    t.update = start.elapsed();
+
+    let start = Instant::now();
+    db.write(|tx| {
+        for &i in &order[..ROWS / 10] {
+            tx.execute("DELETE FROM todo WHERE id = ?1", &[text(&rows[i].id)])?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    t.delete = start.elapsed();
+
+    let start = Instant::now();
+    let changes = db.changes_since(0, None).unwrap();
+    t.export = start.elapsed();
+    let bytes = changes.encode();
+    t.wire_bytes = bytes.len();
+    drop(changes);
+
+    let replica = open(&dir.join("replica.db"));
+    let start = Instant::now();
+    let decoded = ChangeSet::decode(&bytes).unwrap();
+    replica.apply(&decoded).unwrap();
+    t.apply = start.elapsed();
+    let dump = |d: &Database| d.query("SELECT * FROM todo ORDER BY id", &[]).unwrap();
+    assert_eq!(
+        dump(&db),
+        dump(&replica),
+        "the replica differs from the source"
+    );
+
+    db.checkpoint().unwrap();
+    t.size = file_size(&path);
+    t
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn result(name: &str, value: f64, unit: &str, ratio: Option<f64>) {
+    let ratio = ratio.map_or("null".to_owned(), |r| format!("{r:.3}"));
+    println!("RESULT {{\"name\":\"{name}\",\"value\":{value:.4},\"unit\":\"{unit}\",\"ratio_to_plain\":{ratio}}}");
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not, and
+    // must not spend a minute here.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let runs: usize = std::env::var("CONFLUO_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let rows = workload();
+    let raw_bytes: usize = rows
+        .iter()
+        .map(|r| r.id.len() + r.title.len() + r.status.len() + r.body.len())
+        .sum();
+    let mut order: Vec<usize> = (0..ROWS).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
+
+    let (mut p, mut c) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let dir = tempfile::tempdir().unwrap();
+        p.push(plain(dir.path(), &rows, &order));
+        c.push(confluo(dir.path(), &rows, &order));
+        eprintln!("run {}/{runs} done", run + 1);
+    }
+    let secs = |v: &[Times], f: fn(&Times) -> Duration| {
+        median(v.iter().map(|t| f(t).as_secs_f64()).collect())
+    };
+    for (name, f) in [
+        (
+            "insert_100k",
+            (|t: &Times| t.insert) as fn(&Times) -> Duration,
+        ),
+        ("update_100k", |t: &Times| t.update),
+        ("delete_10k", |t: &Times| t.delete),
+    ] {
+        let (pv, cv) = (secs(&p, f), secs(&c, f));
+        result(name, cv, "s", Some(cv / pv));
+    }
+    result("export_100k", secs(&c, |t| t.export), "s", None);
+    result("apply_100k_into_empty", secs(&c, |t| t.apply), "s", None);
+    let size_p = median(p.iter().map(|t| t.size as f64).collect());
+    let size_c = median(c.iter().map(|t| t.size as f64).collect());
+    result("db_size", size_c / 1e6, "MB", Some(size_c / size_p));
+    // Raw data of the rows alive after the delete phase (the updated status is
+    // 4 bytes, "done").
+    let live_raw = (raw_bytes - ROWS * ("in_progress".len() - "done".len())) as f64 * 0.9;
+    let wire = median(c.iter().map(|t| t.wire_bytes as f64).collect());
+    result(
+        "wire_bytes_per_row",
+        wire / (ROWS as f64 * 0.9),
+        "bytes",
+        None,
+    );
+    result("wire_bytes_to_raw_data", wire / live_raw, "ratio", None);
+}

@@ -6,16 +6,31 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::functions::{Context, FunctionFlags};
 use rusqlite::hooks::Action;
-use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
-use crate::clocks::{encode_tombstone, encode_uniform, RowClocks, Stamp};
 use crate::codec::{pack_values, unpack_values};
 use crate::hlc::{Hlc, HlcState, TimeSource};
 use crate::value::Value;
 
 /// This database's own site ordinal in `confluo_sites`.
 pub(crate) const LOCAL_SITE: u32 = 0;
+
+/// One captured write to a synced table, by metadata key.
+#[derive(Clone, Debug)]
+pub(crate) struct Event {
+    pub table: i64,
+    pub key: Value,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum EventKind {
+    Inserted,
+    /// Bitmasks of the changed column slots, 62 slots per word.
+    Updated(Box<[u64]>),
+    Deleted,
+}
 
 /// What the writer connection's functions and hooks share.
 pub(crate) struct TxState {
@@ -34,8 +49,8 @@ pub(crate) struct TxState {
     /// Set by Confluo right before it commits. A commit of tracked writes
     /// without it (a COMMIT inside app SQL) is refused.
     pub committing: bool,
-    /// Synced table ids the open transaction wrote; names by id.
-    pub table_names: Vec<(i64, Arc<str>)>,
+    /// Writes to synced tables captured in the open transaction, in order.
+    pub events: Vec<Event>,
     /// Tables changed by the open transaction, and by committed ones not
     /// yet reported to observers.
     pub changed: BTreeSet<String>,
@@ -53,7 +68,7 @@ impl TxState {
             tx_dbv: None,
             tx_hlc: None,
             committing: false,
-            table_names: Vec::new(),
+            events: Vec::new(),
             changed: BTreeSet::new(),
             committed_changes: BTreeSet::new(),
         }
@@ -78,17 +93,6 @@ impl TxState {
     pub fn mark_changed(&mut self, table: &str) {
         if !self.changed.contains(table) {
             self.changed.insert(table.to_owned());
-        }
-    }
-
-    fn mark_table_id(&mut self, id: i64) {
-        if let Some(name) = self
-            .table_names
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, n)| n.clone())
-        {
-            self.mark_changed(&name);
         }
     }
 }
@@ -141,6 +145,12 @@ pub(crate) fn register_pure_functions(conn: &Connection) -> rusqlite::Result<()>
 }
 
 /// Registers the capture functions and hooks on the writer connection.
+///
+/// The triggers only call these functions, which note the write in
+/// memory; the metadata rows are written in one sorted pass right before
+/// commit (`Database::flush_captured`). Writing them from the triggers
+/// would make SQLite keep a statement journal for every app statement,
+/// which costs several times the write itself.
 pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::Result<()> {
     register_pure_functions(conn)?;
     let volatile = FunctionFlags::SQLITE_UTF8;
@@ -150,71 +160,49 @@ pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::R
         Ok(lock(&s).tracking)
     })?;
 
-    let s = state.clone();
-    conn.create_scalar_function("confluo_db_version", 1, volatile, move |ctx| {
-        let table_id: i64 = ctx.get(0)?;
-        let mut st = lock(&s);
-        st.mark_table_id(table_id);
-        Ok(st.db_version() as i64)
-    })?;
+    // confluo_inserted(table_id, key) / confluo_deleted(table_id, key)
+    for (name, kind) in [
+        ("confluo_inserted", EventKind::Inserted),
+        ("confluo_deleted", EventKind::Deleted),
+    ] {
+        let s = state.clone();
+        conn.create_scalar_function(name, 2, volatile, move |ctx| {
+            let table: i64 = ctx.get(0)?;
+            let key = Value::from_ref(ctx.get_raw(1));
+            lock(&s).events.push(Event {
+                table,
+                key,
+                kind: kind.clone(),
+            });
+            Ok(true)
+        })?;
+    }
 
+    // confluo_updated(table_id, key, mask0, mask1...): 62 column slots per mask.
     let s = state.clone();
-    conn.create_scalar_function("confluo_clocks_insert", 1, volatile, move |ctx| {
-        let slots: i64 = ctx.get(0)?;
-        let hlc = lock(&s).tx_hlc();
-        Ok(encode_uniform(hlc, LOCAL_SITE, slots.max(0) as usize))
-    })?;
-
-    let s = state.clone();
-    conn.create_scalar_function("confluo_clocks_delete", 0, volatile, move |_| {
-        let hlc = lock(&s).tx_hlc();
-        Ok(encode_tombstone(hlc, LOCAL_SITE))
-    })?;
-
-    // confluo_clocks_update(clocks, old_dbv, new_dbv, slots, mask0, mask1...)
-    let s = state.clone();
-    conn.create_scalar_function("confluo_clocks_update", -1, volatile, move |ctx| {
-        if ctx.len() < 5 {
-            return Err(user_err("confluo_clocks_update: too few arguments"));
+    conn.create_scalar_function("confluo_updated", -1, volatile, move |ctx| {
+        if ctx.len() < 3 {
+            return Err(user_err("confluo_updated: too few arguments"));
         }
-        let blob = match ctx.get_raw(0) {
-            ValueRef::Blob(b) => b.to_vec(),
-            _ => return Err(user_err("confluo_clocks_update: clocks is not a blob")),
-        };
-        let old_dbv: i64 = ctx.get(1)?;
-        let new_dbv: i64 = ctx.get(2)?;
-        let slots: i64 = ctx.get(3)?;
-        let mut clocks =
-            RowClocks::decode(&blob, old_dbv as u64).map_err(|e| user_err(e.to_string()))?;
-        let hlc = lock(&s).tx_hlc();
-        let stamp = Stamp {
-            hlc,
-            site: LOCAL_SITE,
-            dbv: new_dbv as u64,
-        };
-        clocks.cells.resize(slots.max(0) as usize, None);
-        for arg in 4..ctx.len() {
-            let mask: i64 = ctx.get(arg)?;
-            for bit in 0..62 {
-                if mask & (1 << bit) != 0 {
-                    let slot = (arg - 4) * 62 + bit;
-                    if slot < clocks.cells.len() {
-                        clocks.cells[slot] = Some(stamp);
-                    }
-                }
-            }
-        }
-        Ok(ToSqlOutput::Owned(SqlValue::Blob(
-            clocks.encode(new_dbv as u64),
-        )))
+        let table: i64 = ctx.get(0)?;
+        let key = Value::from_ref(ctx.get_raw(1));
+        let masks = (2..ctx.len())
+            .map(|i| ctx.get::<i64>(i).map(|m| m as u64))
+            .collect::<rusqlite::Result<Box<[u64]>>>()?;
+        lock(&s).events.push(Event {
+            table,
+            key,
+            kind: EventKind::Updated(masks),
+        });
+        Ok(true)
     })?;
 
     let s = state.clone();
     conn.commit_hook(Some(move || {
         let mut st = lock(&s);
-        if st.tx_dbv.is_some() && !st.committing {
-            // Tracked writes committed by app SQL would skip Confluo's
-            // bookkeeping: turn the commit into a rollback.
+        if !st.events.is_empty() && !st.committing {
+            // Tracked writes committed by app SQL (a COMMIT inside it) would
+            // skip Confluo's bookkeeping: turn the commit into a rollback.
             return true;
         }
         if let Some(dbv) = st.tx_dbv.take() {
@@ -231,6 +219,7 @@ pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::R
         let mut st = lock(&s);
         st.tx_dbv = None;
         st.tx_hlc = None;
+        st.events.clear();
         st.changed.clear();
     }))?;
 

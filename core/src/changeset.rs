@@ -76,7 +76,7 @@ impl ChangeSet {
         }
         let mut body = Vec::with_capacity(self.changes.len() * 48);
         put_varint(&mut body, groups.len() as u64);
-        let mut prev: Option<(u64, u32)> = None;
+        let mut seqs = SeqCounter::default();
         for group in groups {
             let first = &group[0];
             put_varint(&mut body, names.index(&first.table));
@@ -92,7 +92,7 @@ impl ChangeSet {
             for c in group {
                 let same_stamp =
                     c.hlc == first.hlc && c.site == first.site && c.db_version == first.db_version;
-                let implied_seq = implied_seq(prev, c.db_version);
+                let implied_seq = seqs.next(c.db_version);
                 let mut flags = 0u8;
                 if c.column.is_some() {
                     flags |= 1;
@@ -116,11 +116,12 @@ impl ChangeSet {
                     put_varint(&mut body, u64::from(c.seq));
                 }
                 put_value(&mut body, &c.value);
-                prev = Some((c.db_version, c.seq));
+                seqs.saw(c.db_version, c.seq);
             }
         }
 
-        let mut out = Vec::with_capacity(body.len() + 64 + names.bytes);
+        let mut out =
+            Vec::with_capacity(body.len() + 64 + 16 * (names.items.len() + sites.items.len()));
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_VERSION);
         out.push(u8::from(self.recipient.is_some()));
@@ -198,7 +199,7 @@ impl ChangeSet {
 
         let group_count = r.len("group count")?;
         let mut changes = Vec::with_capacity(group_count.min(r.remaining()));
-        let mut prev: Option<(u64, u32)> = None;
+        let mut seqs = SeqCounter::default();
         for _ in 0..group_count {
             let table = name(&mut r)?;
             let pk_len = r.len("key length")?;
@@ -233,10 +234,10 @@ impl ChangeSet {
                 let seq = if flags & 4 != 0 {
                     u32::try_from(r.varint()?).map_err(|_| Error::malformed("seq out of range"))?
                 } else {
-                    implied_seq(prev, db_version)
+                    seqs.next(db_version)
                 };
                 let value = r.value(usize::MAX)?;
-                prev = Some((db_version, seq));
+                seqs.saw(db_version, seq);
                 changes.push(Change {
                     table: table.clone(),
                     pk: pk.clone(),
@@ -266,19 +267,24 @@ impl ChangeSet {
     }
 }
 
-/// Seq runs 0, 1, 2... within a db_version; the encoding only spells it out
-/// when it breaks that pattern.
-fn implied_seq(prev: Option<(u64, u32)>, db_version: u64) -> u32 {
-    match prev {
-        Some((dbv, seq)) if dbv == db_version => seq.wrapping_add(1),
-        _ => 0,
+/// Seq runs 0, 1, 2... within each db_version in the order changes appear;
+/// the encoding only spells it out when it breaks that pattern.
+#[derive(Default)]
+struct SeqCounter(HashMap<u64, u32>);
+
+impl SeqCounter {
+    fn next(&self, db_version: u64) -> u32 {
+        self.0.get(&db_version).map_or(0, |s| s.wrapping_add(1))
+    }
+
+    fn saw(&mut self, db_version: u64, seq: u32) {
+        self.0.insert(db_version, seq);
     }
 }
 
 struct Interner<T> {
     items: Vec<T>,
     index: HashMap<T, u64>,
-    bytes: usize,
 }
 
 impl<T> Default for Interner<T> {
@@ -286,7 +292,6 @@ impl<T> Default for Interner<T> {
         Interner {
             items: Vec::new(),
             index: HashMap::new(),
-            bytes: 0,
         }
     }
 }
@@ -299,7 +304,6 @@ impl<T: Clone + Eq + std::hash::Hash> Interner<T> {
         let i = self.items.len() as u64;
         self.items.push(item.clone());
         self.index.insert(item.clone(), i);
-        self.bytes += 16;
         i
     }
 }

@@ -2,18 +2,21 @@
 //! its columns, packed into one value so that a row costs one metadata row,
 //! not one per cell.
 //!
-//! Layout: `format: u8`, `base hlc: u64 LE`, `base site: varint`, then
+//! Layout: `format: u8`, the base stamp (`hlc: u64 LE`, `site: varint`,
+//! `row_dbv - dbv: varint`), then
 //! - format `UNIFORM`: `n: varint`: the marker and cells `0..n` all carry the
 //!   base stamp (the common case: a row as its insert wrote it);
 //! - format `TOMBSTONE`: the marker carries the base stamp, no cells;
 //! - format `EXPLICIT`: one entry for the marker, then one per cell slot:
-//!   `SAME` (the base stamp), `ABSENT`, or `STAMP hlc: u64 LE, site: varint,
-//!   dbv_delta: varint`. Entries missing at the end are absent.
+//!   `SAME` (the base stamp), `ABSENT`, or `STAMP` followed by the hlc's
+//!   distance to the base hlc (zigzag varint), the site (varint) and
+//!   `row_dbv - dbv` (varint). Entries missing at the end are absent.
 //!
-//! The base stamp's db_version is the row's `dbv` column (the row's newest),
-//! so it is not repeated here; explicit entries store their distance to it.
+//! The base is the stamp most entries share, and db_versions are stored as
+//! distances to the row's `dbv` column (its newest), so a row costs a dozen
+//! bytes or two, not 20 per column.
 
-use crate::codec::{put_varint, Reader};
+use crate::codec::{put_varint, unzigzag, zigzag, Reader};
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
 
@@ -49,20 +52,24 @@ fn corrupt(what: &str) -> Error {
 
 /// The blob a local insert writes: every cell stamped alike.
 pub(crate) fn encode_uniform(hlc: Hlc, site: u32, slots: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(12);
+    let mut out = Vec::with_capacity(13);
     out.push(UNIFORM);
-    out.extend_from_slice(&hlc.0.to_le_bytes());
-    put_varint(&mut out, u64::from(site));
+    put_base(&mut out, hlc, site, 0);
     put_varint(&mut out, slots as u64);
     out
 }
 
+fn put_base(out: &mut Vec<u8>, hlc: Hlc, site: u32, dbv_delta: u64) {
+    out.extend_from_slice(&hlc.0.to_le_bytes());
+    put_varint(out, u64::from(site));
+    put_varint(out, dbv_delta);
+}
+
 /// The blob a local delete writes.
 pub(crate) fn encode_tombstone(hlc: Hlc, site: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(11);
+    let mut out = Vec::with_capacity(12);
     out.push(TOMBSTONE);
-    out.extend_from_slice(&hlc.0.to_le_bytes());
-    put_varint(&mut out, u64::from(site));
+    put_base(&mut out, hlc, site, 0);
     out
 }
 
@@ -78,51 +85,53 @@ impl RowClocks {
     }
 
     /// Encodes the clocks of a row whose `dbv` column is `row_dbv`
-    /// (which must be the newest db_version among the stamps).
+    /// (the newest db_version among the stamps).
     pub fn encode(&self, row_dbv: u64) -> Vec<u8> {
-        let base = self
-            .stamps()
-            .copied()
-            .find(|s| s.dbv == row_dbv)
-            .or_else(|| self.stamps().copied().max_by_key(|s| s.dbv));
+        let entries: Vec<&Stamp> = self.stamps().collect();
+        // The most common stamp is the base (ties: the first seen).
+        let base = entries
+            .iter()
+            .max_by_key(|s| {
+                let count = entries.iter().filter(|o| o == s).count();
+                let first = entries.iter().position(|o| o == *s).unwrap_or(0);
+                (count, usize::MAX - first)
+            })
+            .map(|s| **s);
+        let mut out = Vec::with_capacity(16);
         let Some(base) = base else {
             // No stamp at all: an explicit, empty entry list.
-            let mut out = vec![EXPLICIT];
-            out.extend_from_slice(&0u64.to_le_bytes());
-            put_varint(&mut out, 0);
-            out.push(ABSENT);
+            out.push(EXPLICIT);
+            put_base(&mut out, Hlc(0), 0, 0);
             return out;
         };
+        let dbv_delta = |s: &Stamp| row_dbv.saturating_sub(s.dbv);
         let is_base = |s: &Option<Stamp>| s.as_ref() == Some(&base);
-        let mut out = Vec::with_capacity(16);
-        let header = |out: &mut Vec<u8>, format| {
-            out.push(format);
-            out.extend_from_slice(&base.hlc.0.to_le_bytes());
-            put_varint(out, u64::from(base.site));
-        };
         let last_present = self.cells.iter().rposition(Option::is_some);
-        if base.dbv == row_dbv && is_base(&self.marker) {
+        if is_base(&self.marker) {
             if last_present.is_none() {
-                header(&mut out, TOMBSTONE);
+                out.push(TOMBSTONE);
+                put_base(&mut out, base.hlc, base.site, dbv_delta(&base));
                 return out;
             }
             if self.cells.iter().all(is_base) {
-                header(&mut out, UNIFORM);
+                out.push(UNIFORM);
+                put_base(&mut out, base.hlc, base.site, dbv_delta(&base));
                 put_varint(&mut out, self.cells.len() as u64);
                 return out;
             }
         }
-        header(&mut out, EXPLICIT);
+        out.push(EXPLICIT);
+        put_base(&mut out, base.hlc, base.site, dbv_delta(&base));
         let used = last_present.map_or(0, |i| i + 1);
         for entry in std::iter::once(&self.marker).chain(&self.cells[..used]) {
             match entry {
                 None => out.push(ABSENT),
-                Some(s) if *s == base && s.dbv == row_dbv => out.push(SAME),
+                Some(s) if *s == base => out.push(SAME),
                 Some(s) => {
                     out.push(STAMP);
-                    out.extend_from_slice(&s.hlc.0.to_le_bytes());
+                    put_varint(&mut out, zigzag(s.hlc.0.wrapping_sub(base.hlc.0) as i64));
                     put_varint(&mut out, u64::from(s.site));
-                    put_varint(&mut out, row_dbv.saturating_sub(s.dbv));
+                    put_varint(&mut out, dbv_delta(s));
                 }
             }
         }
@@ -132,11 +141,14 @@ impl RowClocks {
     pub fn decode(blob: &[u8], row_dbv: u64) -> Result<RowClocks> {
         let mut r = Reader::new(blob);
         let bad = |_| corrupt("truncated clocks");
+        let site = |r: &mut Reader| -> Result<u32> {
+            u32::try_from(r.varint().map_err(bad)?).map_err(|_| corrupt("site ordinal"))
+        };
         let format = r.u8().map_err(bad)?;
         let base = Stamp {
             hlc: Hlc(r.u64_le().map_err(bad)?),
-            site: u32::try_from(r.varint().map_err(bad)?).map_err(|_| corrupt("site ordinal"))?,
-            dbv: row_dbv,
+            site: site(&mut r)?,
+            dbv: row_dbv.saturating_sub(r.varint().map_err(bad)?),
         };
         match format {
             UNIFORM => {
@@ -157,15 +169,11 @@ impl RowClocks {
                         SAME => Some(base),
                         ABSENT => None,
                         STAMP => {
-                            let hlc = Hlc(r.u64_le().map_err(bad)?);
-                            let site = u32::try_from(r.varint().map_err(bad)?)
-                                .map_err(|_| corrupt("site ordinal"))?;
-                            let delta = r.varint().map_err(bad)?;
-                            Some(Stamp {
-                                hlc,
-                                site,
-                                dbv: row_dbv.saturating_sub(delta),
-                            })
+                            let delta = unzigzag(r.varint().map_err(bad)?);
+                            let hlc = Hlc(base.hlc.0.wrapping_add(delta as u64));
+                            let site = site(&mut r)?;
+                            let dbv = row_dbv.saturating_sub(r.varint().map_err(bad)?);
+                            Some(Stamp { hlc, site, dbv })
                         }
                         _ => return Err(corrupt("unknown clock entry")),
                     });
@@ -210,7 +218,7 @@ mod tests {
             marker: s(1 << 40, 0, 7),
             cells: vec![s(1 << 40, 0, 7); 3],
         };
-        assert_eq!(round_trip(&inserted).len(), 11);
+        assert_eq!(round_trip(&inserted).len(), 12);
         assert_eq!(inserted.encode(7), encode_uniform(Hlc(1 << 40), 0, 3));
         let deleted = RowClocks {
             marker: s(1 << 41, 2, 9),
@@ -230,6 +238,14 @@ mod tests {
             cells: vec![s(5, 1, 2)],
         });
         round_trip(&RowClocks::default());
+        // One column updated: the others stay the base, the new stamp is short.
+        let old = s(1 << 50, 0, 4);
+        let new = s((1 << 50) + 65_536_000, 0, 9);
+        let updated = RowClocks {
+            marker: old,
+            cells: vec![old, new, old],
+        };
+        assert_eq!(round_trip(&updated).len(), 21);
     }
 
     #[test]
@@ -238,7 +254,8 @@ mod tests {
             &[][..],
             &[7, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             &[1, 0, 0],
-            &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0x80],
         ] {
             assert!(RowClocks::decode(blob, 1).is_err());
         }

@@ -144,6 +144,9 @@ impl Database {
                 });
             }
             conn.pragma_update(None, "synchronous", "NORMAL")?;
+            if let Ok(kib) = std::env::var("CONFLUO_CACHE_KIB") {
+                conn.pragma_update(None, "cache_size", format!("-{kib}"))?;
+            }
         }
         conn.execute_batch(&format!("BEGIN IMMEDIATE;{METADATA_SCHEMA}"))?;
         let setup = (|| -> Result<(SiteId, Hlc, u64, Vec<SiteId>)> {
@@ -218,10 +221,6 @@ impl Database {
         let state = Arc::new(Mutex::new(TxState::new(options.time.clone(), hlc, dbv)));
         capture::install(&mut conn, &state)?;
         let tables = schema::load_tables(&conn)?;
-        {
-            let mut st = lock(&state);
-            st.table_names = tables.iter().map(|t| (t.id, t.name.clone())).collect();
-        }
         let readers = path.map(|p| ReaderPool::new(p, options.readers));
         Ok(Database {
             inner: Inner {
@@ -391,15 +390,18 @@ impl Database {
     /// Commits the writer's open transaction with Confluo's bookkeeping:
     /// the clock is persisted so it never runs backwards across restarts.
     pub(crate) fn commit_conn(&self, conn: &Connection) -> Result<()> {
-        let hlc = {
-            let mut st = lock(&self.inner.state);
-            st.committing = true;
-            (st.hlc.last() > st.persisted_hlc).then(|| st.hlc.last())
-        };
+        lock(&self.inner.state).committing = true;
+        let mut persisted = None;
         let result = (|| -> Result<()> {
+            self.flush_captured(conn)?;
+            let hlc = {
+                let st = lock(&self.inner.state);
+                (st.hlc.last() > st.persisted_hlc).then(|| st.hlc.last())
+            };
             if let Some(hlc) = hlc {
                 conn.prepare_cached("UPDATE confluo_state SET value = ?1 WHERE key = 'hlc'")?
                     .execute([hlc.0 as i64])?;
+                persisted = Some(hlc);
             }
             conn.execute_batch("COMMIT")?;
             Ok(())
@@ -407,7 +409,7 @@ impl Database {
         {
             let mut st = lock(&self.inner.state);
             st.committing = false;
-            if let (Ok(()), Some(hlc)) = (&result, hlc) {
+            if let (Ok(()), Some(hlc)) = (&result, persisted) {
                 st.persisted_hlc = hlc;
             }
         }
@@ -469,6 +471,35 @@ pub(crate) fn load_sites(conn: &Connection) -> Result<Vec<SiteId>> {
     Ok(sites)
 }
 
+/// Confluo runs every write in its own transaction; app SQL that begins,
+/// ends or partly rolls back one would skip its bookkeeping.
+fn refuse_transaction_control(sql: &str) -> Result<()> {
+    let mut rest = sql.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    if matches!(
+        word.as_str(),
+        "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE"
+    ) {
+        return Err(Error::invalid(format!(
+            "{word} is not allowed here: use Database::write or Database::transaction for transactions"
+        )));
+    }
+    Ok(())
+}
+
 fn collect_rows(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<Rows> {
     let columns: Vec<String> = stmt.column_names().map(String::from).collect();
     let n = columns.len();
@@ -500,17 +531,44 @@ impl Transaction<'_> {
     }
 
     pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
-        let mut stmt = self.conn().prepare_cached(sql)?;
-        Ok(stmt.execute(rusqlite::params_from_iter(params))?)
+        refuse_transaction_control(sql)?;
+        self.statement(|conn| {
+            Ok(conn
+                .prepare_cached(sql)?
+                .execute(rusqlite::params_from_iter(params))?)
+        })
     }
 
+    /// Runs several statements. Each one that succeeds stays done, as in
+    /// SQLite; the first that fails stops the batch with its error.
     pub fn execute_batch(&self, sql: &str) -> Result<()> {
-        Ok(self.conn().execute_batch(sql)?)
+        use fallible_iterator::FallibleIterator;
+        let mut batch = rusqlite::Batch::new(self.conn(), sql);
+        while let Some(mut stmt) = batch.next()? {
+            refuse_transaction_control(&stmt.expanded_sql().unwrap_or_default())?;
+            self.statement(|_| {
+                let mut rows = stmt.raw_query();
+                while rows.next()?.is_some() {}
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
-        let mut stmt = self.conn().prepare_cached(sql)?;
-        collect_rows(&mut stmt, params)
+        refuse_transaction_control(sql)?;
+        self.statement(|conn| collect_rows(&mut *conn.prepare_cached(sql)?, params))
+    }
+
+    /// Runs one statement. If it fails, SQLite undoes it, and the writes it
+    /// captured before failing are forgotten too.
+    fn statement<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let mark = lock(&self.db.inner.state).events.len();
+        let out = f(self.conn());
+        if out.is_err() {
+            lock(&self.db.inner.state).events.truncate(mark);
+        }
+        out
     }
 
     pub fn commit(mut self) -> Result<()> {

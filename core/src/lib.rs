@@ -27,6 +27,7 @@ mod codec;
 mod db;
 mod error;
 mod hlc;
+mod local;
 pub mod merge;
 mod observe;
 mod replication;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
-use crate::capture::{lock, SharedState};
+use crate::capture::{lock, SharedState, LOCAL_SITE};
 use crate::changeset::{Change, ChangeSet};
-use crate::clocks::{RowClocks, Stamp};
+use crate::clocks::{encode_uniform, RowClocks, Stamp};
 use crate::codec::{pack_values, unpack_values};
 use crate::db::{load_sites, Database, Transaction};
 use crate::error::{Error, Result};
@@ -122,22 +122,9 @@ impl Database {
             schema::drop_triggers(conn, t)?;
         }
         let info = Arc::new(schema::register(conn, table, &pk, &columns)?);
-        self.announce_table(&info);
         schema::install(conn, &info)?;
         if existing.is_none() {
-            conn.execute(
-                &format!(
-                    "INSERT INTO {meta}(pk, cl, dbv, clocks) \
-                     SELECT {key}, 1, confluo_db_version({id}), confluo_clocks_insert({slots}) FROM {table} AS t WHERE true \
-                     ON CONFLICT(pk) DO NOTHING",
-                    meta = info.meta_table(),
-                    key = info.key_expr("t"),
-                    id = info.id,
-                    slots = info.slots.len(),
-                    table = quote(table),
-                ),
-                [],
-            )?;
+            self.record_existing_rows(conn, &info)?;
         }
         self.activate_pending(&tx, &info)?;
         tx.commit()?;
@@ -169,11 +156,32 @@ impl Database {
         Ok(())
     }
 
-    fn announce_table(&self, info: &TableInfo) {
-        let mut st = lock(&self.inner.state);
-        if !st.table_names.iter().any(|(id, _)| *id == info.id) {
-            st.table_names.push((info.id, info.name.clone()));
+    /// Rows already in a table when it becomes synced are changes too: one
+    /// local write, at this transaction's clock.
+    fn record_existing_rows(&self, conn: &Connection, t: &TableInfo) -> Result<()> {
+        let table = quote(&t.name);
+        let any: bool =
+            conn.query_row(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), [], |r| {
+                r.get(0)
+            })?;
+        if !any {
+            return Ok(());
         }
+        let (dbv, hlc) = {
+            let mut st = lock(&self.inner.state);
+            st.mark_changed(&t.name);
+            (st.db_version(), st.tx_hlc())
+        };
+        conn.execute(
+            &format!(
+                "INSERT INTO {meta}(pk, cl, dbv, clocks) SELECT {key}, 1, ?1, ?2 FROM {table} AS t WHERE true \
+                 ON CONFLICT(pk) DO NOTHING",
+                meta = t.meta_table(),
+                key = t.key_expr("t"),
+            ),
+            params![dbv as i64, encode_uniform(hlc, LOCAL_SITE, t.slots.len())],
+        )?;
+        Ok(())
     }
 
     fn cache_table(&self, info: Arc<TableInfo>) {
@@ -208,26 +216,13 @@ impl Database {
             let sites = load_sites(conn)?;
             let exclude =
                 recipient.and_then(|r| sites.iter().position(|s| *s == r).map(|p| p as u32));
-            let mut changes = Vec::new();
+            let mut rows = ExportedRows::default();
             let mut until = since;
             for t in &tables {
-                until = until.max(export_table(conn, t, since, exclude, &sites, &mut changes)?);
+                until = until.max(export_table(conn, t, since, exclude, &sites, &mut rows)?);
             }
-            until = until.max(export_pending(conn, since, recipient, &mut changes)?);
-            // Group by db_version, keeping row order inside one; seq is the
-            // position within its db_version.
-            changes.sort_by_key(|c| c.db_version);
-            let mut prev = None;
-            let mut seq = 0u32;
-            for c in &mut changes {
-                seq = if prev == Some(c.db_version) {
-                    seq + 1
-                } else {
-                    0
-                };
-                prev = Some(c.db_version);
-                c.seq = seq;
-            }
+            until = until.max(export_pending(conn, since, recipient, &mut rows)?);
+            let changes = rows.into_changes();
             Ok(ChangeSet {
                 source,
                 recipient,
@@ -716,6 +711,52 @@ impl Database {
     }
 }
 
+/// Exported changes, kept together by row: a row's changes travel side by
+/// side (its key is encoded once), and rows go in the order of their newest
+/// db_version.
+#[derive(Default)]
+struct ExportedRows {
+    changes: Vec<Change>,
+    /// (row's newest db_version, index of its first change)
+    rows: Vec<(u64, usize)>,
+}
+
+impl ExportedRows {
+    fn start_row(&mut self, dbv: u64) {
+        self.rows.push((dbv, self.changes.len()));
+    }
+
+    fn push(&mut self, change: Change) {
+        self.changes.push(change);
+    }
+
+    /// The changes in row order by db_version; `seq` numbers the changes of
+    /// each db_version in that order.
+    fn into_changes(self) -> Vec<Change> {
+        let ExportedRows { changes, mut rows } = self;
+        let mut bounds: Vec<(u64, usize, usize)> = Vec::with_capacity(rows.len());
+        for i in 0..rows.len() {
+            let end = rows.get(i + 1).map_or(changes.len(), |r| r.1);
+            bounds.push((rows[i].0, rows[i].1, end));
+        }
+        rows.clear();
+        bounds.sort_by_key(|b| b.0);
+        let mut slots: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
+        let mut out = Vec::with_capacity(slots.len());
+        let mut seqs: HashMap<u64, u32> = HashMap::new();
+        for (_, start, end) in bounds {
+            for slot in &mut slots[start..end] {
+                let mut c = slot.take().expect("each change taken once");
+                let seq = seqs.entry(c.db_version).or_insert(0);
+                c.seq = *seq;
+                *seq += 1;
+                out.push(c);
+            }
+        }
+        out
+    }
+}
+
 /// Exports the rows of one table changed after `since`; returns the
 /// table's newest db_version.
 fn export_table(
@@ -724,7 +765,7 @@ fn export_table(
     since: u64,
     exclude: Option<u32>,
     sites: &[SiteId],
-    out: &mut Vec<Change>,
+    out: &mut ExportedRows,
 ) -> Result<u64> {
     let meta = t.meta_table();
     let live: Vec<(usize, Arc<str>)> = t.live_slots().map(|(s, n)| (s, n.clone())).collect();
@@ -767,6 +808,7 @@ fn export_table(
         let cl = r.get::<_, i64>(1)? as u64;
         let dbv = r.get::<_, i64>(2)? as u64;
         let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, dbv)?;
+        out.start_row(dbv);
         let fresh = |s: &Stamp| s.dbv > since && Some(s.site) != exclude;
         let pk: Arc<[Value]> = if t.pk.len() == 1 {
             vec![key].into()
@@ -822,7 +864,7 @@ fn export_pending(
     conn: &Connection,
     since: u64,
     recipient: Option<SiteId>,
-    out: &mut Vec<Change>,
+    out: &mut ExportedRows,
 ) -> Result<u64> {
     let mut stmt = conn.prepare_cached(
         "SELECT tbl, pk, col, cl, value, hlc, site, dbv FROM confluo_pending WHERE dbv > ?1 ORDER BY tbl, pk",
@@ -840,6 +882,7 @@ fn export_pending(
             continue;
         }
         let col: String = r.get(2)?;
+        out.start_row(dbv);
         out.push(Change {
             table: Arc::from(r.get::<_, String>(0)?),
             pk: unpack_values(r.get_ref(1)?.as_blob()?)?.into(),

@@ -329,7 +329,7 @@ pub(crate) fn drop_triggers(conn: &Connection, t: &TableInfo) -> Result<()> {
 /// Creates the metadata table and the capture triggers. Every trigger is
 /// guarded by `confluo_tracking()`, which only Confluo's connections
 /// define: a write from any other connection fails instead of going
-/// untracked.
+/// untracked. The triggers only report the write (see `capture`).
 pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
     let meta = t.meta_table();
     let table = quote(&t.name);
@@ -380,37 +380,21 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
     } else {
         masks.join(", ")
     };
-    let insert_row = |key: &str| {
-        format!(
-            "INSERT INTO {meta}(pk, cl, dbv, clocks) \
-             VALUES ({key}, 1, confluo_db_version({id}), confluo_clocks_insert({slots})) \
-             ON CONFLICT(pk) DO UPDATE SET cl = cl + 1 - cl % 2, dbv = excluded.dbv, clocks = excluded.clocks;"
-        )
-    };
-    let delete_row = |key: &str| {
-        format!(
-            "INSERT INTO {meta}(pk, cl, dbv, clocks) \
-             VALUES ({key}, 2, confluo_db_version({id}), confluo_clocks_delete()) \
-             ON CONFLICT(pk) DO UPDATE SET cl = cl + cl % 2, dbv = excluded.dbv, clocks = excluded.clocks;"
-        )
-    };
-    let (insert_new, delete_old) = (insert_row(&new_key), delete_row(&old_key));
     let sql = format!(
         "CREATE TABLE IF NOT EXISTS {meta}(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS {dbv_index} ON {meta}(dbv);
-         CREATE TRIGGER {ai} AFTER INSERT ON {table} WHEN confluo_tracking() BEGIN {insert_new} END;
+         CREATE TRIGGER {ai} AFTER INSERT ON {table} WHEN confluo_tracking() BEGIN
+           SELECT confluo_inserted({id}, {new_key});
+         END;
          CREATE TRIGGER {au} AFTER UPDATE ON {table} WHEN confluo_tracking() AND {same_key} AND ({any_changed}) BEGIN
-           INSERT INTO {meta}(pk, cl, dbv, clocks)
-             VALUES ({new_key}, 1, confluo_db_version({id}), confluo_clocks_insert({slots}))
-             ON CONFLICT(pk) DO UPDATE SET
-               clocks = confluo_clocks_update(clocks, dbv, excluded.dbv, {slots}, {masks}),
-               dbv = excluded.dbv;
+           SELECT confluo_updated({id}, {new_key}, {masks});
          END;
          CREATE TRIGGER {aupk} AFTER UPDATE ON {table} WHEN confluo_tracking() AND NOT ({same_key}) BEGIN
-           {delete_old}
-           {insert_new}
+           SELECT confluo_deleted({id}, {old_key}), confluo_inserted({id}, {new_key});
          END;
-         CREATE TRIGGER {ad} AFTER DELETE ON {table} WHEN confluo_tracking() BEGIN {delete_old} END;"
+         CREATE TRIGGER {ad} AFTER DELETE ON {table} WHEN confluo_tracking() BEGIN
+           SELECT confluo_deleted({id}, {old_key});
+         END;"
     );
     conn.execute_batch(&sql)?;
     Ok(())

@@ -1,0 +1,242 @@
+//! Recording local writes: turning the writes the triggers captured in a
+//! transaction into metadata rows, right before it commits.
+
+use std::cmp::Ordering;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::capture::{lock, Event, EventKind, LOCAL_SITE};
+use crate::clocks::{encode_tombstone, encode_uniform, RowClocks, Stamp};
+use crate::db::Database;
+use crate::error::{Error, Result};
+use crate::schema::TableInfo;
+use crate::value::Value;
+
+/// Orders values as SQLite orders them in an index (NULL, numbers, text,
+/// blobs), so metadata rows are written in key order: sorted writes touch
+/// each B-tree page once instead of at random.
+fn sqlite_order(a: &Value, b: &Value) -> Ordering {
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Null => 0,
+            Value::Integer(_) | Value::Real(_) => 1,
+            Value::Text(_) => 2,
+            Value::Blob(_) => 3,
+        }
+    }
+    match (a, b) {
+        (Value::Integer(x), Value::Integer(y)) => x.cmp(y),
+        (Value::Text(x), Value::Text(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (Value::Blob(x), Value::Blob(y)) => x.cmp(y),
+        _ if rank(a) == 1 && rank(b) == 1 => {
+            let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+            f(a).total_cmp(&f(b))
+        }
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
+impl Database {
+    /// Writes the metadata of every write captured in the open transaction:
+    /// one db_version and one clock for the whole transaction.
+    pub(crate) fn flush_captured(&self, conn: &Connection) -> Result<()> {
+        let (mut events, hlc, dbv) = {
+            let mut st = lock(&self.inner.state);
+            if st.events.is_empty() {
+                return Ok(());
+            }
+            let events = std::mem::take(&mut st.events);
+            (events, st.tx_hlc(), st.db_version())
+        };
+        // Stable: the writes to one row keep their order.
+        events.sort_by(|a, b| {
+            a.table
+                .cmp(&b.table)
+                .then_with(|| sqlite_order(&a.key, &b.key))
+        });
+        let stamp = Stamp {
+            hlc,
+            site: LOCAL_SITE,
+            dbv,
+        };
+        let mut start = 0;
+        while start < events.len() {
+            let table_id = events[start].table;
+            let end = start
+                + events[start..]
+                    .iter()
+                    .take_while(|e| e.table == table_id)
+                    .count();
+            let table = self
+                .all_tables()
+                .into_iter()
+                .find(|t| t.id == table_id)
+                .ok_or_else(|| Error::Sqlite {
+                    message: format!("a write was captured for unknown synced table id {table_id}"),
+                    code: None,
+                })?;
+            lock(&self.inner.state).mark_changed(&table.name);
+            record_rows(conn, &table, &events[start..end], stamp)?;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// Records one table's captured writes; `events` are sorted by key.
+fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp) -> Result<()> {
+    let meta = t.meta_table();
+    let slots = t.slots.len();
+    let uniform = encode_uniform(stamp.hlc, stamp.site, slots);
+    let tombstone = encode_tombstone(stamp.hlc, stamp.site);
+    let dbv = stamp.dbv as i64;
+    let mut inserted = conn.prepare_cached(&format!(
+        "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, 1, ?2, ?3) \
+         ON CONFLICT(pk) DO UPDATE SET cl = cl + 1 - cl % 2, dbv = excluded.dbv, clocks = excluded.clocks"
+    ))?;
+    let mut deleted = conn.prepare_cached(&format!(
+        "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, 2, ?2, ?3) \
+         ON CONFLICT(pk) DO UPDATE SET cl = cl + cl % 2, dbv = excluded.dbv, clocks = excluded.clocks"
+    ))?;
+    let mut read =
+        conn.prepare_cached(&format!("SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"))?;
+    let mut write = conn.prepare_cached(&format!(
+        "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT(pk) DO UPDATE SET cl = excluded.cl, dbv = excluded.dbv, clocks = excluded.clocks"
+    ))?;
+
+    let mut start = 0;
+    while start < events.len() {
+        let key = &events[start].key;
+        let end = start + events[start..].iter().take_while(|e| e.key == *key).count();
+        match events[start..end] {
+            // The common cases need nothing of the old metadata.
+            [Event {
+                kind: EventKind::Inserted,
+                ..
+            }] => {
+                inserted.execute(params![key, dbv, uniform])?;
+            }
+            [Event {
+                kind: EventKind::Deleted,
+                ..
+            }] => {
+                deleted.execute(params![key, dbv, tombstone])?;
+            }
+            _ => {
+                let old: Option<(i64, i64, Vec<u8>)> = read
+                    .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                let (mut cl, mut clocks) = match old {
+                    Some((cl, row_dbv, blob)) => {
+                        (cl as u64, RowClocks::decode(&blob, row_dbv as u64)?)
+                    }
+                    None => (0, RowClocks::default()),
+                };
+                for e in &events[start..end] {
+                    apply_local(&mut cl, &mut clocks, &e.kind, stamp, slots);
+                }
+                write.execute(params![key, cl as i64, dbv, clocks.encode(stamp.dbv)])?;
+            }
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// One local write's effect on a row's causal length and clocks.
+fn apply_local(cl: &mut u64, clocks: &mut RowClocks, kind: &EventKind, stamp: Stamp, slots: usize) {
+    let alive = *cl % 2 == 1;
+    let rewrite_all = |cl: &mut u64, clocks: &mut RowClocks| {
+        // A new row, or a deleted key inserted again: every column anew.
+        if !alive {
+            *cl += 1;
+        }
+        *clocks = RowClocks {
+            marker: Some(stamp),
+            cells: vec![Some(stamp); slots],
+        };
+    };
+    match kind {
+        EventKind::Inserted => rewrite_all(cl, clocks),
+        EventKind::Updated(_) if !alive => rewrite_all(cl, clocks),
+        EventKind::Updated(masks) => {
+            clocks.cells.resize(slots, None);
+            for (word, mask) in masks.iter().enumerate() {
+                for bit in 0..62 {
+                    let slot = word * 62 + bit;
+                    if mask & (1 << bit) != 0 && slot < slots {
+                        clocks.cells[slot] = Some(stamp);
+                    }
+                }
+            }
+        }
+        EventKind::Deleted => {
+            if alive || *cl == 0 {
+                *cl += if *cl == 0 { 2 } else { 1 };
+            }
+            *clocks = RowClocks {
+                marker: Some(stamp),
+                cells: Vec::new(),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+
+    #[test]
+    fn local_writes_move_the_causal_length() {
+        let stamp = Stamp {
+            hlc: Hlc(9),
+            site: 0,
+            dbv: 3,
+        };
+        let (mut cl, mut clocks) = (0, RowClocks::default());
+        apply_local(&mut cl, &mut clocks, &EventKind::Inserted, stamp, 2);
+        assert_eq!(cl, 1);
+        apply_local(&mut cl, &mut clocks, &EventKind::Deleted, stamp, 2);
+        assert_eq!((cl, clocks.cells.len()), (2, 0));
+        apply_local(&mut cl, &mut clocks, &EventKind::Inserted, stamp, 2);
+        assert_eq!((cl, clocks.cells.len()), (3, 2));
+        // An insert over a live row (INSERT OR REPLACE) keeps the row's life.
+        apply_local(&mut cl, &mut clocks, &EventKind::Inserted, stamp, 2);
+        assert_eq!(cl, 3);
+        let (mut cl, mut clocks) = (0, RowClocks::default());
+        apply_local(&mut cl, &mut clocks, &EventKind::Deleted, stamp, 2);
+        assert_eq!(cl, 2);
+    }
+
+    #[test]
+    fn updates_stamp_only_the_changed_columns() {
+        let old = Stamp {
+            hlc: Hlc(1),
+            site: 0,
+            dbv: 1,
+        };
+        let new = Stamp {
+            hlc: Hlc(2),
+            site: 0,
+            dbv: 2,
+        };
+        let (mut cl, mut clocks) = (
+            1,
+            RowClocks {
+                marker: Some(old),
+                cells: vec![Some(old); 3],
+            },
+        );
+        apply_local(
+            &mut cl,
+            &mut clocks,
+            &EventKind::Updated(vec![0b100].into()),
+            new,
+            3,
+        );
+        assert_eq!(clocks.cells, vec![Some(old), Some(old), Some(new)]);
+        assert_eq!(clocks.marker, Some(old));
+    }
+}
