@@ -69,10 +69,6 @@ fn plain(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     let conn = Connection::open(&path).unwrap();
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
-    if let Ok(kib) = std::env::var("CONFLUO_CACHE_KIB") {
-        conn.pragma_update(None, "cache_size", format!("-{kib}"))
-            .unwrap();
-    }
     conn.execute_batch(SCHEMA).unwrap();
     let mut t = Times::default();
 

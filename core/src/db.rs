@@ -144,9 +144,6 @@ impl Database {
                 });
             }
             conn.pragma_update(None, "synchronous", "NORMAL")?;
-            if let Ok(kib) = std::env::var("CONFLUO_CACHE_KIB") {
-                conn.pragma_update(None, "cache_size", format!("-{kib}"))?;
-            }
         }
         conn.execute_batch(&format!("BEGIN IMMEDIATE;{METADATA_SCHEMA}"))?;
         let setup = (|| -> Result<(SiteId, Hlc, u64, Vec<SiteId>)> {
