@@ -105,10 +105,13 @@ struct M {
     cl: u64,
 }
 
+/// A cell's winner: (hlc, site, value).
+type MCell = (u64, [u8; 16], Option<String>);
+
 #[derive(Default, Clone, Debug)]
 struct MRow {
     cl: u64,
-    cells: [Option<(u64, [u8; 16], Option<String>)>; 2],
+    cells: [Option<MCell>; 2],
 }
 
 /// The merge rules, folded over a list of changes. On equal (hlc, site) the
