@@ -275,7 +275,11 @@ impl Database {
         match &self.inner.readers {
             Some(pool) => {
                 let outcome = pool.with(|conn| {
-                    let mut stmt = conn.prepare_cached(sql)?;
+                    // Statements that write (or whose triggers need the
+                    // writer's functions to compile) run on the writer.
+                    let Ok(mut stmt) = conn.prepare_cached(sql) else {
+                        return Ok(None);
+                    };
                     if !stmt.readonly() {
                         return Ok(None);
                     }
@@ -498,17 +502,20 @@ fn refuse_transaction_control(sql: &str) -> Result<()> {
 }
 
 fn collect_rows(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<Rows> {
-    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
-    let n = columns.len();
     let mut rows = Vec::new();
     let mut cursor = stmt.query(rusqlite::params_from_iter(params))?;
     while let Some(row) = cursor.next()? {
+        let n = row.as_ref().column_count();
         rows.push(
             (0..n)
                 .map(|i| row.get_ref(i).map(Value::from_ref))
                 .collect::<rusqlite::Result<Vec<_>>>()?,
         );
     }
+    drop(cursor);
+    // Read the names after stepping: a statement prepared before a schema
+    // change is recompiled by its first step, and `*` may have grown.
+    let columns = stmt.column_names().map(String::from).collect();
     Ok(Rows { columns, rows })
 }
 

@@ -253,7 +253,8 @@ impl Database {
                 .clone(),
         );
         ctx.report.received = changeset.changes.len();
-        self.merge_changes(&tx, &mut ctx, &changeset.changes, None)?;
+        self.merge_changes(&tx, &mut ctx, &changeset.changes, None)
+            .map_err(schema_violation_is_bad_input)?;
         self.record_received(&tx, &mut ctx, changeset)?;
         if let Some(max) = changeset.changes.iter().map(|c| c.hlc).max() {
             lock(&self.inner.state).hlc.observe(max);
@@ -708,6 +709,22 @@ impl Database {
             )?;
         }
         Ok(())
+    }
+}
+
+/// A change set that breaks the app's schema (a STRICT column's type, a
+/// CHECK, a NOT NULL) is bad input, not a storage failure.
+fn schema_violation_is_bad_input(err: Error) -> Error {
+    const SQLITE_CONSTRAINT: i32 = 19;
+    const SQLITE_MISMATCH: i32 = 20;
+    match err {
+        Error::Sqlite {
+            message,
+            code: Some(code),
+        } if matches!(code & 0xff, SQLITE_CONSTRAINT | SQLITE_MISMATCH) => Error::invalid(format!(
+            "the change set does not fit this database's schema: {message}"
+        )),
+        other => other,
     }
 }
 

@@ -1,0 +1,709 @@
+//! The engine's behaviour beyond the reference scenarios: values, schemas,
+//! capture, atomicity, observers, forward compatibility.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use confluo_core::{
+    Change, ChangeSet, Database, Error, Hlc, ManualTimeSource, Options, TimeSource, Value,
+};
+
+fn synced(sql: &str, table: &str) -> Database {
+    let db = Database::open_in_memory().unwrap();
+    db.execute_batch(sql).unwrap();
+    db.enable_sync(table).unwrap();
+    db
+}
+
+#[test]
+fn values_round_trip_exactly_through_export_and_apply() {
+    let schema = "CREATE TABLE vals(id INTEGER PRIMARY KEY, v)";
+    let (src, dst) = (synced(schema, "vals"), synced(schema, "vals"));
+    let values = vec![
+        Value::Integer(i64::MIN),
+        Value::Integer(i64::MAX),
+        Value::Integer(0),
+        Value::Real(-0.0),
+        Value::Real(f64::from_bits(1)), // the smallest subnormal
+        Value::Real(f64::MIN_POSITIVE / 3.0),
+        Value::Real(f64::INFINITY),
+        Value::Real(f64::NEG_INFINITY),
+        Value::Real(f64::MAX),
+        Value::Real(0.1),
+        Value::Blob(vec![]),
+        Value::Blob((0..=255).collect()),
+        Value::Text(String::new()),
+        Value::Text("naïve café, 日本語, emoji 🚀, and \"quotes\"; DROP TABLE vals; --".into()),
+        Value::Null,
+    ];
+    src.write(|tx| {
+        for (i, v) in values.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO vals VALUES (?1, ?2)",
+                &[Value::Integer(i as i64), v.clone()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    // What SQLite kept on the source...
+    let kept: Vec<Value> = dump(&src, "vals")
+        .into_iter()
+        .map(|r| r[1].clone())
+        .collect();
+    assert_eq!(kept[..3], values[..3]);
+    assert_eq!(kept[4..], values[4..], "SQLite keeps these bit for bit");
+    // ... arrives bit for bit (Value's equality compares f64 bits).
+    pull(&dst, &src);
+    assert_eq!(dump(&dst, "vals"), dump(&src, "vals"));
+}
+
+#[test]
+fn composite_keys_of_every_type() {
+    let schema =
+        "CREATE TABLE m(a INTEGER NOT NULL, b TEXT NOT NULL, c BLOB NOT NULL, d REAL NOT NULL, x, \
+                  PRIMARY KEY (a, b, c, d))";
+    let (src, dst) = (synced(schema, "m"), synced(schema, "m"));
+    src.execute(
+        "INSERT INTO m VALUES (?1, ?2, ?3, ?4, 'one')",
+        &[
+            Value::Integer(-7),
+            text("ключ"),
+            Value::Blob(vec![0, 1, 2]),
+            Value::Real(2.5),
+        ],
+    )
+    .unwrap();
+    src.execute("INSERT INTO m VALUES (1, 'b', x'ff', 0.5, 'two')", &[])
+        .unwrap();
+    pull(&dst, &src);
+    assert_eq!(dump(&dst, "m"), dump(&src, "m"));
+    // Changing part of a composite key is a delete plus an insert.
+    src.execute("UPDATE m SET b = 'moved' WHERE a = 1", &[])
+        .unwrap();
+    src.execute("UPDATE m SET x = 'edited' WHERE a = -7", &[])
+        .unwrap();
+    pull(&dst, &src);
+    assert_eq!(dump(&dst, "m"), dump(&src, "m"));
+    assert_eq!(dump(&dst, "m").len(), 2);
+}
+
+#[test]
+fn without_rowid_tables_sync_too() {
+    let schema = "CREATE TABLE kv(k TEXT PRIMARY KEY, v) WITHOUT ROWID";
+    let (src, dst) = (synced(schema, "kv"), synced(schema, "kv"));
+    src.execute("INSERT INTO kv VALUES ('a', 1), ('b', 2)", &[])
+        .unwrap();
+    pull(&dst, &src);
+    assert_eq!(
+        dump(&dst, "kv"),
+        vec![
+            vec![text("a"), Value::Integer(1)],
+            vec![text("b"), Value::Integer(2)]
+        ]
+    );
+}
+
+#[test]
+fn enable_sync_lists_every_problem_at_once() {
+    let db = Database::open_in_memory().unwrap();
+    db.execute_batch(
+        "PRAGMA foreign_keys = ON;
+         CREATE TABLE parent(id TEXT PRIMARY KEY NOT NULL);
+         CREATE TABLE bad(id TEXT PRIMARY KEY, email TEXT UNIQUE, name TEXT NOT NULL, p TEXT REFERENCES parent(id));
+         CREATE TABLE nokey(a, b);",
+    )
+    .unwrap();
+    let err = db.enable_sync("bad").unwrap_err();
+    let Error::Schema { table, problems } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(table, "bad");
+    let all = problems.join("\n");
+    for expected in [
+        "allows NULL",
+        "\"name\" is NOT NULL without a DEFAULT",
+        "unique index",
+        "foreign key",
+    ] {
+        assert!(all.contains(expected), "{expected:?} missing from {all}");
+    }
+    assert_eq!(problems.len(), 4, "{all}");
+    let err = db.enable_sync("nokey").unwrap_err().to_string();
+    assert!(err.contains("no explicit PRIMARY KEY"), "{err}");
+    assert!(db
+        .enable_sync("missing")
+        .unwrap_err()
+        .to_string()
+        .contains("no such table"));
+    // Nothing was half-installed: the tables still take writes from anyone.
+    assert!(db.synced_tables().is_empty());
+    db.execute("INSERT INTO nokey VALUES (1, 2)", &[]).unwrap();
+}
+
+#[test]
+fn rows_present_before_sync_become_changes() {
+    let db = Database::open_in_memory().unwrap();
+    db.execute_batch(TODO_SCHEMA).unwrap();
+    db.execute(
+        "INSERT INTO todo VALUES ('old', 'written before sync', 'open')",
+        &[],
+    )
+    .unwrap();
+    db.enable_sync("todo").unwrap();
+    let peer = synced(TODO_SCHEMA, "todo");
+    pull(&peer, &db);
+    assert_eq!(dump(&peer, "todo"), dump(&db, "todo"));
+}
+
+#[test]
+fn a_write_without_confluo_functions_fails_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let db = Database::open(&path).unwrap();
+    db.execute_batch(TODO_SCHEMA).unwrap();
+    db.enable_sync("todo").unwrap();
+    db.execute("INSERT INTO todo VALUES ('t1', 'tracked', 'open')", &[])
+        .unwrap();
+
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    for sql in [
+        "INSERT INTO todo VALUES ('t2', 'sneaky', 'open')",
+        "UPDATE todo SET title = 'sneaky'",
+        "DELETE FROM todo",
+    ] {
+        let err = raw.execute(sql, []).unwrap_err().to_string();
+        assert!(err.contains("confluo_tracking"), "{sql}: {err}");
+    }
+    drop(raw);
+    assert_eq!(
+        dump(&db, "todo"),
+        vec![vec![text("t1"), text("tracked"), text("open")]]
+    );
+}
+
+#[test]
+fn transaction_control_in_app_sql_is_refused() {
+    let db = synced(TODO_SCHEMA, "todo");
+    for sql in [
+        "BEGIN",
+        "COMMIT",
+        "  -- note\n rollback",
+        "SAVEPOINT s",
+        "RELEASE s",
+        "/* x */ END",
+    ] {
+        let err = db.execute(sql, &[]).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{sql}: {err}");
+    }
+    let err = db
+        .execute_batch("INSERT INTO todo VALUES ('a', 'x', 'y'); COMMIT; BEGIN;")
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    assert!(
+        dump(&db, "todo").is_empty(),
+        "the batch was rolled back whole"
+    );
+}
+
+#[test]
+fn a_failed_statement_leaves_no_trace_in_the_metadata() {
+    let db = synced(TODO_SCHEMA, "todo");
+    db.execute_batch("CREATE TABLE src(id TEXT)").unwrap();
+    db.execute("INSERT INTO src VALUES ('n1'), ('n2'), ('k1')", &[])
+        .unwrap();
+    let tx = db.transaction().unwrap();
+    tx.execute("INSERT INTO todo VALUES ('k1', 'first', 'open')", &[])
+        .unwrap();
+    // Fails on the duplicate key: SQLite undoes the statement, and Confluo
+    // forgets what it had captured of it.
+    assert!(tx
+        .execute("INSERT INTO todo VALUES ('k1', 'again', 'open')", &[])
+        .is_err());
+    assert!(tx
+        .execute("INSERT INTO todo(id) SELECT id FROM src", &[])
+        .is_err());
+    tx.execute("INSERT INTO todo VALUES ('k2', 'second', 'open')", &[])
+        .unwrap();
+    tx.commit().unwrap();
+    let cs = db.changes_since(0, None).unwrap();
+    let keys: Vec<&str> = cs
+        .changes
+        .iter()
+        .filter(|c| c.column.is_none())
+        .map(|c| c.pk[0].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, vec!["k1", "k2"]);
+    let peer = synced(TODO_SCHEMA, "todo");
+    pull(&peer, &db);
+    assert_eq!(dump(&peer, "todo"), dump(&db, "todo"));
+}
+
+#[test]
+fn dropping_a_transaction_rolls_it_back() {
+    let db = synced(TODO_SCHEMA, "todo");
+    {
+        let tx = db.transaction().unwrap();
+        tx.execute("INSERT INTO todo VALUES ('k1', 'x', 'y')", &[])
+            .unwrap();
+    }
+    let r: Result<(), Error> = db.write(|tx| {
+        tx.execute("INSERT INTO todo VALUES ('k2', 'x', 'y')", &[])?;
+        Err(Error::InvalidInput("changed my mind".into()))
+    });
+    assert!(r.is_err());
+    assert!(dump(&db, "todo").is_empty());
+    assert!(db.changes_since(0, None).unwrap().is_empty());
+    assert_eq!(db.db_version(), 0);
+}
+
+#[test]
+fn changes_travel_through_a_peer_and_never_echo_back() {
+    let clock = clock();
+    let (a, b, c) = (
+        todo_replica(&clock),
+        todo_replica(&clock),
+        todo_replica(&clock),
+    );
+    a.execute("INSERT INTO todo VALUES ('t1', 'from a', 'open')", &[])
+        .unwrap();
+    pull(&b, &a);
+    // B forwards A's change to C...
+    pull(&c, &b);
+    assert_eq!(dump(&c, "todo"), dump(&a, "todo"));
+    // ... but offers none of it back to A.
+    let back = b
+        .changes_for_peer(a.site_id(), b.seen_version(a.site_id()).unwrap())
+        .unwrap();
+    assert!(back.is_empty(), "{back:?}");
+    // A set made for B, applied at C, does not move C's cursor for A.
+    clock.advance(5);
+    a.execute("INSERT INTO todo VALUES ('t2', 'second', 'open')", &[])
+        .unwrap();
+    let for_b = a.changes_for_peer(b.site_id(), 0).unwrap();
+    c.apply(&for_b).unwrap();
+    assert_eq!(c.seen_version(a.site_id()).unwrap(), 0);
+}
+
+#[test]
+fn bad_change_sets_are_refused_whole_and_change_nothing() {
+    let clock = clock();
+    let source = todo_replica(&clock);
+    source
+        .write(|tx| {
+            for i in 0..20 {
+                tx.execute(
+                    "INSERT INTO todo VALUES (?1, 'title', 'open')",
+                    &[text(&format!("s{i:02}"))],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let target = todo_replica(&clock);
+    target
+        .execute("INSERT INTO todo VALUES ('mine', 'keep me', 'open')", &[])
+        .unwrap();
+    target
+        .execute_batch("CREATE TABLE typed(id TEXT PRIMARY KEY NOT NULL, n INTEGER) STRICT")
+        .unwrap();
+    target.enable_sync("typed").unwrap();
+    let before = digest(&target);
+    let good = source.changes_since(0, None).unwrap();
+    assert!(good.len() >= 60);
+
+    // Each case: the good set with its last change made hostile.
+    type Mutation = Box<dyn Fn(&mut Change)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        (
+            "quoted table name",
+            Box::new(|c| c.table = "todo\"; DROP TABLE todo; --".into()),
+        ),
+        (
+            "sql as table name",
+            Box::new(|c| c.table = "x; DELETE FROM todo".into()),
+        ),
+        (
+            "reserved table",
+            Box::new(|c| c.table = "sqlite_schema".into()),
+        ),
+        (
+            "metadata table",
+            Box::new(|c| c.table = "confluo_sites".into()),
+        ),
+        (
+            "quoted column",
+            Box::new(|c| c.column = Some("title\" = 'x'; --".into())),
+        ),
+        (
+            "key arity",
+            Box::new(|c| c.pk = vec![text("a"), text("b")].into()),
+        ),
+        ("null key", Box::new(|c| c.pk = vec![Value::Null].into())),
+        (
+            "marker with value",
+            Box::new(|c| {
+                c.column = None;
+                c.value = text("x");
+            }),
+        ),
+        (
+            "column of a deleted row",
+            Box::new(|c| {
+                c.column = Some("title".into());
+                c.cl = 2;
+            }),
+        ),
+        ("causal length 0", Box::new(|c| c.cl = 0)),
+        ("clock 0", Box::new(|c| c.hlc = Hlc(0))),
+        (
+            "oversized value",
+            Box::new(|c| {
+                c.column = Some("title".into());
+                c.value = Value::Blob(vec![0; (1 << 20) + 1]);
+            }),
+        ),
+        (
+            "NaN",
+            Box::new(|c| {
+                c.column = Some("title".into());
+                c.value = Value::Real(f64::NAN);
+            }),
+        ),
+        (
+            "wrong type for a STRICT column",
+            Box::new(|c| {
+                c.table = "typed".into();
+                c.pk = vec![text("t")].into();
+                c.column = Some("n".into());
+                c.cl = 1;
+                c.value = text("not a number");
+            }),
+        ),
+    ];
+    for (name, mutate) in &cases {
+        let mut cs = good.clone();
+        mutate(cs.changes.last_mut().unwrap());
+        let err = target.apply(&cs).expect_err(name);
+        assert!(matches!(err, Error::InvalidInput(_)), "{name}: {err}");
+        assert_eq!(digest(&target), before, "{name} changed the database");
+    }
+
+    // A clock from the future.
+    let mut cs = good.clone();
+    cs.changes.last_mut().unwrap().hlc = Hlc::new(clock.now_ms() + 2 * 3_600_000, 0);
+    assert!(matches!(
+        target.apply(&cs).unwrap_err(),
+        Error::ClockDrift { .. }
+    ));
+    assert_eq!(digest(&target), before);
+
+    // Truncated or corrupted bytes.
+    let bytes = good.encode();
+    for cut in (0..bytes.len()).step_by(7) {
+        let err = ChangeSet::decode(&bytes[..cut]).unwrap_err();
+        assert!(
+            matches!(err, Error::MalformedChangeSet(_)),
+            "cut {cut}: {err}"
+        );
+    }
+    let mut garbage = bytes.clone();
+    garbage[4] = 200;
+    assert!(ChangeSet::decode(&garbage).is_err());
+    assert_eq!(digest(&target), before);
+
+    // And the good set still applies afterwards.
+    let report = target.apply(&good).unwrap();
+    assert_eq!(report.applied, good.len());
+}
+
+#[test]
+fn a_schema_violation_in_the_middle_rolls_everything_back() {
+    let schema = "CREATE TABLE t(id TEXT PRIMARY KEY NOT NULL, n INTEGER CHECK (n < 100))";
+    let src = Database::open_in_memory().unwrap();
+    src.execute_batch("CREATE TABLE t(id TEXT PRIMARY KEY NOT NULL, n INTEGER)")
+        .unwrap();
+    src.enable_sync("t").unwrap();
+    src.write(|tx| {
+        for i in 0..200 {
+            tx.execute(
+                "INSERT INTO t VALUES (?1, ?2)",
+                &[text(&format!("r{i:03}")), Value::Integer(i)],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let dst = synced(schema, "t");
+    let before = digest(&dst);
+    let err = dst.apply(&src.changes_since(0, None).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    assert!(err.to_string().contains("CHECK"), "{err}");
+    assert_eq!(digest(&dst), before);
+}
+
+#[test]
+fn changes_for_tables_and_columns_not_here_yet_are_kept_until_they_are() {
+    let clock = clock();
+    // Bob runs a newer app version: todo has a priority, and there is a tags table.
+    let alice = todo_replica(&clock);
+    let bob = todo_replica(&clock);
+    bob.alter_synced_table("todo", "ALTER TABLE todo ADD COLUMN priority INTEGER")
+        .unwrap();
+    bob.execute_batch("CREATE TABLE tags(id TEXT PRIMARY KEY NOT NULL, name TEXT)")
+        .unwrap();
+    bob.enable_sync("tags").unwrap();
+    bob.execute("INSERT INTO todo VALUES ('t1', 'ship it', 'open', 5)", &[])
+        .unwrap();
+    bob.execute("INSERT INTO tags VALUES ('g1', 'work')", &[])
+        .unwrap();
+
+    let report = pull(&alice, &bob);
+    assert_eq!(
+        report.deferred, 3,
+        "priority, and the tags row's marker and name: {report:?}"
+    );
+    assert_eq!(
+        dump(&alice, "todo"),
+        vec![vec![text("t1"), text("ship it"), text("open")]]
+    );
+
+    // Alice's kept changes still reach a third device that knows them.
+    let carol = todo_replica(&clock);
+    carol
+        .alter_synced_table("todo", "ALTER TABLE todo ADD COLUMN priority INTEGER")
+        .unwrap();
+    pull(&carol, &alice);
+    assert_eq!(
+        dump(&carol, "todo"),
+        vec![vec![
+            text("t1"),
+            text("ship it"),
+            text("open"),
+            Value::Integer(5)
+        ]]
+    );
+
+    // Alice upgrades: the kept changes land.
+    alice
+        .alter_synced_table("todo", "ALTER TABLE todo ADD COLUMN priority INTEGER")
+        .unwrap();
+    alice
+        .execute_batch("CREATE TABLE tags(id TEXT PRIMARY KEY NOT NULL, name TEXT)")
+        .unwrap();
+    alice.enable_sync("tags").unwrap();
+    assert_eq!(dump(&alice, "todo"), dump(&bob, "todo"));
+    assert_eq!(dump(&alice, "tags"), vec![vec![text("g1"), text("work")]]);
+    // And later edits of the new column sync as usual.
+    clock.advance(10);
+    alice.execute("UPDATE todo SET priority = 1", &[]).unwrap();
+    pull(&bob, &alice);
+    assert_eq!(dump(&bob, "todo")[0][3], Value::Integer(1));
+}
+
+#[test]
+fn alter_synced_table_is_all_or_nothing() {
+    let db = synced(TODO_SCHEMA, "todo");
+    let err = db
+        .alter_synced_table("todo", "ALTER TABLE todo ADD COLUMN due TEXT NOT NULL")
+        .unwrap_err();
+    assert!(err.to_string().contains("NOT NULL"), "{err}");
+    // The failed migration left the table as it was, still tracked.
+    db.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(db.changes_since(0, None).unwrap().len(), 3);
+    assert!(db.alter_synced_table("nope", "SELECT 1").is_err());
+}
+
+#[test]
+fn dropped_columns_stop_syncing_and_the_rest_goes_on() {
+    let clock = clock();
+    let (a, b) = (todo_replica(&clock), todo_replica(&clock));
+    a.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    pull(&b, &a);
+    a.alter_synced_table("todo", "ALTER TABLE todo DROP COLUMN status")
+        .unwrap();
+    clock.advance(1);
+    a.execute("UPDATE todo SET title = 'renamed'", &[]).unwrap();
+    pull(&b, &a);
+    assert_eq!(
+        dump(&b, "todo"),
+        vec![vec![text("k"), text("renamed"), text("y")]]
+    );
+}
+
+#[test]
+fn observers_fire_after_commits_for_local_and_remote_writes() {
+    let clock = clock();
+    let (a, b) = (todo_replica(&clock), todo_replica(&clock));
+    a.execute_batch("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)")
+        .unwrap();
+    let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let s = seen.clone();
+    let todo_watch = a.observe(&["todo"], move |tables: &[String]| {
+        s.lock().unwrap().push(tables.to_vec())
+    });
+    let all = Arc::new(AtomicUsize::new(0));
+    let n = all.clone();
+    let all_watch = a.observe(&[], move |_: &[String]| {
+        n.fetch_add(1, Ordering::SeqCst);
+    });
+
+    a.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    a.execute(
+        "INSERT INTO notes(body) VALUES ('not watched by the first')",
+        &[],
+    )
+    .unwrap();
+    // A rolled-back transaction notifies nobody.
+    let _ = a.write(|tx| {
+        tx.execute("INSERT INTO todo VALUES ('gone', 'x', 'y')", &[])?;
+        Err::<(), _>(Error::InvalidInput("no".into()))
+    });
+    // Remote changes notify too.
+    b.execute("INSERT INTO todo VALUES ('remote', 'x', 'y')", &[])
+        .unwrap();
+    pull(&a, &b);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![vec!["todo".to_string()], vec!["todo".to_string()]]
+    );
+    assert_eq!(all.load(Ordering::SeqCst), 3);
+
+    drop(todo_watch);
+    a.execute("DELETE FROM todo", &[]).unwrap();
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "a dropped handle stops the observer"
+    );
+    assert_eq!(all.load(Ordering::SeqCst), 4);
+    drop(all_watch);
+}
+
+#[test]
+fn a_listener_may_use_the_database() {
+    let db = Arc::new(synced(TODO_SCHEMA, "todo"));
+    db.execute_batch("CREATE TABLE log(n INTEGER)").unwrap();
+    let inner = Arc::downgrade(&db);
+    let _watch = db.observe(&["todo"], move |_: &[String]| {
+        if let Some(db) = inner.upgrade() {
+            let count = db.query("SELECT count(*) FROM todo", &[]).unwrap().rows[0][0].clone();
+            db.execute("INSERT INTO log VALUES (?1)", &[count]).unwrap();
+        }
+    });
+    db.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(dump(&db, "log"), vec![vec![Value::Integer(1)]]);
+}
+
+#[test]
+fn readers_never_see_half_of_a_remote_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = synced(TODO_SCHEMA, "todo");
+    let rows = 3000;
+    src.write(|tx| {
+        for i in 0..rows {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, 'x', 'y')",
+                &[text(&format!("r{i:05}"))],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let cs = src.changes_since(0, None).unwrap();
+    let dst = Arc::new(Database::open(dir.path().join("dst.db")).unwrap());
+    dst.execute_batch(TODO_SCHEMA).unwrap();
+    dst.enable_sync("todo").unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (dst, done) = (dst.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut counts = std::collections::BTreeSet::new();
+            while !done.load(Ordering::SeqCst) {
+                let n = dst.query("SELECT count(*) FROM todo", &[]).unwrap().rows[0][0]
+                    .as_i64()
+                    .unwrap();
+                counts.insert(n);
+            }
+            counts
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    dst.apply(&cs).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    done.store(true, Ordering::SeqCst);
+    let counts = reader.join().unwrap();
+    assert!(counts.iter().all(|&n| n == 0 || n == rows), "{counts:?}");
+    assert!(counts.contains(&0) && counts.contains(&rows), "{counts:?}");
+}
+
+#[test]
+fn site_id_and_clock_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let clock = Arc::new(ManualTimeSource::new(2_000_000_000_000));
+    let options = Options {
+        time: clock.clone(),
+        ..Options::default()
+    };
+    let (site, hlc) = {
+        let db = Database::open_with(&path, options.clone()).unwrap();
+        db.execute_batch(TODO_SCHEMA).unwrap();
+        db.enable_sync("todo").unwrap();
+        db.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+            .unwrap();
+        (db.site_id(), db.current_hlc())
+    };
+    // The wall clock went back an hour while the app was closed.
+    clock.set(2_000_000_000_000 - 3_600_000);
+    let db = Database::open_with(&path, options).unwrap();
+    assert_eq!(db.site_id(), site);
+    db.execute("UPDATE todo SET title = 'later'", &[]).unwrap();
+    assert!(
+        db.current_hlc() > hlc,
+        "a later write must carry a later clock"
+    );
+    let title = db
+        .changes_since(0, None)
+        .unwrap()
+        .changes
+        .into_iter()
+        .find(|c| c.column.as_deref() == Some("title"))
+        .unwrap();
+    assert!(title.hlc > hlc);
+    assert_eq!(db.db_version(), 2);
+}
+
+#[test]
+fn queries_run_on_readers_and_writes_through_query_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path().join("q.db")).unwrap();
+    db.execute_batch(TODO_SCHEMA).unwrap();
+    db.enable_sync("todo").unwrap();
+    let rows = db
+        .query("INSERT INTO todo VALUES ('k', 'x', 'y') RETURNING id", &[])
+        .unwrap();
+    assert_eq!(rows.rows, vec![vec![text("k")]]);
+    assert_eq!(
+        db.changes_since(0, None).unwrap().len(),
+        3,
+        "the write was tracked"
+    );
+    let err = db.query("SELECT * FROM nope", &[]).unwrap_err();
+    assert!(err.to_string().contains("no such table: nope"), "{err}");
+    db.close().unwrap();
+    assert!(matches!(
+        db.query("SELECT 1", &[]).unwrap_err(),
+        Error::Closed
+    ));
+    // Closed means closed: the file opens again.
+    let again = Database::open(dir.path().join("q.db")).unwrap();
+    assert_eq!(dump(&again, "todo").len(), 1);
+}
