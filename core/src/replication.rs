@@ -728,49 +728,29 @@ fn schema_violation_is_bad_input(err: Error) -> Error {
     }
 }
 
-/// Exported changes, kept together by row: a row's changes travel side by
-/// side (its key is encoded once), and rows go in the order of their newest
-/// db_version.
+/// Exported changes. A row's changes stay side by side, so the wire
+/// encoding writes its key once.
 #[derive(Default)]
 struct ExportedRows {
     changes: Vec<Change>,
-    /// (row's newest db_version, index of its first change)
-    rows: Vec<(u64, usize)>,
 }
 
 impl ExportedRows {
-    fn start_row(&mut self, dbv: u64) {
-        self.rows.push((dbv, self.changes.len()));
-    }
-
     fn push(&mut self, change: Change) {
         self.changes.push(change);
     }
 
-    /// The changes in row order by db_version; `seq` numbers the changes of
-    /// each db_version in that order.
+    /// The changes; `seq` numbers the changes of each db_version in the
+    /// order they appear.
     fn into_changes(self) -> Vec<Change> {
-        let ExportedRows { changes, mut rows } = self;
-        let mut bounds: Vec<(u64, usize, usize)> = Vec::with_capacity(rows.len());
-        for i in 0..rows.len() {
-            let end = rows.get(i + 1).map_or(changes.len(), |r| r.1);
-            bounds.push((rows[i].0, rows[i].1, end));
-        }
-        rows.clear();
-        bounds.sort_by_key(|b| b.0);
-        let mut slots: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
-        let mut out = Vec::with_capacity(slots.len());
+        let mut changes = self.changes;
         let mut seqs: HashMap<u64, u32> = HashMap::new();
-        for (_, start, end) in bounds {
-            for slot in &mut slots[start..end] {
-                let mut c = slot.take().expect("each change taken once");
-                let seq = seqs.entry(c.db_version).or_insert(0);
-                c.seq = *seq;
-                *seq += 1;
-                out.push(c);
-            }
+        for c in &mut changes {
+            let seq = seqs.entry(c.db_version).or_insert(0);
+            c.seq = *seq;
+            *seq += 1;
         }
-        out
+        changes
     }
 }
 
@@ -825,7 +805,6 @@ fn export_table(
         let cl = r.get::<_, i64>(1)? as u64;
         let dbv = r.get::<_, i64>(2)? as u64;
         let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, dbv)?;
-        out.start_row(dbv);
         let fresh = |s: &Stamp| s.dbv > since && Some(s.site) != exclude;
         let pk: Arc<[Value]> = if t.pk.len() == 1 {
             vec![key].into()
@@ -899,7 +878,6 @@ fn export_pending(
             continue;
         }
         let col: String = r.get(2)?;
-        out.start_row(dbv);
         out.push(Change {
             table: Arc::from(r.get::<_, String>(0)?),
             pk: unpack_values(r.get_ref(1)?.as_blob()?)?.into(),
