@@ -33,6 +33,7 @@ mod observe;
 mod replication;
 mod schema;
 mod site;
+mod validate;
 mod value;
 
 pub use changeset::{Change, ChangeSet, FORMAT_VERSION};
@@ -42,4 +43,5 @@ pub use hlc::{Hlc, ManualTimeSource, SystemTimeSource, TimeSource};
 pub use observe::{ChangeListener, Observation};
 pub use replication::ApplyReport;
 pub use site::SiteId;
+pub use validate::{check_change, Limits};
 pub use value::Value;

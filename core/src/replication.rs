@@ -12,10 +12,11 @@ use crate::clocks::{encode_uniform, RowClocks, Stamp};
 use crate::codec::{pack_values, unpack_values};
 use crate::db::{load_sites, Database, Transaction};
 use crate::error::{Error, Result};
-use crate::hlc::{check_drift, Hlc};
+use crate::hlc::Hlc;
 use crate::merge::{Cell, Outcome, RowState, Target, Version};
-use crate::schema::{self, plausible_name, quote, TableInfo};
+use crate::schema::{self, quote, TableInfo};
 use crate::site::SiteId;
+use crate::validate::{check_change, Limits};
 use crate::value::Value;
 
 /// What `apply` did with a change set.
@@ -273,70 +274,25 @@ impl Database {
     /// Refuses anything a correct peer never sends, before writing a byte.
     fn validate(&self, cs: &ChangeSet) -> Result<()> {
         let opts = &self.inner.options;
+        let limits = Limits {
+            max_value_bytes: opts.max_value_bytes,
+            max_clock_drift: opts.max_clock_drift,
+        };
         let now = opts.time.now_ms();
-        let max = opts.max_value_bytes;
         for (i, c) in cs.changes.iter().enumerate() {
-            let bad = |msg: String| {
-                Err(Error::invalid(format!(
-                    "change {i} (table {:?}): {msg}",
-                    c.table
-                )))
-            };
-            match self.table(&c.table) {
-                Some(t) => {
-                    if c.pk.len() != t.pk.len() {
-                        return bad(format!(
-                            "the key has {} values, the table's has {}",
-                            c.pk.len(),
-                            t.pk.len()
-                        ));
-                    }
-                    if let Some(col) = &c.column {
-                        if t.slot_of(col).is_none() && !plausible_name(col) {
-                            return bad(format!("column name {col:?} is not acceptable"));
-                        }
-                    }
-                }
-                None => {
-                    if !plausible_name(&c.table) {
-                        return bad("table name is not acceptable".into());
-                    }
-                    if c.column.as_deref().is_some_and(|col| !plausible_name(col)) {
-                        return bad("column name is not acceptable".into());
-                    }
-                    if c.pk.is_empty() {
-                        return bad("the key is empty".into());
-                    }
+            let known = self.table(&c.table);
+            if let Some(t) = &known {
+                if c.pk.len() != t.pk.len() {
+                    return Err(Error::invalid(format!(
+                        "change {i} (table {:?}): the key has {} values, the table's has {}",
+                        c.table,
+                        c.pk.len(),
+                        t.pk.len()
+                    )));
                 }
             }
-            for v in c.pk.iter() {
-                if v.is_null() {
-                    return bad("a key value is NULL".into());
-                }
-            }
-            for v in c.pk.iter().chain(std::iter::once(&c.value)) {
-                if v.payload_len() > max {
-                    return bad(format!(
-                        "a value of {} bytes exceeds the limit of {max}",
-                        v.payload_len()
-                    ));
-                }
-                if matches!(v, Value::Real(f) if f.is_nan()) {
-                    return bad("NaN is not a value SQLite keeps".into());
-                }
-            }
-            if c.cl == 0 {
-                return bad("causal length 0".into());
-            }
-            match &c.column {
-                None if !c.value.is_null() => return bad("a row marker carries a value".into()),
-                Some(_) if c.cl % 2 == 0 => return bad("a column change for a deleted row".into()),
-                _ => {}
-            }
-            if c.hlc.0 == 0 {
-                return bad("clock 0".into());
-            }
-            check_drift(c.hlc, now, opts.max_clock_drift)?;
+            let known_column = |col: &str| known.as_ref().is_some_and(|t| t.slot_of(col).is_some());
+            check_change(i, c, &limits, now, known.is_some(), known_column)?;
         }
         Ok(())
     }
