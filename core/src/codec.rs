@@ -56,7 +56,7 @@ pub(crate) fn put_value(out: &mut Vec<u8>, value: &Value) {
 
 /// Packs a composite primary key into one blob: the values, tagged, in
 /// primary-key order. Single-column keys are stored as the value itself.
-pub(crate) fn pack_values(values: &[Value]) -> Vec<u8> {
+pub fn pack_values(values: &[Value]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.iter().map(|v| v.payload_len() + 2).sum());
     for v in values {
         put_value(&mut out, v);
@@ -64,7 +64,7 @@ pub(crate) fn pack_values(values: &[Value]) -> Vec<u8> {
     out
 }
 
-pub(crate) fn unpack_values(bytes: &[u8]) -> Result<Vec<Value>> {
+pub fn unpack_values(bytes: &[u8]) -> Result<Vec<Value>> {
     let mut r = Reader::new(bytes);
     let mut values = Vec::new();
     while !r.is_empty() {

@@ -145,7 +145,10 @@ impl Database {
             }
             conn.pragma_update(None, "synchronous", "NORMAL")?;
         }
-        conn.execute_batch(&format!("BEGIN IMMEDIATE;{METADATA_SCHEMA}"))?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;{METADATA_SCHEMA}{}",
+            crate::server_state::SCHEMA
+        ))?;
         let setup = (|| -> Result<(SiteId, Hlc, u64, Vec<SiteId>)> {
             let format: Option<i64> = conn
                 .query_row(

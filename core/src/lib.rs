@@ -32,11 +32,16 @@ pub mod merge;
 mod observe;
 mod replication;
 mod schema;
+mod server_state;
 mod site;
 mod validate;
 mod value;
 
 pub use changeset::{Change, ChangeSet, FORMAT_VERSION};
+
+/// Packs a primary key (one or more values) into bytes, and back: how keys
+/// are stored where the schema is not known (the sync server).
+pub use codec::{pack_values as pack_key, unpack_values as unpack_key};
 pub use db::{Database, Options, Rows, Transaction};
 pub use error::{Error, Result};
 pub use hlc::{Hlc, ManualTimeSource, SystemTimeSource, TimeSource};

@@ -63,12 +63,12 @@ struct Local {
 }
 
 /// State shared by the rows of one apply.
-struct ApplyCtx {
+pub(crate) struct ApplyCtx {
     sites: Vec<SiteId>,
     site_ords: HashMap<SiteId, u32>,
     first_new_site: usize,
     sql: HashMap<(i64, u8, Vec<usize>), String>,
-    report: ApplyReport,
+    pub(crate) report: ApplyReport,
 }
 
 impl ApplyCtx {
@@ -87,7 +87,7 @@ impl ApplyCtx {
         }
     }
 
-    fn ord(&mut self, conn: &Connection, site: SiteId) -> Result<u32> {
+    pub(crate) fn ord(&mut self, conn: &Connection, site: SiteId) -> Result<u32> {
         if let Some(&o) = self.site_ords.get(&site) {
             return Ok(o);
         }
@@ -211,6 +211,17 @@ impl Database {
     /// The changes a peer misses: everything recorded after `since`, minus
     /// what originated at `recipient` (it has those already).
     pub fn changes_since(&self, since: u64, recipient: Option<SiteId>) -> Result<ChangeSet> {
+        self.export(since, recipient, |_| Ok(None))
+    }
+
+    /// Exports what was recorded after `since`. `skip` may name, from the
+    /// export's own snapshot, db_versions to leave out.
+    pub(crate) fn export(
+        &self,
+        since: u64,
+        recipient: Option<SiteId>,
+        skip: impl FnOnce(&Connection) -> Result<Option<std::collections::HashSet<u64>>>,
+    ) -> Result<ChangeSet> {
         let tables = self.all_tables();
         let source = self.site_id();
         self.read_snapshot(|conn| {
@@ -223,7 +234,10 @@ impl Database {
                 until = until.max(export_table(conn, t, since, exclude, &sites, &mut rows)?);
             }
             until = until.max(export_pending(conn, since, recipient, &mut rows)?);
-            let changes = rows.into_changes();
+            let mut changes = rows.into_changes();
+            if let Some(skip) = skip(conn)? {
+                changes.retain(|c| !skip.contains(&c.db_version));
+            }
             Ok(ChangeSet {
                 source,
                 recipient,
@@ -243,7 +257,19 @@ impl Database {
     /// what was received), idempotently and in any order. A change set with
     /// any invalid change is refused whole, leaving the database unchanged.
     pub fn apply(&self, changeset: &ChangeSet) -> Result<ApplyReport> {
-        self.validate(changeset)?;
+        self.apply_changes(&changeset.changes, |db, tx, ctx| {
+            db.record_received(tx, ctx, changeset)
+        })
+    }
+
+    /// Validates and merges `changes` in one transaction, with `bookkeeping`
+    /// (what was received from whom) written in the same transaction.
+    pub(crate) fn apply_changes(
+        &self,
+        changes: &[Change],
+        bookkeeping: impl FnOnce(&Self, &Transaction<'_>, &mut ApplyCtx) -> Result<()>,
+    ) -> Result<ApplyReport> {
+        self.validate(changes)?;
         let tx = self.transaction()?;
         let remote = RemoteWrites::begin(&self.inner.state);
         let mut ctx = ApplyCtx::new(
@@ -253,15 +279,15 @@ impl Database {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
         );
-        ctx.report.received = changeset.changes.len();
-        self.merge_changes(&tx, &mut ctx, &changeset.changes, None)
+        ctx.report.received = changes.len();
+        self.merge_changes(&tx, &mut ctx, changes, None)
             .map_err(schema_violation_is_bad_input)?;
-        self.record_received(&tx, &mut ctx, changeset)?;
-        if let Some(max) = changeset.changes.iter().map(|c| c.hlc).max() {
+        ctx.report.db_version = lock(&self.inner.state).tx_dbv;
+        bookkeeping(self, &tx, &mut ctx)?;
+        if let Some(max) = changes.iter().map(|c| c.hlc).max() {
             lock(&self.inner.state).hlc.observe(max);
         }
         drop(remote);
-        ctx.report.db_version = lock(&self.inner.state).tx_dbv;
         tx.commit()?;
         self.inner
             .sites
@@ -272,14 +298,14 @@ impl Database {
     }
 
     /// Refuses anything a correct peer never sends, before writing a byte.
-    fn validate(&self, cs: &ChangeSet) -> Result<()> {
+    fn validate(&self, changes: &[Change]) -> Result<()> {
         let opts = &self.inner.options;
         let limits = Limits {
             max_value_bytes: opts.max_value_bytes,
             max_clock_drift: opts.max_clock_drift,
         };
         let now = opts.time.now_ms();
-        for (i, c) in cs.changes.iter().enumerate() {
+        for (i, c) in changes.iter().enumerate() {
             let known = self.table(&c.table);
             if let Some(t) = &known {
                 if c.pk.len() != t.pk.len() {

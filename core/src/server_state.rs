@@ -1,0 +1,140 @@
+//! A device's bookkeeping for syncing with a server: which space it syncs
+//! with, how far it has pulled (the server's cursor), how far the server has
+//! accepted its pushes, and which local db_versions came from the server (so
+//! they are never pushed back).
+
+use std::collections::HashSet;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::changeset::{Change, ChangeSet};
+use crate::db::Database;
+use crate::error::{Error, Result};
+use crate::replication::ApplyReport;
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS confluo_sync(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS confluo_server_dbvs(dbv INTEGER PRIMARY KEY);
+";
+
+fn get(conn: &Connection, key: &str) -> Result<Option<rusqlite::types::Value>> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM confluo_sync WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?)
+}
+
+fn get_u64(conn: &Connection, key: &str) -> Result<u64> {
+    Ok(match get(conn, key)? {
+        Some(rusqlite::types::Value::Integer(i)) => i as u64,
+        _ => 0,
+    })
+}
+
+fn set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> {
+    conn.prepare_cached("INSERT INTO confluo_sync(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+        .execute(params![key, value])?;
+    Ok(())
+}
+
+impl Database {
+    /// Ties this database to `space` the first time it syncs; later calls
+    /// with another space are refused (one database syncs with one space).
+    pub fn bind_space(&self, space: &str) -> Result<()> {
+        self.write(|tx| {
+            let conn = tx.conn();
+            match get(conn, "space")? {
+                Some(rusqlite::types::Value::Text(bound)) if bound != space => Err(Error::invalid(
+                    format!("this database syncs with space {bound:?}, not {space:?}"),
+                )),
+                Some(_) => Ok(()),
+                None => set(conn, "space", space),
+            }
+        })
+    }
+
+    /// The server version this database has pulled up to.
+    pub fn server_cursor(&self) -> Result<u64> {
+        self.read_snapshot(|conn| get_u64(conn, "cursor"))
+    }
+
+    /// The local db_version up to which the server has accepted our pushes.
+    pub fn pushed_version(&self) -> Result<u64> {
+        self.read_snapshot(|conn| get_u64(conn, "pushed"))
+    }
+
+    /// What to push: everything recorded after the last accepted push,
+    /// except changes that came from the server.
+    pub fn changes_for_server(&self) -> Result<ChangeSet> {
+        let pushed = self.pushed_version()?;
+        self.export(pushed, None, |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1")?;
+            let skip = stmt
+                .query_map([pushed as i64], |r| r.get::<_, i64>(0))?
+                .map(|r| r.map(|v| v as u64))
+                .collect::<rusqlite::Result<HashSet<u64>>>()?;
+            Ok(Some(skip))
+        })
+    }
+
+    /// Records that the server accepted every change up to `until`.
+    pub fn mark_pushed(&self, until: u64) -> Result<()> {
+        self.write(|tx| {
+            let conn = tx.conn();
+            if until > get_u64(conn, "pushed")? {
+                set(conn, "pushed", until as i64)?;
+                conn.execute(
+                    "DELETE FROM confluo_server_dbvs WHERE dbv <= ?1",
+                    [until as i64],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Merges changes pulled from the server and moves the cursor to
+    /// `cursor`, in one transaction: a crash leaves either both or neither.
+    pub fn apply_from_server(&self, changes: &[Change], cursor: u64) -> Result<ApplyReport> {
+        self.apply_changes(changes, |_, tx, ctx| {
+            let conn = tx.conn();
+            if let Some(dbv) = ctx.report.db_version {
+                conn.prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
+                    .execute([dbv as i64])?;
+            }
+            set(conn, "cursor", cursor as i64)
+        })
+    }
+
+    /// Forgets how far we pulled (the server lost or compacted its history):
+    /// the next sync pulls everything again. Unsent local writes are kept.
+    pub fn reset_server_cursor(&self) -> Result<()> {
+        self.write(|tx| set(tx.conn(), "cursor", 0i64))
+    }
+
+    /// How many rows have local changes the server has not accepted yet.
+    pub fn pending_changes(&self) -> Result<u64> {
+        let tables = self.all_tables();
+        self.read_snapshot(|conn| {
+            let pushed = get_u64(conn, "pushed")? as i64;
+            let mut total = 0u64;
+            for t in &tables {
+                let n: i64 = conn.query_row(
+                    &format!(
+                        "SELECT count(*) FROM {} WHERE dbv > ?1 AND dbv NOT IN (SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1)",
+                        t.meta_table()
+                    ),
+                    [pushed],
+                    |r| r.get(0),
+                )?;
+                total += n as u64;
+            }
+            let pending: i64 = conn.query_row(
+                "SELECT count(*) FROM confluo_pending WHERE dbv > ?1 AND dbv NOT IN (SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1)",
+                [pushed],
+                |r| r.get(0),
+            )?;
+            Ok(total + pending as u64)
+        })
+    }
+}
