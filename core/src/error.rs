@@ -39,6 +39,20 @@ pub enum Error {
         code: Option<i32>,
     },
 
+    /// The sync server could not be reached or answered with a failure.
+    /// `retryable` failures (timeouts, 5xx, 429) go away by retrying later,
+    /// no sooner than `retry_after` when the server said so.
+    #[error("network: {message}")]
+    Network {
+        message: String,
+        retryable: bool,
+        retry_after: Option<Duration>,
+    },
+
+    /// The server refused the token (401) or its rights (403).
+    #[error("not authorized: {0}")]
+    Auth(String),
+
     /// The database was closed.
     #[error("the database is closed")]
     Closed,

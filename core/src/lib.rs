@@ -22,6 +22,7 @@
 
 mod capture;
 mod changeset;
+mod client;
 mod clocks;
 mod codec;
 mod db;
@@ -39,6 +40,7 @@ mod value;
 
 pub use changeset::{Change, ChangeSet, FORMAT_VERSION};
 
+pub use client::{StaticToken, SyncConfig, SyncReport, TokenProvider};
 /// Packs a primary key (one or more values) into bytes, and back: how keys
 /// are stored where the schema is not known (the sync server).
 pub use codec::{pack_values as pack_key, unpack_values as unpack_key};

@@ -1,0 +1,469 @@
+//! The device side of protocol v1: `sync_now` pushes what the server lacks
+//! and pulls what it has, over HTTP (ureq, rustls), with a timeout on every
+//! request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::changeset::{Change, ChangeSet};
+use crate::db::Database;
+use crate::error::{Error, Result};
+
+pub const PROTOCOL_VERSION: &str = "1";
+const CHANGESET_TYPE: &str = "application/vnd.confluo.changeset";
+
+/// Supplies the bearer token for each request, so apps can refresh
+/// expiring tokens.
+pub trait TokenProvider: Send + Sync + 'static {
+    fn token(&self) -> std::result::Result<String, String>;
+}
+
+/// A token that never changes.
+pub struct StaticToken(pub String);
+
+impl TokenProvider for StaticToken {
+    fn token(&self) -> std::result::Result<String, String> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Where and how to sync.
+#[derive(Clone)]
+pub struct SyncConfig {
+    /// The server's base URL, e.g. `https://sync.example.com`.
+    pub server_url: String,
+    pub space: String,
+    pub token: Arc<dyn TokenProvider>,
+    /// Timeout of each request (a long poll adds its wait).
+    pub request_timeout: Duration,
+    /// Pushes larger than this go in several requests, merged by the server
+    /// as one.
+    pub max_request_bytes: usize,
+    /// How long a long poll waits on the server.
+    pub long_poll: Duration,
+    /// Background sync waits this long after the last local commit.
+    pub debounce: Duration,
+    /// Background sync's retry delays after failures.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl SyncConfig {
+    pub fn new(
+        server_url: impl Into<String>,
+        space: impl Into<String>,
+        token: impl Into<String>,
+    ) -> Self {
+        Self::with_token_provider(server_url, space, Arc::new(StaticToken(token.into())))
+    }
+
+    pub fn with_token_provider(
+        server_url: impl Into<String>,
+        space: impl Into<String>,
+        token: Arc<dyn TokenProvider>,
+    ) -> Self {
+        SyncConfig {
+            server_url: server_url.into().trim_end_matches('/').to_owned(),
+            space: space.into(),
+            token,
+            request_timeout: Duration::from_secs(30),
+            max_request_bytes: 8 << 20,
+            long_poll: Duration::from_secs(25),
+            debounce: Duration::from_millis(200),
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+impl std::fmt::Debug for SyncConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncConfig")
+            .field("server_url", &self.server_url)
+            .field("space", &self.space)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one `sync_now` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Changes sent to the server.
+    pub pushed: usize,
+    /// Changes received from the server.
+    pub pulled: usize,
+    /// Received changes that won and are now in this database.
+    pub applied: usize,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration: Duration,
+}
+
+/// How the server answered a request.
+pub(crate) enum Reply {
+    Page(Page),
+    /// A part of a multi-request push was staged (202).
+    Staged,
+    /// Our cursor is beyond the server's history (410): pull from scratch.
+    Gone,
+}
+
+/// Whether a sync round finished or must start over from cursor 0.
+enum Round {
+    Done,
+    Gone,
+}
+
+/// A page of changes as the server sent it.
+pub(crate) struct Page {
+    pub changes: ChangeSet,
+    pub more: bool,
+    pub resume: Option<String>,
+}
+
+pub(crate) struct Client {
+    agent: ureq::Agent,
+    config: SyncConfig,
+}
+
+fn network(message: impl Into<String>, retryable: bool) -> Error {
+    Error::Network {
+        message: message.into(),
+        retryable,
+        retry_after: None,
+    }
+}
+
+impl Client {
+    pub fn new(config: SyncConfig) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_global(Some(config.request_timeout))
+            .build()
+            .into();
+        Client { agent, config }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!(
+            "{}/v1/spaces/{}/{path}",
+            self.config.server_url, self.config.space
+        )
+    }
+
+    fn auth(&self) -> Result<String> {
+        let token = self
+            .config
+            .token
+            .token()
+            .map_err(|e| Error::Auth(format!("no token: {e}")))?;
+        Ok(format!("Bearer {token}"))
+    }
+
+    /// Sends one request and turns the answer into a page or a typed error.
+    fn exchange(
+        &self,
+        request: ureq::RequestBuilder<ureq::typestate::WithBody>,
+        body: &[u8],
+        report: &mut SyncReport,
+    ) -> Result<Reply> {
+        let request = request
+            .header("authorization", &self.auth()?)
+            .header("confluo-protocol", PROTOCOL_VERSION)
+            .header("content-type", CHANGESET_TYPE);
+        report.bytes_sent += body.len() as u64;
+        let response = request.send(body).map_err(transport_error)?;
+        self.read_page(response, report)
+    }
+
+    fn read_page(
+        &self,
+        mut response: ureq::http::Response<ureq::Body>,
+        report: &mut SyncReport,
+    ) -> Result<Reply> {
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (more, resume, retry_after) = (
+            header("confluo-more").as_deref() == Some("1"),
+            header("confluo-resume"),
+            header("retry-after")
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
+        );
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .map_err(transport_error)?;
+        report.bytes_received += bytes.len() as u64;
+        match status {
+            200 => {
+                let changes = ChangeSet::decode(&bytes)?;
+                Ok(Reply::Page(Page {
+                    changes,
+                    more,
+                    resume,
+                }))
+            }
+            202 => Ok(Reply::Staged),
+            410 => Ok(Reply::Gone),
+            _ => Err(status_error(status, &bytes, retry_after)),
+        }
+    }
+
+    fn post_sync(
+        &self,
+        cursor: u64,
+        site: &str,
+        body: &[u8],
+        part: Option<(&str, usize, usize)>,
+        report: &mut SyncReport,
+    ) -> Result<Reply> {
+        let mut req = self
+            .agent
+            .post(self.url("sync"))
+            .query("cursor", cursor.to_string())
+            .query("site", site);
+        if let Some((id, i, n)) = part {
+            req = req
+                .header("confluo-push-id", id)
+                .header("confluo-push-part", format!("{i}/{n}"));
+        }
+        self.exchange(req, body, report)
+    }
+
+    /// A pull without a push; waits up to `wait` for news when `wait` > 0.
+    pub fn get_changes(
+        &self,
+        cursor: u64,
+        site: &str,
+        resume: Option<&str>,
+        wait: Duration,
+        report: &mut SyncReport,
+    ) -> Result<Reply> {
+        let mut req = self
+            .agent
+            .get(self.url("changes"))
+            .query("cursor", cursor.to_string())
+            .query("site", site)
+            .query("wait", wait.as_secs().to_string())
+            .header("authorization", &self.auth()?)
+            .header("confluo-protocol", PROTOCOL_VERSION);
+        if let Some(r) = resume {
+            req = req.query("after", r);
+        }
+        let req = req
+            .config()
+            .timeout_global(Some(self.config.request_timeout + wait))
+            .build();
+        let response = req.call().map_err(transport_error)?;
+        self.read_page(response, report)
+    }
+
+    /// Pushes, then pulls and applies until caught up.
+    pub fn sync(&self, db: &Database) -> Result<SyncReport> {
+        let started = Instant::now();
+        let mut report = SyncReport::default();
+        db.bind_space(&self.config.space)?;
+        let site = db.site_id().to_string();
+        if let Round::Gone = self.round(db, &site, &mut report)? {
+            // The server no longer has the history our cursor points into:
+            // pull everything again. Unsent local writes stay unsent until
+            // this second round pushes them.
+            db.reset_server_cursor()?;
+            if let Round::Gone = self.round(db, &site, &mut report)? {
+                return Err(network(
+                    "the server keeps losing its history (410 twice)",
+                    true,
+                ));
+            }
+        }
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    fn round(&self, db: &Database, site: &str, report: &mut SyncReport) -> Result<Round> {
+        let outgoing = db.changes_for_server()?;
+        let cursor = db.server_cursor()?;
+        let first = if outgoing.is_empty() {
+            db.mark_pushed(outgoing.until)?;
+            None
+        } else {
+            match self.push(&outgoing, cursor, site, report)? {
+                Reply::Page(page) => {
+                    // The server has it: only now is it marked as sent.
+                    db.mark_pushed(outgoing.until)?;
+                    report.pushed += outgoing.changes.len();
+                    Some(page)
+                }
+                Reply::Gone => return Ok(Round::Gone),
+                Reply::Staged => {
+                    return Err(network("the server staged the last part of a push", true))
+                }
+            }
+        };
+        self.pull(db, first, site, report)
+    }
+
+    fn push(
+        &self,
+        outgoing: &ChangeSet,
+        cursor: u64,
+        site: &str,
+        report: &mut SyncReport,
+    ) -> Result<Reply> {
+        let parts = split(outgoing, self.config.max_request_bytes);
+        let id = uuid::Uuid::new_v4().to_string();
+        let n = parts.len();
+        for (i, part) in parts.iter().enumerate() {
+            let part_header = (n > 1).then_some((id.as_str(), i + 1, n));
+            match self.post_sync(cursor, site, part, part_header, report)? {
+                Reply::Staged if i + 1 < n => continue,
+                reply => return Ok(reply),
+            }
+        }
+        Err(network("a push with no parts", false))
+    }
+
+    /// Applies pages until the server has nothing more. A version split over
+    /// several pages is applied once complete, in one transaction.
+    fn pull(
+        &self,
+        db: &Database,
+        first: Option<Page>,
+        site: &str,
+        report: &mut SyncReport,
+    ) -> Result<Round> {
+        let mut cursor = db.server_cursor()?;
+        let mut buffered: Vec<Change> = Vec::new();
+        let mut next = first;
+        let mut resume: Option<String> = None;
+        loop {
+            let mut page = match next.take() {
+                Some(p) => p,
+                None => match self.get_changes(
+                    cursor,
+                    site,
+                    resume.as_deref(),
+                    Duration::ZERO,
+                    report,
+                )? {
+                    Reply::Page(p) => p,
+                    Reply::Gone => return Ok(Round::Gone),
+                    Reply::Staged => return Err(network("unexpected 202 to a pull", false)),
+                },
+            };
+            report.pulled += page.changes.changes.len();
+            buffered.append(&mut page.changes.changes);
+            resume = page.resume.take();
+            if resume.is_none() && (page.changes.until > cursor || !buffered.is_empty()) {
+                let until = page.changes.until.max(cursor);
+                let applied = db.apply_from_server(&buffered, until)?;
+                report.applied += applied.applied;
+                buffered.clear();
+                cursor = until;
+            }
+            if !page.more {
+                return Ok(Round::Done);
+            }
+        }
+    }
+}
+
+/// Splits a change set into encoded parts of at most about `max` bytes,
+/// never splitting one row's changes.
+fn split(cs: &ChangeSet, max: usize) -> Vec<Vec<u8>> {
+    let whole = cs.encode();
+    if whole.len() <= max {
+        return vec![whole];
+    }
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for i in 0..cs.changes.len() {
+        let c = &cs.changes[i];
+        size += c.value.payload_len() + c.pk.iter().map(|v| v.payload_len()).sum::<usize>() + 32;
+        let row_ends = cs
+            .changes
+            .get(i + 1)
+            .is_none_or(|n| n.table != c.table || n.pk != c.pk);
+        if (size >= max / 2 && row_ends) || i + 1 == cs.changes.len() {
+            let part = ChangeSet {
+                changes: cs.changes[start..=i].to_vec(),
+                ..cs.clone_header()
+            };
+            parts.push(part.encode());
+            start = i + 1;
+            size = 0;
+        }
+    }
+    parts
+}
+
+impl ChangeSet {
+    fn clone_header(&self) -> ChangeSet {
+        ChangeSet {
+            source: self.source,
+            recipient: self.recipient,
+            since: self.since,
+            until: self.until,
+            changes: Vec::new(),
+        }
+    }
+}
+
+fn transport_error(e: ureq::Error) -> Error {
+    let retryable = !matches!(e, ureq::Error::BadUri(_) | ureq::Error::Http(_));
+    network(e.to_string(), retryable)
+}
+
+/// Maps an HTTP failure to the engine's errors.
+fn status_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> Error {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Detail,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        code: String,
+        message: String,
+    }
+    let (code, message) = match serde_json::from_slice::<Body>(body) {
+        Ok(Body { error }) => (error.code, error.message),
+        Err(_) => (
+            format!("http_{status}"),
+            String::from_utf8_lossy(body).chars().take(200).collect(),
+        ),
+    };
+    let message = format!("{code}: {message} (HTTP {status})");
+    match status {
+        401 | 403 => Error::Auth(message),
+        400 | 413 => Error::InvalidInput(format!("server refused the request: {message}")),
+        409 => Error::Schema {
+            table: String::new(),
+            problems: vec![message],
+        },
+        429 | 500..=599 => Error::Network {
+            message,
+            retryable: true,
+            retry_after,
+        },
+        _ => network(message, false),
+    }
+}
+
+impl Database {
+    /// Pushes what the server lacks, then pulls and applies until caught
+    /// up. Changes count as sent only once the server has accepted them.
+    pub fn sync_now(&self, config: &SyncConfig) -> Result<SyncReport> {
+        Client::new(config.clone()).sync(self)
+    }
+}

@@ -1,0 +1,459 @@
+//! The HTTP API, protocol version 1 (see PROTOCOL.md).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use confluo_core::{check_change, ChangeSet, SiteId};
+use serde::Deserialize;
+
+use crate::auth::Denied;
+use crate::store::{Page, Resume, StoreError};
+use crate::App;
+
+pub const PROTOCOL_VERSION: &str = "1";
+pub const PROTOCOL_HEADER: &str = "confluo-protocol";
+pub const CHANGESET_TYPE: &str = "application/vnd.confluo.changeset";
+
+/// An error as the API reports it: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs().max(1).to_string();
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_str(&secs).expect("digits"));
+        }
+        resp
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::Unauthenticated(m) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
+            }
+            Denied::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", m),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::CursorGone { .. } => {
+                ApiError::new(StatusCode::GONE, "cursor_gone", e.to_string())
+            }
+            StoreError::BadInput(m) => ApiError::bad("invalid_changes", m),
+            StoreError::Storage(m) => {
+                tracing::error!(error = %m, "storage failure");
+                ApiError {
+                    retry_after: Some(Duration::from_secs(1)),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "storage is unavailable; retry",
+                    )
+                }
+            }
+        }
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/spaces/{space}/sync", post(sync))
+        .route("/v1/spaces/{space}/changes", get(changes))
+        .with_state(app)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    app.metrics.request("metrics", 200);
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct PullParams {
+    #[serde(default)]
+    cursor: u64,
+    /// Resume token from `Confluo-Resume`.
+    after: Option<String>,
+    /// The device's site id: its own changes are not sent back to it.
+    site: Option<String>,
+    /// Long-poll seconds (GET /changes only).
+    #[serde(default)]
+    wait: u64,
+}
+
+fn check_protocol(headers: &HeaderMap) -> Result<(), ApiError> {
+    match headers.get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()) {
+        Some(PROTOCOL_VERSION) => Ok(()),
+        Some(other) => Err(ApiError::bad(
+            "unsupported_protocol",
+            format!("protocol version {other:?} is not supported; this server speaks {PROTOCOL_VERSION}"),
+        )),
+        None => Err(ApiError::bad(
+            "unsupported_protocol",
+            format!("missing {PROTOCOL_HEADER} header (this server speaks {PROTOCOL_VERSION})"),
+        )),
+    }
+}
+
+fn check_space(space: &str) -> Result<(), ApiError> {
+    let ok = !space.is_empty()
+        && space.len() <= 128
+        && space
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(
+            "invalid_space",
+            "space names are 1-128 characters of A-Z a-z 0-9 - _ .",
+        ))
+    }
+}
+
+fn auth_header(headers: &HeaderMap) -> Option<&str> {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+}
+
+fn parse_site(p: &PullParams) -> Result<Option<SiteId>, ApiError> {
+    p.site
+        .as_deref()
+        .map(|s| {
+            SiteId::parse(s).ok_or_else(|| ApiError::bad("invalid_site", "site must be a UUID"))
+        })
+        .transpose()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn encode_resume(r: &Resume) -> String {
+    format!(
+        "{}.{}.{}.{}",
+        r.version,
+        hex(r.table.as_bytes()),
+        hex(&r.key),
+        hex(r.column.as_bytes())
+    )
+}
+
+fn decode_resume(s: &str) -> Result<Resume, ApiError> {
+    let bad = || ApiError::bad("invalid_resume", "malformed resume token");
+    let mut parts = s.split('.');
+    let mut next = || parts.next().ok_or_else(bad);
+    let version = next()?.parse().map_err(|_| bad())?;
+    let table = String::from_utf8(unhex(next()?).ok_or_else(bad)?).map_err(|_| bad())?;
+    let key = unhex(next()?).ok_or_else(bad)?;
+    let column = String::from_utf8(unhex(next()?).ok_or_else(bad)?).map_err(|_| bad())?;
+    Ok(Resume {
+        version,
+        table,
+        key,
+        column,
+    })
+}
+
+/// Reads the body, refusing one over the limit with 413 (as JSON).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request bodies are limited to {limit} bytes; split the push into parts"),
+        )
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// Decodes and validates a pushed change set: names, types, sizes, clocks.
+fn validate_push(app: &App, body: &[u8]) -> Result<ChangeSet, ApiError> {
+    let cs = ChangeSet::decode(body).map_err(|e| ApiError::bad("malformed", e.to_string()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for (i, c) in cs.changes.iter().enumerate() {
+        check_change(i, c, &app.config.limits, now, false, |_| false).map_err(|e| match e {
+            confluo_core::Error::ClockDrift { .. } => ApiError::bad("clock_drift", e.to_string()),
+            other => ApiError::bad("invalid_changes", other.to_string()),
+        })?;
+    }
+    Ok(cs)
+}
+
+fn push_part(headers: &HeaderMap) -> Result<Option<(String, u32, u32)>, ApiError> {
+    let Some(id) = headers.get("confluo-push-id") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad(
+            "invalid_push_part",
+            "Confluo-Push-Id needs Confluo-Push-Part: i/n",
+        )
+    };
+    let id = id.to_str().map_err(|_| bad())?;
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(bad());
+    }
+    let part = headers
+        .get("confluo-push-part")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(bad)?;
+    let (i, n) = part.split_once('/').ok_or_else(bad)?;
+    let (i, n): (u32, u32) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if i == 0 || i > n || n > 10_000 {
+        return Err(bad());
+    }
+    Ok(Some((id.to_owned(), i, n)))
+}
+
+fn page_response(app: &App, page: Page, cursor: u64, extra: &[(&'static str, String)]) -> Response {
+    let resume = page.resume.as_ref().map(encode_resume);
+    let count = page.changes.len();
+    let body = ChangeSet {
+        source: app.store.server_site(),
+        recipient: None,
+        since: cursor,
+        until: page.until,
+        changes: page.changes,
+    }
+    .encode();
+    app.metrics
+        .pulled_changes
+        .fetch_add(count as u64, Ordering::Relaxed);
+    app.metrics
+        .bytes_out
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    let mut resp = ([("content-type", CHANGESET_TYPE)], body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        "confluo-more",
+        HeaderValue::from_static(if page.more { "1" } else { "0" }),
+    );
+    if let Some(r) = resume {
+        h.insert(
+            "confluo-resume",
+            HeaderValue::from_str(&r).expect("ascii token"),
+        );
+    }
+    for (name, value) in extra {
+        h.insert(*name, HeaderValue::from_str(value).expect("ascii header"));
+    }
+    resp
+}
+
+async fn sync(
+    State(app): State<Arc<App>>,
+    Path(space): Path<String>,
+    Query(params): Query<PullParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = sync_inner(&app, space, params, headers, body).await;
+    respond(&app, "sync", result)
+}
+
+fn respond(app: &App, route: &'static str, result: Result<Response, ApiError>) -> Response {
+    let resp = result.unwrap_or_else(|e| {
+        if e.status.is_client_error() {
+            tracing::info!(route, status = e.status.as_u16(), code = e.code, message = %e.message, "request refused");
+        }
+        e.into_response()
+    });
+    app.metrics.request(route, resp.status().as_u16());
+    resp
+}
+
+async fn sync_inner(
+    app: &Arc<App>,
+    space: String,
+    params: PullParams,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_protocol(&headers)?;
+    check_space(&space)?;
+    let body = read_body(body, app.config.max_body_bytes).await?;
+    app.auth
+        .check(auth_header(&headers), &space, !body.is_empty())?;
+    app.metrics
+        .bytes_in
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    let mut exclude = parse_site(&params)?;
+    let resume = params.after.as_deref().map(decode_resume).transpose()?;
+    let mut extra = Vec::new();
+    if !body.is_empty() {
+        let cs = validate_push(app, &body)?;
+        // A device whose cursor is beyond our history must resync first; its
+        // push is not merged, so it is sent again afterwards.
+        let (store, sp) = (app.store.clone(), space.clone());
+        let version = blocking(move || store.version(&sp)).await?;
+        if params.cursor > version {
+            return Err(StoreError::CursorGone {
+                cursor: params.cursor,
+                version,
+            }
+            .into());
+        }
+        exclude = exclude.or(Some(cs.source));
+        let pushed = cs.changes.len();
+        drop(cs);
+        let parts = match push_part(&headers)? {
+            Some((id, i, n)) => {
+                let (store, sp, bytes) = (app.store.clone(), space.clone(), body.to_vec());
+                let staged_id = id.clone();
+                blocking(move || store.stage(&sp, &staged_id, i, &bytes)).await?;
+                if i < n {
+                    return Ok((
+                        StatusCode::ACCEPTED,
+                        Json(serde_json::json!({"staged": i, "of": n})),
+                    )
+                        .into_response());
+                }
+                let (store, sp) = (app.store.clone(), space.clone());
+                let parts = blocking(move || store.take_staged(&sp, &id)).await?;
+                if parts.len() != n as usize {
+                    return Err(ApiError::bad(
+                        "invalid_push_part",
+                        format!("push has {} of {n} parts; send them all again", parts.len()),
+                    ));
+                }
+                parts
+            }
+            None => vec![body.to_vec()],
+        };
+        let (store, sp) = (app.store.clone(), space.clone());
+        let outcome = blocking(move || store.push(&sp, &parts)).await?;
+        app.metrics
+            .pushed_changes
+            .fetch_add(pushed as u64, Ordering::Relaxed);
+        if outcome.applied > 0 {
+            app.metrics.versions.fetch_add(1, Ordering::Relaxed);
+            app.notify(&space, outcome.version);
+        }
+        tracing::debug!(
+            space,
+            version = outcome.version,
+            applied = outcome.applied,
+            stale = outcome.stale,
+            "push merged"
+        );
+        extra.push(("confluo-server-version", outcome.version.to_string()));
+        extra.push(("confluo-applied", outcome.applied.to_string()));
+    }
+    let (store, sp, cursor, budget) = (
+        app.store.clone(),
+        space.clone(),
+        params.cursor,
+        app.config.page_bytes,
+    );
+    let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
+    Ok(page_response(app, page, params.cursor, &extra))
+}
+
+async fn changes(
+    State(app): State<Arc<App>>,
+    Path(space): Path<String>,
+    Query(params): Query<PullParams>,
+    headers: HeaderMap,
+) -> Response {
+    let result = changes_inner(&app, space, params, headers).await;
+    respond(&app, "changes", result)
+}
+
+async fn changes_inner(
+    app: &Arc<App>,
+    space: String,
+    params: PullParams,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_protocol(&headers)?;
+    check_space(&space)?;
+    app.auth.check(auth_header(&headers), &space, false)?;
+    let exclude = parse_site(&params)?;
+    let resume = params.after.as_deref().map(decode_resume).transpose()?;
+    let wait = Duration::from_secs(params.wait).min(app.config.max_wait);
+    if resume.is_none() && !wait.is_zero() {
+        // Subscribe before looking, so a push committing in between is seen.
+        let mut rx = app.subscribe(&space);
+        let (store, sp) = (app.store.clone(), space.clone());
+        let version = blocking(move || store.version(&sp)).await?;
+        if version == params.cursor {
+            app.metrics.long_polls.fetch_add(1, Ordering::Relaxed);
+            let mut shutdown = app.shutdown.clone();
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+            app.metrics.long_polls.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let (store, sp, cursor, budget) = (
+        app.store.clone(),
+        space.clone(),
+        params.cursor,
+        app.config.page_bytes,
+    );
+    let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
+    Ok(page_response(app, page, params.cursor, &[]))
+}

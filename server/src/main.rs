@@ -1,0 +1,96 @@
+//! `confluo-server`: the sync server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use confluo_server::{serve, App, Auth, Config, SqliteStore, DEV_TOKEN};
+
+#[derive(Parser)]
+#[command(name = "confluo-server", about = "Confluo's sync server")]
+struct Args {
+    /// The SQLite file that keeps every space.
+    #[arg(long, default_value = "./confluo-server.db")]
+    db: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// Tokens and JWT secret (TOML).
+    #[arg(long)]
+    auth: Option<PathBuf>,
+    /// Accept the development token for every space (loopback only).
+    #[arg(long)]
+    dev: bool,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+    /// Largest single value, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_value_bytes: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mut auth = match &args.auth {
+        Some(path) => Auth::from_file(path)?,
+        None if args.dev => Auth::default(),
+        None => bail!("give --auth FILE (or --dev on a loopback address for development)"),
+    };
+    if args.dev {
+        if !args.listen.ip().is_loopback() {
+            bail!(
+                "--dev is only allowed on a loopback address, not {}",
+                args.listen
+            );
+        }
+        auth = auth.with_dev_token();
+        tracing::warn!(
+            "DEVELOPMENT MODE: the token {DEV_TOKEN:?} grants read-write access to every space"
+        );
+    }
+    let store =
+        SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
+    let defaults = Config::default();
+    let config = Config {
+        max_body_bytes: args.max_body_bytes,
+        limits: confluo_core::Limits {
+            max_value_bytes: args.max_value_bytes,
+            ..defaults.limits
+        },
+        ..defaults
+    };
+    let app = App::new(Arc::new(store), auth, config);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, db = %args.db.display(), "confluo-server listening");
+    serve(listener, app, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,585 @@
+//! Where a server keeps each space: the latest state of every cell with its
+//! metadata, and a per-space version. Storage sits behind `Store` so that a
+//! PostgreSQL backend can stand beside the embedded SQLite one.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use confluo_core::merge::{Cell, Outcome, RowState, Target, Version};
+use confluo_core::{pack_key, unpack_key, Change, ChangeSet, Hlc, SiteId, Value};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The device's cursor is ahead of this space's history: the server's
+    /// data was reset or restored. The device must pull from scratch.
+    #[error("cursor {cursor} is beyond this space's history (version {version})")]
+    CursorGone { cursor: u64, version: u64 },
+    #[error("bad input: {0}")]
+    BadInput(String),
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Storage(e.to_string())
+    }
+}
+
+impl From<confluo_core::Error> for StoreError {
+    fn from(e: confluo_core::Error) -> Self {
+        match e {
+            confluo_core::Error::Sqlite { message, .. } => StoreError::Storage(message),
+            other => StoreError::BadInput(other.to_string()),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// The space's version after the push (unchanged if nothing won).
+    pub version: u64,
+    pub applied: usize,
+    pub stale: usize,
+}
+
+/// Where a pull page stopped inside one version too large for one page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub version: u64,
+    pub table: String,
+    pub key: Vec<u8>,
+    pub column: String,
+}
+
+/// One page of a pull: every change of the versions in `(cursor, until]`,
+/// or, when `resume` is set, a slice of version `until + 1..` that goes on
+/// in the next page.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub changes: Vec<Change>,
+    pub until: u64,
+    pub more: bool,
+    pub resume: Option<Resume>,
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// Merges a push (one or more encoded, already validated change sets)
+    /// into `space` in one transaction, under one new version.
+    fn push(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome>;
+    /// Changes after `cursor` (or after `resume`), up to about `budget`
+    /// bytes, never cutting a version unless it alone exceeds the budget.
+    /// Changes that originated at `exclude` are left out.
+    fn pull(
+        &self,
+        space: &str,
+        cursor: u64,
+        resume: Option<&Resume>,
+        exclude: Option<SiteId>,
+        budget: usize,
+    ) -> StoreResult<Page>;
+    /// The space's current version (0 for a space nobody pushed to).
+    fn version(&self, space: &str) -> StoreResult<u64>;
+    /// Keeps one part of a push sent in several requests.
+    fn stage(&self, space: &str, push_id: &str, part: u32, body: &[u8]) -> StoreResult<()>;
+    /// Takes the staged parts of a push, in order.
+    fn take_staged(&self, space: &str, push_id: &str) -> StoreResult<Vec<Vec<u8>>>;
+    /// This server's own site id (the source of the change sets it sends).
+    fn server_site(&self) -> SiteId;
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS server_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spaces(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sites(id INTEGER PRIMARY KEY, site BLOB NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS cells(
+  space INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, col TEXT NOT NULL,
+  cl INTEGER NOT NULL, value, hlc INTEGER NOT NULL, site INTEGER NOT NULL, version INTEGER NOT NULL,
+  PRIMARY KEY (space, tbl, pk, col)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cells_by_version ON cells(space, version);
+CREATE TABLE IF NOT EXISTS staged(
+  push_id TEXT NOT NULL, part INTEGER NOT NULL, space TEXT NOT NULL, body BLOB NOT NULL, created INTEGER NOT NULL,
+  PRIMARY KEY (push_id, part)) WITHOUT ROWID;
+";
+
+/// How long parts of an unfinished multi-request push are kept.
+const STAGED_TTL: Duration = Duration::from_secs(3600);
+
+/// The embedded store: one SQLite file, one writer, a few readers.
+pub struct SqliteStore {
+    path: Option<std::path::PathBuf>,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    site: SiteId,
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let conn = Connection::open(path)?;
+        Self::init(conn, Some(path.to_path_buf()))
+    }
+
+    pub fn open_in_memory() -> StoreResult<SqliteStore> {
+        Self::init(Connection::open_in_memory()?, None)
+    }
+
+    fn init(conn: Connection, path: Option<std::path::PathBuf>) -> StoreResult<SqliteStore> {
+        conn.busy_timeout(Duration::from_secs(10))?;
+        if path.is_some() {
+            conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+            // A push is acknowledged only once it is on disk.
+            conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        conn.execute_batch(SCHEMA)?;
+        let site: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT value FROM server_meta WHERE key = 'site'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let site = match site.and_then(|b| SiteId::from_slice(&b)) {
+            Some(s) => s,
+            None => {
+                let s = SiteId::random();
+                conn.execute(
+                    "INSERT INTO server_meta VALUES ('site', ?1)",
+                    [&s.as_bytes()[..]],
+                )?;
+                s
+            }
+        };
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
+            site,
+        })
+    }
+
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let Some(path) = &self.path else {
+            let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            return f(&conn);
+        };
+        let conn = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(Duration::from_secs(10))?;
+                c
+            }
+        };
+        conn.execute_batch("BEGIN")?;
+        let out = f(&conn);
+        let _ = conn.execute_batch("COMMIT");
+        let mut idle = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < 8 {
+            idle.push(conn);
+        }
+        out
+    }
+}
+
+/// A stored cell beside its version: its value and the space version that
+/// wrote it, or the index of the pushed change that now wins it.
+#[derive(Clone, Debug)]
+enum Payload {
+    Stored,
+    Pushed(usize),
+}
+
+fn space_id(conn: &Connection, space: &str) -> StoreResult<Option<(i64, u64)>> {
+    Ok(conn
+        .prepare_cached("SELECT id, version FROM spaces WHERE name = ?1")?
+        .query_row([space], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64))
+        })
+        .optional()?)
+}
+
+struct SiteCache(
+    std::collections::HashMap<SiteId, i64>,
+    std::collections::HashMap<i64, SiteId>,
+);
+
+impl SiteCache {
+    fn ord(&mut self, conn: &Connection, site: SiteId) -> StoreResult<i64> {
+        if let Some(&o) = self.0.get(&site) {
+            return Ok(o);
+        }
+        conn.prepare_cached("INSERT OR IGNORE INTO sites(site) VALUES (?1)")?
+            .execute([&site.as_bytes()[..]])?;
+        let o: i64 = conn
+            .prepare_cached("SELECT id FROM sites WHERE site = ?1")?
+            .query_row([&site.as_bytes()[..]], |r| r.get(0))?;
+        self.0.insert(site, o);
+        self.1.insert(o, site);
+        Ok(o)
+    }
+
+    fn site(&mut self, conn: &Connection, ord: i64) -> StoreResult<SiteId> {
+        if let Some(s) = self.1.get(&ord) {
+            return Ok(*s);
+        }
+        let bytes: Vec<u8> = conn
+            .prepare_cached("SELECT site FROM sites WHERE id = ?1")?
+            .query_row([ord], |r| r.get(0))?;
+        let s =
+            SiteId::from_slice(&bytes).ok_or_else(|| StoreError::Storage("bad site id".into()))?;
+        self.0.insert(s, ord);
+        self.1.insert(ord, s);
+        Ok(s)
+    }
+}
+
+impl Store for SqliteStore {
+    fn push(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
+        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // The write lock of the transaction is the space's lock: versions are
+        // handed out inside it, so they commit in order and a reader's cursor
+        // can never skip a version that commits later.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = (|| -> StoreResult<PushOutcome> {
+            let (sid, current) = match space_id(&conn, space)? {
+                Some(s) => s,
+                None => {
+                    conn.execute("INSERT INTO spaces(name, version) VALUES (?1, 0)", [space])?;
+                    (conn.last_insert_rowid(), 0)
+                }
+            };
+            let version = current + 1;
+            let mut sites = SiteCache(Default::default(), Default::default());
+            let mut outcome = PushOutcome {
+                version: current,
+                applied: 0,
+                stale: 0,
+            };
+            for part in parts {
+                let cs = ChangeSet::decode(part)?;
+                merge_into(&conn, sid, version, &cs.changes, &mut sites, &mut outcome)?;
+            }
+            if outcome.applied > 0 {
+                conn.execute(
+                    "UPDATE spaces SET version = ?1 WHERE id = ?2",
+                    params![version as i64, sid],
+                )?;
+                outcome.version = version;
+            }
+            Ok(outcome)
+        })();
+        match &result {
+            Ok(_) => conn.execute_batch("COMMIT")?,
+            Err(_) => {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+        }
+        result
+    }
+
+    fn pull(
+        &self,
+        space: &str,
+        cursor: u64,
+        resume: Option<&Resume>,
+        exclude: Option<SiteId>,
+        budget: usize,
+    ) -> StoreResult<Page> {
+        self.with_reader(|conn| {
+            let Some((sid, version)) = space_id(conn, space)? else {
+                if cursor > 0 {
+                    return Err(StoreError::CursorGone { cursor, version: 0 });
+                }
+                return Ok(Page {
+                    changes: Vec::new(),
+                    until: 0,
+                    more: false,
+                    resume: None,
+                });
+            };
+            if cursor > version {
+                return Err(StoreError::CursorGone { cursor, version });
+            }
+            let mut sites = SiteCache(Default::default(), Default::default());
+            let sql_all = "SELECT version, tbl, pk, col, cl, value, hlc, site FROM cells \
+                           WHERE space = ?1 AND version > ?2 ORDER BY version, tbl, pk, col";
+            let sql_resume = "SELECT version, tbl, pk, col, cl, value, hlc, site FROM cells \
+                              WHERE space = ?1 AND version = ?2 AND (tbl, pk, col) > (?3, ?4, ?5) \
+                              ORDER BY version, tbl, pk, col";
+            let mut stmt = conn.prepare_cached(if resume.is_some() {
+                sql_resume
+            } else {
+                sql_all
+            })?;
+            let mut rows = match resume {
+                Some(r) => stmt.query(params![sid, r.version as i64, r.table, r.key, r.column])?,
+                None => stmt.query(params![sid, cursor as i64])?,
+            };
+            let mut page = Page {
+                changes: Vec::new(),
+                until: cursor,
+                more: false,
+                resume: None,
+            };
+            let mut used = 0usize;
+            // The version being read, and the last cell read (for resuming).
+            let mut reading: Option<u64> = None;
+            let mut last_key: Option<(String, Vec<u8>, String)> = None;
+            let mut prev_pk: Option<(String, Vec<u8>, Arc<[Value]>)> = None;
+            let mut table_name: Option<Arc<str>> = None;
+            loop {
+                let Some(row) = rows.next()? else {
+                    // Read to the end: the resumed version, or everything.
+                    page.until = resume.map_or(version, |r| r.version);
+                    break;
+                };
+                let v = row.get::<_, i64>(0)? as u64;
+                if let Some(done) = reading.filter(|r| *r != v) {
+                    page.until = done;
+                    if used >= budget {
+                        break;
+                    }
+                }
+                reading = Some(v);
+                if used >= budget && page.until == cursor {
+                    // The first version alone is over the budget: cut it
+                    // here; the next page goes on from the last cell sent.
+                    if let Some((table, key, column)) = last_key.take() {
+                        page.resume = Some(Resume {
+                            version: v,
+                            table,
+                            key,
+                            column,
+                        });
+                        break;
+                    }
+                }
+                let tbl: String = row.get(1)?;
+                let pk_bytes: Vec<u8> = row.get(2)?;
+                let col: String = row.get(3)?;
+                let value: Value = row.get(5)?;
+                used += pk_bytes.len() + value.payload_len() + 48;
+                last_key = Some((tbl.clone(), pk_bytes.clone(), col.clone()));
+                let site = sites.site(conn, row.get(7)?)?;
+                if Some(site) == exclude {
+                    continue;
+                }
+                let pk = match &prev_pk {
+                    Some((t, b, pk)) if *t == tbl && *b == pk_bytes => pk.clone(),
+                    _ => {
+                        let pk: Arc<[Value]> = unpack_key(&pk_bytes)
+                            .map_err(|e| StoreError::Storage(format!("stored key: {e}")))?
+                            .into();
+                        prev_pk = Some((tbl.clone(), pk_bytes, pk.clone()));
+                        pk
+                    }
+                };
+                let table = match &table_name {
+                    Some(t) if **t == *tbl => t.clone(),
+                    _ => {
+                        let t: Arc<str> = Arc::from(tbl.as_str());
+                        table_name = Some(t.clone());
+                        t
+                    }
+                };
+                page.changes.push(Change {
+                    table,
+                    pk,
+                    column: (!col.is_empty()).then(|| Arc::from(col.as_str())),
+                    value,
+                    hlc: Hlc(row.get::<_, i64>(6)? as u64),
+                    site,
+                    cl: row.get::<_, i64>(4)? as u64,
+                    db_version: v,
+                    seq: 0,
+                });
+            }
+            page.more = page.resume.is_some() || page.until < version;
+            // Seq numbers the changes of each version in page order.
+            let mut seq = 0u32;
+            let mut prev = None;
+            for c in &mut page.changes {
+                seq = if prev == Some(c.db_version) {
+                    seq + 1
+                } else {
+                    0
+                };
+                prev = Some(c.db_version);
+                c.seq = seq;
+            }
+            Ok(page)
+        })
+    }
+
+    fn version(&self, space: &str) -> StoreResult<u64> {
+        self.with_reader(|conn| Ok(space_id(conn, space)?.map_or(0, |(_, v)| v)))
+    }
+
+    fn stage(&self, space: &str, push_id: &str, part: u32, body: &[u8]) -> StoreResult<()> {
+        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        conn.execute(
+            "DELETE FROM staged WHERE created < ?1",
+            [now_secs() - STAGED_TTL.as_secs() as i64],
+        )?;
+        conn.execute(
+            "INSERT OR REPLACE INTO staged(push_id, part, space, body, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![push_id, part, space, body, now_secs()],
+        )?;
+        Ok(())
+    }
+
+    fn take_staged(&self, space: &str, push_id: &str) -> StoreResult<Vec<Vec<u8>>> {
+        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = conn
+            .prepare_cached(
+                "SELECT body FROM staged WHERE push_id = ?1 AND space = ?2 ORDER BY part",
+            )?
+            .query_map(params![push_id, space], |r| r.get::<_, Vec<u8>>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        conn.execute(
+            "DELETE FROM staged WHERE push_id = ?1 AND space = ?2",
+            params![push_id, space],
+        )?;
+        Ok(parts)
+    }
+
+    fn server_site(&self) -> SiteId {
+        self.site
+    }
+}
+
+/// Merges pushed changes row by row with the engine's merge rules.
+fn merge_into(
+    conn: &Connection,
+    space: i64,
+    version: u64,
+    changes: &[Change],
+    sites: &mut SiteCache,
+    outcome: &mut PushOutcome,
+) -> StoreResult<()> {
+    let mut load = conn.prepare_cached(
+        "SELECT col, cl, hlc, site FROM cells WHERE space = ?1 AND tbl = ?2 AND pk = ?3",
+    )?;
+    let mut start = 0;
+    while start < changes.len() {
+        let first = &changes[start];
+        let end = start
+            + changes[start..]
+                .iter()
+                .take_while(|c| c.table == first.table && c.pk == first.pk)
+                .count();
+        let key = pack_key(&first.pk);
+        // The row as stored: its causal length and the cells of that length.
+        let stored: Vec<(String, u64, u64, i64)> = load
+            .query_map(params![space, &*first.table, key], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut columns: Vec<String> = Vec::new();
+        let mut row: RowState<Payload> = RowState::unknown();
+        let slot_of =
+            |name: &str, columns: &mut Vec<String>| match columns.iter().position(|c| c == name) {
+                Some(i) => i,
+                None => {
+                    columns.push(name.to_owned());
+                    columns.len() - 1
+                }
+            };
+        for (col, cl, hlc, site) in &stored {
+            let target = if col.is_empty() {
+                Target::Marker
+            } else {
+                Target::Column(slot_of(col, &mut columns))
+            };
+            let version = Version {
+                hlc: Hlc(*hlc),
+                site: sites.site(conn, *site)?,
+            };
+            row.merge(target, *cl, version, Payload::Stored);
+        }
+        let old_cl = row.cl;
+        let mut won = false;
+        for (i, c) in changes[start..end].iter().enumerate() {
+            let target = match &c.column {
+                None => Target::Marker,
+                Some(col) => Target::Column(slot_of(col, &mut columns)),
+            };
+            let v = Version {
+                hlc: c.hlc,
+                site: c.site,
+            };
+            match row.merge(target, c.cl, v, Payload::Pushed(start + i)) {
+                Outcome::Stale => outcome.stale += 1,
+                Outcome::Won { .. } => {
+                    outcome.applied += 1;
+                    won = true;
+                }
+            }
+        }
+        if won {
+            if row.cl > old_cl {
+                // A new incarnation: the old one's cells are dead.
+                conn.prepare_cached(
+                    "DELETE FROM cells WHERE space = ?1 AND tbl = ?2 AND pk = ?3 AND cl < ?4",
+                )?
+                .execute(params![space, &*first.table, key, row.cl as i64])?;
+            }
+            let mut upsert = conn.prepare_cached(
+                "INSERT INTO cells(space, tbl, pk, col, cl, value, hlc, site, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT(space, tbl, pk, col) DO UPDATE SET cl = excluded.cl, value = excluded.value, \
+                 hlc = excluded.hlc, site = excluded.site, version = excluded.version",
+            )?;
+            let winners = row.marker.iter().map(|c| ("", c)).chain(
+                row.cells
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| c.as_ref().map(|c| (columns[i].as_str(), c))),
+            );
+            for (col, cell) in winners {
+                let Cell {
+                    data: Payload::Pushed(i),
+                    ..
+                } = cell
+                else {
+                    continue;
+                };
+                let c = &changes[*i];
+                let site = sites.ord(conn, c.site)?;
+                upsert.execute(params![
+                    space,
+                    &*c.table,
+                    key,
+                    col,
+                    c.cl as i64,
+                    &c.value,
+                    c.hlc.0 as i64,
+                    site,
+                    version as i64
+                ])?;
+            }
+        }
+        start = end;
+    }
+    Ok(())
+}
