@@ -20,6 +20,7 @@
 //! # Ok::<(), confluo_core::Error>(())
 //! ```
 
+mod background;
 mod capture;
 mod changeset;
 mod client;
@@ -40,6 +41,7 @@ mod value;
 
 pub use changeset::{Change, ChangeSet, FORMAT_VERSION};
 
+pub use background::{BackgroundSync, SyncState, SyncStatus, SyncStatusListener};
 pub use client::{StaticToken, SyncConfig, SyncReport, TokenProvider};
 /// Packs a primary key (one or more values) into bytes, and back: how keys
 /// are stored where the schema is not known (the sync server).

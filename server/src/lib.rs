@@ -119,8 +119,18 @@ impl BackgroundServer {
         auth: Auth,
         config: Config,
     ) -> std::io::Result<BackgroundServer> {
+        Self::start_on("127.0.0.1:0".parse().expect("address"), store, auth, config)
+    }
+
+    /// Starts serving `store` on `addr`.
+    pub fn start_on(
+        addr: SocketAddr,
+        store: Arc<dyn Store>,
+        auth: Auth,
+        config: Config,
+    ) -> std::io::Result<BackgroundServer> {
         let app = App::new(store, auth, config);
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

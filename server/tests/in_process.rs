@@ -108,3 +108,162 @@ fn a_space_is_bound_to_one_database() {
         "{err}"
     );
 }
+
+mod background {
+    use super::*;
+    use confluo_core::{SyncState, SyncStatus};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn fast(cfg: &mut SyncConfig) {
+        cfg.min_backoff = Duration::from_millis(100);
+        cfg.max_backoff = Duration::from_millis(800);
+        cfg.long_poll = Duration::from_secs(20);
+        cfg.request_timeout = Duration::from_secs(5);
+    }
+
+    #[test]
+    fn a_write_reaches_the_other_device_through_the_long_poll() {
+        let server = server(Config::default());
+        let mut cfg = SyncConfig::new(server.url(), "live", "dev-token");
+        fast(&mut cfg);
+        let (a, b) = (Arc::new(device()), Arc::new(device()));
+        let sync_a = a.start_sync(cfg.clone(), |_: &SyncStatus| {}).unwrap();
+        let statuses: Arc<Mutex<Vec<SyncStatus>>> = Arc::default();
+        let seen = statuses.clone();
+        let sync_b = b
+            .start_sync(cfg, move |s: &SyncStatus| {
+                seen.lock().unwrap().push(s.clone())
+            })
+            .unwrap();
+        // Let B's first sync finish and its long poll open.
+        wait_until("B idle", Duration::from_secs(10), || {
+            statuses
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s.state == SyncState::Idle)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        a.execute("INSERT INTO todo VALUES ('live', 'from A', 'open')", &[])
+            .unwrap();
+        wait_until("the row on B", Duration::from_secs(20), || {
+            dump(&b).len() == 1
+        });
+        assert_eq!(dump(&a), dump(&b));
+        let states: Vec<SyncState> = statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.state.clone())
+            .collect();
+        assert!(
+            states.contains(&SyncState::Syncing) && states.contains(&SyncState::Idle),
+            "{states:?}"
+        );
+        // Stopping returns promptly, although B's long poll is open.
+        let started = Instant::now();
+        sync_b.stop();
+        sync_a.stop();
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn with_the_server_down_status_shows_errors_with_growing_retries_then_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.db");
+        let store =
+            || -> Arc<dyn confluo_server::Store> { Arc::new(SqliteStore::open(&path).unwrap()) };
+        let first =
+            BackgroundServer::start(store(), Auth::default().with_dev_token(), Config::default())
+                .unwrap();
+        let addr = first.addr;
+        let mut cfg = SyncConfig::new(first.url(), "flaky", "dev-token");
+        fast(&mut cfg);
+        drop(first);
+
+        let db = Arc::new(device());
+        let statuses: Arc<Mutex<Vec<SyncStatus>>> = Arc::default();
+        let seen = statuses.clone();
+        let sync = db
+            .start_sync(cfg, move |s: &SyncStatus| {
+                seen.lock().unwrap().push(s.clone())
+            })
+            .unwrap();
+        db.execute(
+            "INSERT INTO todo VALUES ('k', 'written offline', 'open')",
+            &[],
+        )
+        .unwrap();
+        let retries = || -> Vec<Duration> {
+            statuses
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|s| match &s.state {
+                    SyncState::Error { retry_in, .. } => Some(*retry_in),
+                    _ => None,
+                })
+                .collect()
+        };
+        wait_until("three failed attempts", Duration::from_secs(15), || {
+            retries().len() >= 3
+        });
+        let r = retries();
+        assert!(r[2] > r[0], "retry delays grow: {r:?}");
+        assert!(statuses.lock().unwrap().iter().any(|s| s.pending == 1));
+
+        // The server comes back on the same address, with its data.
+        let _back = BackgroundServer::start_on(
+            addr,
+            store(),
+            Auth::default().with_dev_token(),
+            Config::default(),
+        )
+        .unwrap();
+        wait_until("recovery", Duration::from_secs(15), || {
+            statuses
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|s| s.state == SyncState::Idle && s.pending == 0)
+        });
+        assert!(statuses
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .last_synced
+            .is_some());
+        // Offline hint: paused, then resumed at once.
+        sync.set_online(false);
+        wait_until("offline", Duration::from_secs(5), || {
+            statuses
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|s| s.state == SyncState::Offline)
+        });
+        sync.set_online(true);
+        wait_until("online again", Duration::from_secs(5), || {
+            statuses
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|s| s.state == SyncState::Idle)
+        });
+        sync.stop();
+    }
+}
