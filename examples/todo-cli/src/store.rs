@@ -51,9 +51,12 @@ impl TodoStore {
     }
 
     pub fn list(&self) -> Result<Vec<Todo>> {
-        let rows = self
-            .db
-            .query("SELECT id, title, status FROM todo ORDER BY id", &[])?;
+        Self::list_of(&self.db)
+    }
+
+    /// The todos of any database holding the todo table.
+    pub fn list_of(db: &Database) -> Result<Vec<Todo>> {
+        let rows = db.query("SELECT id, title, status FROM todo ORDER BY id", &[])?;
         Ok(rows
             .rows
             .into_iter()
