@@ -134,15 +134,29 @@ fn network(message: impl Into<String>, retryable: bool) -> Error {
     }
 }
 
+/// One HTTP agent for the process, so connections to the server are kept
+/// alive and reused across syncs (timeouts are set on each request).
+fn shared_agent() -> ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(10)))
+                .max_idle_connections(64)
+                .max_idle_connections_per_host(64)
+                .build()
+                .into()
+        })
+        .clone()
+}
+
 impl Client {
     pub fn new(config: SyncConfig) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .timeout_global(Some(config.request_timeout))
-            .build()
-            .into();
-        Client { agent, config }
+        Client {
+            agent: shared_agent(),
+            config,
+        }
     }
 
     fn url(&self, path: &str) -> String {

@@ -41,6 +41,10 @@ impl Database {
     /// Ties this database to `space` the first time it syncs; later calls
     /// with another space are refused (one database syncs with one space).
     pub fn bind_space(&self, space: &str) -> Result<()> {
+        let bound = self.read_snapshot(|conn| get(conn, "space"))?;
+        if matches!(&bound, Some(rusqlite::types::Value::Text(b)) if b == space) {
+            return Ok(());
+        }
         self.write(|tx| {
             let conn = tx.conn();
             match get(conn, "space")? {
