@@ -4,6 +4,7 @@
 //!    peak RSS of the server and of the devices' process.
 //! 2. 50 devices syncing small edits concurrently for 30 s: syncs per
 //!    second, p50/p99 latency, errors.
+//!
 //! Prints one `RESULT {json}` line per figure.
 
 use std::net::TcpListener;

@@ -179,13 +179,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 fn encode_resume(r: &Resume) -> String {
-    format!(
-        "{}.{}.{}.{}",
-        r.version,
-        hex(r.table.as_bytes()),
-        hex(&r.key),
-        hex(r.column.as_bytes())
-    )
+    format!("{}.{}.{}", r.version, hex(r.table.as_bytes()), hex(&r.key))
 }
 
 fn decode_resume(s: &str) -> Result<Resume, ApiError> {
@@ -195,12 +189,10 @@ fn decode_resume(s: &str) -> Result<Resume, ApiError> {
     let version = next()?.parse().map_err(|_| bad())?;
     let table = String::from_utf8(unhex(next()?).ok_or_else(bad)?).map_err(|_| bad())?;
     let key = unhex(next()?).ok_or_else(bad)?;
-    let column = String::from_utf8(unhex(next()?).ok_or_else(bad)?).map_err(|_| bad())?;
     Ok(Resume {
         version,
         table,
         key,
-        column,
     })
 }
 
@@ -359,24 +351,28 @@ async fn sync_inner(
         drop(cs);
         let parts = match push_part(&headers)? {
             Some((id, i, n)) => {
-                let (store, sp, bytes) = (app.store.clone(), space.clone(), body.to_vec());
-                let staged_id = id.clone();
-                blocking(move || store.stage(&sp, &staged_id, i, &bytes)).await?;
                 if i < n {
+                    let (store, sp, bytes) = (app.store.clone(), space.clone(), body.to_vec());
+                    blocking(move || store.stage(&sp, &id, i, &bytes)).await?;
                     return Ok((
                         StatusCode::ACCEPTED,
                         Json(serde_json::json!({"staged": i, "of": n})),
                     )
                         .into_response());
                 }
+                // The last part: merge the staged parts and this one together.
                 let (store, sp) = (app.store.clone(), space.clone());
-                let parts = blocking(move || store.take_staged(&sp, &id)).await?;
-                if parts.len() != n as usize {
+                let mut parts = blocking(move || store.take_staged(&sp, &id)).await?;
+                if parts.len() + 1 != n as usize {
                     return Err(ApiError::bad(
                         "invalid_push_part",
-                        format!("push has {} of {n} parts; send them all again", parts.len()),
+                        format!(
+                            "push has {} of {n} parts; send them all again",
+                            parts.len() + 1
+                        ),
                     ));
                 }
+                parts.push(body.to_vec());
                 parts
             }
             None => vec![body.to_vec()],

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use confluo_core::merge::{Cell, Outcome, RowState, Target, Version};
-use confluo_core::{pack_key, unpack_key, Change, ChangeSet, Hlc, SiteId, Value};
+use confluo_core::{pack_key, Change, ChangeSet, SiteId};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +48,13 @@ pub struct PushOutcome {
     pub stale: usize,
 }
 
-/// Where a pull page stopped inside one version too large for one page.
+/// Where a pull page stopped inside one version too large for one page:
+/// after this row of that version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resume {
     pub version: u64,
     pub table: String,
     pub key: Vec<u8>,
-    pub column: String,
 }
 
 /// One page of a pull: every change of the versions in `(cursor, until]`,
@@ -93,15 +93,19 @@ pub trait Store: Send + Sync + 'static {
     fn server_site(&self) -> SiteId;
 }
 
+/// One row per synced row of a space: its causal length, its newest
+/// version, and its winning cells (marker and columns, each with the
+/// version that stored it) packed in the engine's change-set encoding. One
+/// row per row, not per cell, keeps a push to a couple of B-tree writes
+/// per row.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS server_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spaces(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS sites(id INTEGER PRIMARY KEY, site BLOB NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS cells(
-  space INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, col TEXT NOT NULL,
-  cl INTEGER NOT NULL, value, hlc INTEGER NOT NULL, site INTEGER NOT NULL, version INTEGER NOT NULL,
-  PRIMARY KEY (space, tbl, pk, col)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS cells_by_version ON cells(space, version);
+CREATE TABLE IF NOT EXISTS rows(
+  space INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL,
+  cl INTEGER NOT NULL, version INTEGER NOT NULL, cells BLOB NOT NULL,
+  PRIMARY KEY (space, tbl, pk)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rows_by_version ON rows(space, version);
 CREATE TABLE IF NOT EXISTS staged(
   push_id TEXT NOT NULL, part INTEGER NOT NULL, space TEXT NOT NULL, body BLOB NOT NULL, created INTEGER NOT NULL,
   PRIMARY KEY (push_id, part)) WITHOUT ROWID;
@@ -197,11 +201,11 @@ impl SqliteStore {
     }
 }
 
-/// A stored cell beside its version: its value and the space version that
-/// wrote it, or the index of the pushed change that now wins it.
-#[derive(Clone, Debug)]
-enum Payload {
-    Stored,
+/// Where a cell's winning change is: among the stored cells of the row,
+/// or among the pushed changes.
+#[derive(Clone, Copy, Debug)]
+enum Winner {
+    Stored(usize),
     Pushed(usize),
 }
 
@@ -212,41 +216,6 @@ fn space_id(conn: &Connection, space: &str) -> StoreResult<Option<(i64, u64)>> {
             Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64))
         })
         .optional()?)
-}
-
-struct SiteCache(
-    std::collections::HashMap<SiteId, i64>,
-    std::collections::HashMap<i64, SiteId>,
-);
-
-impl SiteCache {
-    fn ord(&mut self, conn: &Connection, site: SiteId) -> StoreResult<i64> {
-        if let Some(&o) = self.0.get(&site) {
-            return Ok(o);
-        }
-        conn.prepare_cached("INSERT OR IGNORE INTO sites(site) VALUES (?1)")?
-            .execute([&site.as_bytes()[..]])?;
-        let o: i64 = conn
-            .prepare_cached("SELECT id FROM sites WHERE site = ?1")?
-            .query_row([&site.as_bytes()[..]], |r| r.get(0))?;
-        self.0.insert(site, o);
-        self.1.insert(o, site);
-        Ok(o)
-    }
-
-    fn site(&mut self, conn: &Connection, ord: i64) -> StoreResult<SiteId> {
-        if let Some(s) = self.1.get(&ord) {
-            return Ok(*s);
-        }
-        let bytes: Vec<u8> = conn
-            .prepare_cached("SELECT site FROM sites WHERE id = ?1")?
-            .query_row([ord], |r| r.get(0))?;
-        let s =
-            SiteId::from_slice(&bytes).ok_or_else(|| StoreError::Storage("bad site id".into()))?;
-        self.0.insert(s, ord);
-        self.1.insert(ord, s);
-        Ok(s)
-    }
 }
 
 impl Store for SqliteStore {
@@ -265,7 +234,6 @@ impl Store for SqliteStore {
                 }
             };
             let version = current + 1;
-            let mut sites = SiteCache(Default::default(), Default::default());
             let mut outcome = PushOutcome {
                 version: current,
                 applied: 0,
@@ -273,7 +241,7 @@ impl Store for SqliteStore {
             };
             for part in parts {
                 let cs = ChangeSet::decode(part)?;
-                merge_into(&conn, sid, version, &cs.changes, &mut sites, &mut outcome)?;
+                merge_into(&conn, sid, version, self.site, &cs.changes, &mut outcome)?;
             }
             if outcome.applied > 0 {
                 conn.execute(
@@ -316,19 +284,18 @@ impl Store for SqliteStore {
             if cursor > version {
                 return Err(StoreError::CursorGone { cursor, version });
             }
-            let mut sites = SiteCache(Default::default(), Default::default());
-            let sql_all = "SELECT version, tbl, pk, col, cl, value, hlc, site FROM cells \
-                           WHERE space = ?1 AND version > ?2 ORDER BY version, tbl, pk, col";
-            let sql_resume = "SELECT version, tbl, pk, col, cl, value, hlc, site FROM cells \
-                              WHERE space = ?1 AND version = ?2 AND (tbl, pk, col) > (?3, ?4, ?5) \
-                              ORDER BY version, tbl, pk, col";
+            let sql_all = "SELECT version, tbl, pk, cells FROM rows \
+                           WHERE space = ?1 AND version > ?2 ORDER BY version, tbl, pk";
+            let sql_resume = "SELECT version, tbl, pk, cells FROM rows \
+                              WHERE space = ?1 AND version = ?2 AND (tbl, pk) > (?3, ?4) \
+                              ORDER BY version, tbl, pk";
             let mut stmt = conn.prepare_cached(if resume.is_some() {
                 sql_resume
             } else {
                 sql_all
             })?;
             let mut rows = match resume {
-                Some(r) => stmt.query(params![sid, r.version as i64, r.table, r.key, r.column])?,
+                Some(r) => stmt.query(params![sid, r.version as i64, r.table, r.key])?,
                 None => stmt.query(params![sid, cursor as i64])?,
             };
             let mut page = Page {
@@ -338,11 +305,9 @@ impl Store for SqliteStore {
                 resume: None,
             };
             let mut used = 0usize;
-            // The version being read, and the last cell read (for resuming).
+            // The version being read, and the last row read (for resuming).
             let mut reading: Option<u64> = None;
-            let mut last_key: Option<(String, Vec<u8>, String)> = None;
-            let mut prev_pk: Option<(String, Vec<u8>, Arc<[Value]>)> = None;
-            let mut table_name: Option<Arc<str>> = None;
+            let mut last_row: Option<(String, Vec<u8>)> = None;
             loop {
                 let Some(row) = rows.next()? else {
                     // Read to the end: the resumed version, or everything.
@@ -359,56 +324,32 @@ impl Store for SqliteStore {
                 reading = Some(v);
                 if used >= budget && page.until == cursor {
                     // The first version alone is over the budget: cut it
-                    // here; the next page goes on from the last cell sent.
-                    if let Some((table, key, column)) = last_key.take() {
+                    // here; the next page goes on after the last row sent.
+                    if let Some((table, key)) = last_row.take() {
                         page.resume = Some(Resume {
                             version: v,
                             table,
                             key,
-                            column,
                         });
                         break;
                     }
                 }
-                let tbl: String = row.get(1)?;
-                let pk_bytes: Vec<u8> = row.get(2)?;
-                let col: String = row.get(3)?;
-                let value: Value = row.get(5)?;
-                used += pk_bytes.len() + value.payload_len() + 48;
-                last_key = Some((tbl.clone(), pk_bytes.clone(), col.clone()));
-                let site = sites.site(conn, row.get(7)?)?;
-                if Some(site) == exclude {
-                    continue;
-                }
-                let pk = match &prev_pk {
-                    Some((t, b, pk)) if *t == tbl && *b == pk_bytes => pk.clone(),
-                    _ => {
-                        let pk: Arc<[Value]> = unpack_key(&pk_bytes)
-                            .map_err(|e| StoreError::Storage(format!("stored key: {e}")))?
-                            .into();
-                        prev_pk = Some((tbl.clone(), pk_bytes, pk.clone()));
-                        pk
-                    }
-                };
-                let table = match &table_name {
-                    Some(t) if **t == *tbl => t.clone(),
-                    _ => {
-                        let t: Arc<str> = Arc::from(tbl.as_str());
-                        table_name = Some(t.clone());
-                        t
-                    }
-                };
-                page.changes.push(Change {
-                    table,
-                    pk,
-                    column: (!col.is_empty()).then(|| Arc::from(col.as_str())),
-                    value,
-                    hlc: Hlc(row.get::<_, i64>(6)? as u64),
-                    site,
-                    cl: row.get::<_, i64>(4)? as u64,
-                    db_version: v,
-                    seq: 0,
-                });
+                let cells = row
+                    .get_ref(3)?
+                    .as_blob()
+                    .map_err(|e| StoreError::Storage(e.to_string()))?;
+                used += cells.len();
+                last_row = Some((row.get(1)?, row.get(2)?));
+                let stored = ChangeSet::decode(cells)
+                    .map_err(|e| StoreError::Storage(format!("stored row: {e}")))?;
+                // Only the cells stored after the cursor, and not the
+                // device's own.
+                page.changes.extend(
+                    stored
+                        .changes
+                        .into_iter()
+                        .filter(|c| c.db_version > cursor && Some(c.site) != exclude),
+                );
             }
             page.more = page.resume.is_some() || page.until < version;
             // Seq numbers the changes of each version in page order.
@@ -469,12 +410,15 @@ fn merge_into(
     conn: &Connection,
     space: i64,
     version: u64,
+    server: SiteId,
     changes: &[Change],
-    sites: &mut SiteCache,
     outcome: &mut PushOutcome,
 ) -> StoreResult<()> {
-    let mut load = conn.prepare_cached(
-        "SELECT col, cl, hlc, site FROM cells WHERE space = ?1 AND tbl = ?2 AND pk = ?3",
+    let mut load =
+        conn.prepare_cached("SELECT cells FROM rows WHERE space = ?1 AND tbl = ?2 AND pk = ?3")?;
+    let mut save = conn.prepare_cached(
+        "INSERT INTO rows(space, tbl, pk, cl, version, cells) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+         ON CONFLICT(space, tbl, pk) DO UPDATE SET cl = excluded.cl, version = excluded.version, cells = excluded.cells",
     )?;
     let mut start = 0;
     while start < changes.len() {
@@ -485,51 +429,54 @@ fn merge_into(
                 .take_while(|c| c.table == first.table && c.pk == first.pk)
                 .count();
         let key = pack_key(&first.pk);
-        // The row as stored: its causal length and the cells of that length.
-        let stored: Vec<(String, u64, u64, i64)> = load
-            .query_map(params![space, &*first.table, key], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get::<_, i64>(1)? as u64,
-                    r.get::<_, i64>(2)? as u64,
-                    r.get(3)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let mut columns: Vec<String> = Vec::new();
-        let mut row: RowState<Payload> = RowState::unknown();
-        let slot_of =
-            |name: &str, columns: &mut Vec<String>| match columns.iter().position(|c| c == name) {
+        let stored: Vec<Change> = match load
+            .query_row(params![space, &*first.table, key], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+        {
+            Some(blob) => {
+                ChangeSet::decode(&blob)
+                    .map_err(|e| StoreError::Storage(format!("stored row: {e}")))?
+                    .changes
+            }
+            None => Vec::new(),
+        };
+        // Column slots are local to this row.
+        let mut columns: Vec<Arc<str>> = Vec::new();
+        let mut target = |c: &Change| match &c.column {
+            None => Target::Marker,
+            Some(name) => Target::Column(match columns.iter().position(|n| n == name) {
                 Some(i) => i,
                 None => {
-                    columns.push(name.to_owned());
+                    columns.push(name.clone());
                     columns.len() - 1
                 }
-            };
-        for (col, cl, hlc, site) in &stored {
-            let target = if col.is_empty() {
-                Target::Marker
-            } else {
-                Target::Column(slot_of(col, &mut columns))
-            };
-            let version = Version {
-                hlc: Hlc(*hlc),
-                site: sites.site(conn, *site)?,
-            };
-            row.merge(target, *cl, version, Payload::Stored);
+            }),
+        };
+        let mut row: RowState<Winner> = RowState::unknown();
+        for (i, c) in stored.iter().enumerate() {
+            row.merge(
+                target(c),
+                c.cl,
+                Version {
+                    hlc: c.hlc,
+                    site: c.site,
+                },
+                Winner::Stored(i),
+            );
         }
-        let old_cl = row.cl;
         let mut won = false;
         for (i, c) in changes[start..end].iter().enumerate() {
-            let target = match &c.column {
-                None => Target::Marker,
-                Some(col) => Target::Column(slot_of(col, &mut columns)),
-            };
-            let v = Version {
-                hlc: c.hlc,
-                site: c.site,
-            };
-            match row.merge(target, c.cl, v, Payload::Pushed(start + i)) {
+            match row.merge(
+                target(c),
+                c.cl,
+                Version {
+                    hlc: c.hlc,
+                    site: c.site,
+                },
+                Winner::Pushed(start + i),
+            ) {
                 Outcome::Stale => outcome.stale += 1,
                 Outcome::Won { .. } => {
                     outcome.applied += 1;
@@ -538,46 +485,35 @@ fn merge_into(
             }
         }
         if won {
-            if row.cl > old_cl {
-                // A new incarnation: the old one's cells are dead.
-                conn.prepare_cached(
-                    "DELETE FROM cells WHERE space = ?1 AND tbl = ?2 AND pk = ?3 AND cl < ?4",
-                )?
-                .execute(params![space, &*first.table, key, row.cl as i64])?;
+            let winners: Vec<Change> = row
+                .marker
+                .iter()
+                .chain(row.cells.iter().flatten())
+                .map(|cell: &Cell<Winner>| match cell.data {
+                    Winner::Stored(i) => stored[i].clone(),
+                    Winner::Pushed(i) => Change {
+                        db_version: version,
+                        seq: 0,
+                        ..changes[i].clone()
+                    },
+                })
+                .collect();
+            let blob = ChangeSet {
+                source: server,
+                recipient: None,
+                since: 0,
+                until: version,
+                changes: winners,
             }
-            let mut upsert = conn.prepare_cached(
-                "INSERT INTO cells(space, tbl, pk, col, cl, value, hlc, site, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                 ON CONFLICT(space, tbl, pk, col) DO UPDATE SET cl = excluded.cl, value = excluded.value, \
-                 hlc = excluded.hlc, site = excluded.site, version = excluded.version",
-            )?;
-            let winners = row.marker.iter().map(|c| ("", c)).chain(
-                row.cells
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, c)| c.as_ref().map(|c| (columns[i].as_str(), c))),
-            );
-            for (col, cell) in winners {
-                let Cell {
-                    data: Payload::Pushed(i),
-                    ..
-                } = cell
-                else {
-                    continue;
-                };
-                let c = &changes[*i];
-                let site = sites.ord(conn, c.site)?;
-                upsert.execute(params![
-                    space,
-                    &*c.table,
-                    key,
-                    col,
-                    c.cl as i64,
-                    &c.value,
-                    c.hlc.0 as i64,
-                    site,
-                    version as i64
-                ])?;
-            }
+            .encode();
+            save.execute(params![
+                space,
+                &*first.table,
+                key,
+                row.cl as i64,
+                version as i64,
+                blob
+            ])?;
         }
         start = end;
     }
