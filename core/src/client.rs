@@ -290,8 +290,8 @@ impl Client {
         let site = db.site_id().to_string();
         if let Round::Gone = self.round(db, &site, &mut report)? {
             // The server no longer has the history our cursor points into:
-            // pull everything again. Unsent local writes stay unsent until
-            // this second round pushes them.
+            // pull everything again and push all of ours (see
+            // `reset_server_cursor`). Nothing unsent is lost.
             db.reset_server_cursor()?;
             if let Round::Gone = self.round(db, &site, &mut report)? {
                 return Err(network(

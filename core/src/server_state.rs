@@ -110,10 +110,15 @@ impl Database {
         })
     }
 
-    /// Forgets how far we pulled (the server lost or compacted its history):
-    /// the next sync pulls everything again. Unsent local writes are kept.
+    /// Starts over with a server that lost (or dropped) the history our
+    /// cursor points into: the next sync pulls everything, and pushes every
+    /// local change again (unsent ones included), so what the server lost
+    /// of ours comes back. Changes that came from the server stay unsent.
     pub fn reset_server_cursor(&self) -> Result<()> {
-        self.write(|tx| set(tx.conn(), "cursor", 0i64))
+        self.write(|tx| {
+            set(tx.conn(), "cursor", 0i64)?;
+            set(tx.conn(), "pushed", 0i64)
+        })
     }
 
     /// How many rows have local changes the server has not accepted yet.

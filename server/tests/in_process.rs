@@ -267,3 +267,33 @@ mod background {
         sync.stop();
     }
 }
+
+#[test]
+fn a_server_that_lost_its_data_gets_it_back_from_the_devices() {
+    let first = server(Config::default());
+    let a = device();
+    a.execute(
+        "INSERT INTO todo VALUES ('t1', 'synced before the loss', 'open')",
+        &[],
+    )
+    .unwrap();
+    a.sync_now(&SyncConfig::new(first.url(), "lists", "dev-token"))
+        .unwrap();
+    assert_eq!(a.server_cursor().unwrap(), 1);
+    a.execute(
+        "INSERT INTO todo VALUES ('t2', 'not synced yet', 'open')",
+        &[],
+    )
+    .unwrap();
+    drop(first);
+
+    // A new, empty server: A's cursor points beyond its history (410).
+    let second = server(Config::default());
+    let cfg = SyncConfig::new(second.url(), "lists", "dev-token");
+    let r = a.sync_now(&cfg).unwrap();
+    assert_eq!(r.pushed, 6, "everything of A's is pushed again: {r:?}");
+    let b = device();
+    b.sync_now(&cfg).unwrap();
+    assert_eq!(dump(&b), dump(&a));
+    assert_eq!(dump(&b).len(), 2);
+}
