@@ -622,8 +622,9 @@ fn readers_never_see_half_of_a_remote_transaction() {
     dst.execute_batch(TODO_SCHEMA).unwrap();
     dst.enable_sync("todo").unwrap();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
     let reader = {
-        let (dst, done) = (dst.clone(), done.clone());
+        let (dst, done, reads) = (dst.clone(), done.clone(), reads.clone());
         std::thread::spawn(move || {
             let mut counts = std::collections::BTreeSet::new();
             while !done.load(Ordering::SeqCst) {
@@ -631,17 +632,36 @@ fn readers_never_see_half_of_a_remote_transaction() {
                     .as_i64()
                     .unwrap();
                 counts.insert(n);
+                reads.fetch_add(1, Ordering::SeqCst);
             }
             counts
         })
     };
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    let wait_for_reads = |at_least: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while reads.load(Ordering::SeqCst) < at_least {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader thread never ran"
+            );
+            std::thread::yield_now();
+        }
+    };
+    wait_for_reads(1);
     dst.apply(&cs).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Some reads after the commit too.
+    wait_for_reads(reads.load(Ordering::SeqCst) + 2);
     done.store(true, Ordering::SeqCst);
     let counts = reader.join().unwrap();
     assert!(counts.iter().all(|&n| n == 0 || n == rows), "{counts:?}");
     assert!(counts.contains(&0) && counts.contains(&rows), "{counts:?}");
+}
+
+#[test]
+fn databases_can_be_shared_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Database>();
+    send_sync::<ChangeSet>();
 }
 
 #[test]
