@@ -9,6 +9,11 @@ use crate::hlc::check_drift;
 use crate::schema::plausible_name;
 use crate::value::Value;
 
+/// The largest causal length accepted. A row gains 2 per delete and
+/// re-insert, so no real row gets near it; the bound keeps the arithmetic
+/// on causal lengths (stored as SQLite integers) far from overflow.
+pub const MAX_CAUSAL_LENGTH: u64 = 1 << 53;
+
 /// What a receiver accepts.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -68,8 +73,8 @@ pub fn check_change(
             return bad("NaN is not a value SQLite keeps".into());
         }
     }
-    if c.cl == 0 {
-        return bad("causal length 0".into());
+    if c.cl == 0 || c.cl > MAX_CAUSAL_LENGTH {
+        return bad(format!("causal length {} is out of range", c.cl));
     }
     match &c.column {
         None if !c.value.is_null() => return bad("a row marker carries a value".into()),

@@ -358,6 +358,11 @@ fn bad_change_sets_are_refused_whole_and_change_nothing() {
             }),
         ),
         ("causal length 0", Box::new(|c| c.cl = 0)),
+        (
+            "causal length near overflow",
+            Box::new(|c| c.cl = i64::MAX as u64),
+        ),
+        ("causal length beyond i64", Box::new(|c| c.cl = u64::MAX)),
         ("clock 0", Box::new(|c| c.hlc = Hlc(0))),
         (
             "oversized value",

@@ -1,0 +1,805 @@
+//! End to end: the real `confluo-server` binary runs as a child process on a
+//! free loopback port, and devices (and raw HTTP requests) talk to it.
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use confluo_core::{ChangeSet, Database, Error, SyncConfig, Value};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_confluo-server");
+const SCHEMA: &str = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT)";
+const DEV: &str = "dev-token";
+const CHANGESET_TYPE: &str = "application/vnd.confluo.changeset";
+
+// ---------------------------------------------------------------------------
+// The server process
+
+/// A running `confluo-server`; dropping it kills the process and reaps it.
+struct Server {
+    child: Child,
+    port: u16,
+    db: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+impl Server {
+    /// Starts the binary with its database in `dir` and the extra `args`,
+    /// on a free port (trying another one if the port was taken meanwhile).
+    fn start(dir: &Path, args: &[&str]) -> Server {
+        let db = dir.join("server.db");
+        let log = dir.join("server.log");
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let port = free_port();
+            match launch(port, &db, &args, &log) {
+                Ok(child) => {
+                    return Server {
+                        child,
+                        port,
+                        db,
+                        args,
+                        log,
+                    }
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("the server did not start: {failures:#?}");
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL (what `Child::kill` sends on unix): no shutdown code runs.
+    fn kill(&mut self) {
+        self.child.kill().expect("kill the server");
+        self.child.wait().expect("reap the server");
+    }
+
+    /// After `kill`: starts the same binary again with the same database,
+    /// address and arguments (retrying while the port is not yet free).
+    fn restart(&mut self) {
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match launch(self.port, &self.db, &self.args, &self.log) {
+                Ok(child) => {
+                    self.child = child;
+                    return;
+                }
+                Err(e) => {
+                    failures.push(e);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        panic!("the server did not restart: {failures:#?}");
+    }
+}
+
+/// Starts the binary on `port` (output appended to `log`) and waits until
+/// `/healthz` answers; an error if the process exits first or the deadline
+/// passes (the process is then killed).
+fn launch(port: u16, db: &Path, args: &[String], log: &Path) -> Result<Child, String> {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("log file: {e}"))?;
+    let err = out.try_clone().map_err(|e| format!("log file: {e}"))?;
+    let mut child = Command::new(BIN)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .map_err(|e| format!("spawning {BIN}: {e}"))?;
+    let timeout = Duration::from_secs(30);
+    let deadline = Instant::now() + timeout;
+    let agent = agent(Duration::from_secs(2));
+    let health = format!("http://127.0.0.1:{port}/healthz");
+    loop {
+        match child.try_wait() {
+            Ok(None) => {}
+            Ok(Some(status)) => {
+                return Err(format!(
+                    "the server exited with {status} before answering /healthz; log:\n{}",
+                    log_text()
+                ))
+            }
+            Err(e) => return Err(format!("waiting for the server: {e}")),
+        }
+        if let Ok(mut resp) = agent.get(&health).call() {
+            let body = resp.body_mut().read_to_string().unwrap_or_default();
+            if resp.status() == 200 && body == "ok\n" {
+                return Ok(child);
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "/healthz did not answer within {timeout:?}; log:\n{}",
+                log_text()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Devices
+
+fn device() -> Database {
+    let db = Database::open_in_memory().unwrap();
+    db.execute_batch(SCHEMA).unwrap();
+    db.enable_sync("todo").unwrap();
+    db
+}
+
+fn dump(db: &Database) -> Vec<Vec<Value>> {
+    db.query("SELECT * FROM todo ORDER BY id", &[])
+        .unwrap()
+        .rows
+}
+
+fn ids(db: &Database) -> BTreeSet<String> {
+    dump(db)
+        .into_iter()
+        .map(|row| row[0].as_str().expect("text id").to_owned())
+        .collect()
+}
+
+/// What a device that never saw the space gets by syncing: the table and
+/// its cursor.
+fn fresh_view(cfg: &SyncConfig) -> (Vec<Vec<Value>>, u64) {
+    let fresh = device();
+    fresh.sync_now(cfg).expect("a fresh device syncs");
+    (dump(&fresh), fresh.server_cursor().unwrap())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP
+
+struct Reply {
+    status: u16,
+    headers: ureq::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts an error answer: `status` and a JSON body
+    /// `{"error": {"code": code, "message": "..."}}`.
+    fn assert_error(&self, what: &str, status: u16, code: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "{what}: status (body {:?})",
+            self.text()
+        );
+        let json: serde_json::Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {:?}", self.text()));
+        assert_eq!(
+            json["error"]["code"].as_str(),
+            Some(code),
+            "{what}: error code in {json}"
+        );
+        let message = json["error"]["message"].as_str();
+        assert!(
+            message.is_some_and(|m| !m.is_empty()),
+            "{what}: error message in {json}"
+        );
+    }
+
+    /// The change set of a 200 answer.
+    fn changes(&self, what: &str) -> ChangeSet {
+        assert_eq!(self.status, 200, "{what}: status (body {:?})", self.text());
+        ChangeSet::decode(&self.body)
+            .unwrap_or_else(|e| panic!("{what}: the body is not a change set: {e}"))
+    }
+}
+
+/// `POST /v1/spaces/{space}/sync` with exactly the given headers.
+fn post_sync(base: &str, space: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut req = agent(Duration::from_secs(30)).post(format!("{base}/v1/spaces/{space}/sync"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let mut resp = req
+        .send(body)
+        .unwrap_or_else(|e| panic!("POST to {space}: transport error: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .body_mut()
+        .read_to_vec()
+        .unwrap_or_else(|e| panic!("POST to {space}: reading the answer: {e}"));
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn healthz(base: &str) -> u16 {
+    agent(Duration::from_secs(10))
+        .get(format!("{base}/healthz"))
+        .call()
+        .expect("GET /healthz")
+        .status()
+        .as_u16()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Random convergence
+
+const POOL: usize = 10;
+const WORDS: [&str; 6] = ["milk", "bread", "eggs", "call mom", "taxes", "run"];
+const STATUSES: [&str; 3] = ["open", "in_progress", "done"];
+
+/// One random offline edit: insert an absent id of the pool, or update or
+/// delete a present one.
+fn random_edit(db: &Database, rng: &mut StdRng) {
+    let id = format!("t{}", rng.random_range(0..POOL));
+    let present = !db
+        .query("SELECT 1 FROM todo WHERE id = ?1", &[id.clone().into()])
+        .unwrap()
+        .is_empty();
+    let title = format!(
+        "{} #{}",
+        WORDS[rng.random_range(0..WORDS.len())],
+        rng.random_range(0..100)
+    );
+    let status = STATUSES[rng.random_range(0..STATUSES.len())];
+    if !present {
+        db.execute(
+            "INSERT INTO todo VALUES (?1, ?2, ?3)",
+            &[id.into(), title.into(), status.into()],
+        )
+        .unwrap();
+        return;
+    }
+    match rng.random_range(0..5) {
+        0 | 1 => db
+            .execute(
+                "UPDATE todo SET title = ?2 WHERE id = ?1",
+                &[id.into(), title.into()],
+            )
+            .unwrap(),
+        2 | 3 => db
+            .execute(
+                "UPDATE todo SET status = ?2 WHERE id = ?1",
+                &[id.into(), status.into()],
+            )
+            .unwrap(),
+        _ => db
+            .execute("DELETE FROM todo WHERE id = ?1", &[id.into()])
+            .unwrap(),
+    };
+}
+
+fn random_convergence(devices: usize, steps: usize, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    let cfg = SyncConfig::new(server.url(), "space", DEV);
+    let devs: Vec<Database> = (0..devices).map(|_| device()).collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut edits, mut syncs) = (0, 0);
+    for step in 0..steps {
+        let d = rng.random_range(0..devices);
+        if rng.random_bool(0.3) {
+            devs[d]
+                .sync_now(&cfg)
+                .unwrap_or_else(|e| panic!("seed {seed}, step {step}: device {d} sync: {e}"));
+            syncs += 1;
+        } else {
+            random_edit(&devs[d], &mut rng);
+            edits += 1;
+        }
+    }
+    assert!(edits > 0 && syncs > 0, "edits {edits}, syncs {syncs}");
+    // Twice round: the first round's early devices miss the later pushes.
+    for _ in 0..2 {
+        for (d, db) in devs.iter().enumerate() {
+            db.sync_now(&cfg)
+                .unwrap_or_else(|e| panic!("seed {seed}: final sync of device {d}: {e}"));
+        }
+    }
+    let expected = dump(&devs[0]);
+    assert!(!expected.is_empty(), "seed {seed}: every row was deleted");
+    for (d, db) in devs.iter().enumerate() {
+        assert_eq!(
+            dump(db),
+            expected,
+            "seed {seed}: device {d} differs from device 0"
+        );
+        assert_eq!(db.pending_changes().unwrap(), 0, "seed {seed}: device {d}");
+    }
+    let (fresh, _) = fresh_view(&cfg);
+    assert_eq!(fresh, expected, "seed {seed}: a fresh device differs");
+}
+
+#[test]
+fn two_devices_converge_through_the_server_process() {
+    random_convergence(2, 200, 0xC0F1);
+}
+
+#[test]
+fn five_devices_converge_through_the_server_process() {
+    random_convergence(5, 250, 0x5EED_0005);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Crash safety
+
+#[test]
+fn acknowledged_pushes_survive_sigkill_and_restart() {
+    const MAX_ITERATIONS: usize = 5_000;
+    const OK_AFTER_RESTART: usize = 20;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--dev"]);
+    let cfg = SyncConfig::new(server.url(), "crash", DEV);
+    let writer = Arc::new(device());
+    let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let oks = Arc::new(AtomicUsize::new(0));
+    let restarted = Arc::new(AtomicBool::new(false));
+
+    let thread = {
+        let (writer, cfg, acked, oks, restarted) = (
+            writer.clone(),
+            cfg.clone(),
+            acked.clone(),
+            oks.clone(),
+            restarted.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut inserted: Vec<String> = Vec::new();
+            let mut ok_after_restart = 0;
+            let mut errors: Vec<String> = Vec::new();
+            for i in 0..MAX_ITERATIONS {
+                let id = format!("w{i:05}");
+                writer
+                    .execute(
+                        "INSERT INTO todo VALUES (?1, ?2, 'open')",
+                        &[id.clone().into(), format!("written at step {i}").into()],
+                    )
+                    .unwrap();
+                inserted.push(id);
+                // Read before syncing: an Ok counts as after the restart
+                // only if the new server was up before the sync began.
+                let after_restart = restarted.load(Ordering::SeqCst);
+                match writer.sync_now(&cfg) {
+                    Ok(_) => {
+                        // Everything written before this sync is on the server.
+                        acked.lock().unwrap().extend(inserted.iter().cloned());
+                        oks.fetch_add(1, Ordering::SeqCst);
+                        if after_restart {
+                            ok_after_restart += 1;
+                            if ok_after_restart >= OK_AFTER_RESTART {
+                                break;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if errors.len() < 5 {
+                            errors.push(e.to_string());
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            (inserted.len(), ok_after_restart, errors)
+        })
+    };
+
+    wait_until("a first acknowledged push", Duration::from_secs(30), || {
+        oks.load(Ordering::SeqCst) >= 1 || thread.is_finished()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let oks_before_kill = oks.load(Ordering::SeqCst);
+    let acked_before_kill = acked.lock().unwrap().len();
+    server.kill();
+    server.restart();
+    restarted.store(true, Ordering::SeqCst);
+    let (inserted, ok_after_restart, errors) = thread.join().expect("the writer thread");
+    assert!(oks_before_kill >= 1 && acked_before_kill >= 1);
+    assert_eq!(
+        ok_after_restart, OK_AFTER_RESTART,
+        "the writer ran out of iterations ({inserted} rows); first errors: {errors:?}"
+    );
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "crash test: {inserted} rows written, {acked_before_kill} acknowledged before the kill, \
+         {} in all; first errors while down: {errors:?}",
+        acked.len()
+    );
+
+    let fresh = device();
+    fresh.sync_now(&cfg).expect("a fresh device syncs");
+    let have = ids(&fresh);
+    let missing: Vec<&String> = acked.difference(&have).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged rows are lost after SIGKILL: {missing:?}",
+        missing.len()
+    );
+    writer.sync_now(&cfg).expect("the writer syncs again");
+    assert_eq!(writer.pending_changes().unwrap(), 0);
+    assert_eq!(dump(&writer), dump(&fresh));
+    assert_eq!(have.len(), inserted, "every row written reached the server");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Auth
+
+const WRITER: &str = "team-writer-token-3f9a";
+const READER: &str = "team-reader-token-77c2";
+
+#[test]
+fn tokens_grant_their_space_and_mode_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!(
+            r#"jwt_secret = "at least 32 bytes of secret, shared with the app's backend"
+
+[[tokens]]
+token = "{WRITER}"
+user = "writer"
+spaces = ["team"]
+mode = "read-write"
+
+[[tokens]]
+token = "{READER}"
+user = "reader"
+spaces = ["team"]
+mode = "read"
+"#
+        ),
+    )
+    .unwrap();
+    let server = Server::start(dir.path(), &["--auth", auth.to_str().unwrap()]);
+    let base = server.url();
+    let bearer = |t: &str| format!("Bearer {t}");
+    let (writer_auth, reader_auth) = (bearer(WRITER), bearer(READER));
+    let proto = ("confluo-protocol", "1");
+    let ctype = ("content-type", CHANGESET_TYPE);
+
+    let a = device();
+    a.execute(
+        "INSERT INTO todo VALUES ('t1', 'Plan the offsite', 'open')",
+        &[],
+    )
+    .unwrap();
+    let push = a.changes_since(0, None).unwrap().encode();
+
+    post_sync(&base, "team", &[proto], b"").assert_error("no token", 401, "unauthorized");
+    post_sync(&base, "team", &[proto, ctype], &push).assert_error(
+        "no token, pushing",
+        401,
+        "unauthorized",
+    );
+    post_sync(
+        &base,
+        "team",
+        &[proto, ("authorization", "Bearer not-a-token-we-know")],
+        b"",
+    )
+    .assert_error("wrong token", 401, "unauthorized");
+    post_sync(&base, "team", &[proto, ("authorization", DEV)], b"").assert_error(
+        "not a bearer header",
+        401,
+        "unauthorized",
+    );
+    post_sync(
+        &base,
+        "team",
+        &[proto, ("authorization", &bearer(DEV))],
+        b"",
+    )
+    .assert_error("the dev token without --dev", 401, "unauthorized");
+    post_sync(
+        &base,
+        "other",
+        &[proto, ("authorization", &writer_auth)],
+        b"",
+    )
+    .assert_error("writer token on another space", 403, "forbidden");
+    post_sync(
+        &base,
+        "other",
+        &[proto, ("authorization", &reader_auth)],
+        b"",
+    )
+    .assert_error("reader token on another space", 403, "forbidden");
+    let pull = post_sync(
+        &base,
+        "team",
+        &[proto, ("authorization", &reader_auth)],
+        b"",
+    );
+    let cs = pull.changes("reader pull");
+    assert_eq!((cs.since, cs.until, cs.changes.len()), (0, 0, 0));
+    post_sync(
+        &base,
+        "team",
+        &[proto, ctype, ("authorization", &reader_auth)],
+        &push,
+    )
+    .assert_error("reader push", 403, "forbidden");
+    // The refused push stored nothing.
+    let pull = post_sync(
+        &base,
+        "team",
+        &[proto, ("authorization", &writer_auth)],
+        b"",
+    );
+    assert_eq!(pull.changes("pull after the refused push").until, 0);
+
+    // Through the engine.
+    let read_cfg = SyncConfig::new(base.clone(), "team", READER);
+    let write_cfg = SyncConfig::new(base.clone(), "team", WRITER);
+    match a.sync_now(&read_cfg) {
+        Err(Error::Auth(_)) => {}
+        other => panic!("pushing with the read token: expected Error::Auth, got {other:?}"),
+    }
+    assert_eq!(a.pending_changes().unwrap(), 1, "the row is still unsent");
+    match a.sync_now(&SyncConfig::new(
+        base.clone(),
+        "team",
+        "Bearer-less nonsense",
+    )) {
+        Err(Error::Auth(_)) => {}
+        other => panic!("an unknown token: expected Error::Auth, got {other:?}"),
+    }
+    let r = a
+        .sync_now(&write_cfg)
+        .expect("pushing with the write token");
+    assert_eq!(r.pushed, 3);
+    assert_eq!(a.pending_changes().unwrap(), 0);
+    // A reader pulls what the writer pushed.
+    let b = device();
+    let r = b.sync_now(&read_cfg).expect("pulling with the read token");
+    assert_eq!(r.applied, 3);
+    assert_eq!(dump(&b), dump(&a));
+}
+
+// ---------------------------------------------------------------------------
+// 4. Bad input
+
+#[test]
+fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev", "--max-body-bytes", "65536"]);
+    let base = server.url();
+    let cfg = SyncConfig::new(base.clone(), "lists", DEV);
+
+    let a = device();
+    a.write(|tx| {
+        for i in 0..20 {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, ?2, 'open')",
+                &[format!("a{i:02}").into(), format!("task {i}").into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    a.sync_now(&cfg).unwrap();
+    let auth = format!("Bearer {DEV}");
+    let good = [
+        ("authorization", auth.as_str()),
+        ("confluo-protocol", "1"),
+        ("content-type", CHANGESET_TYPE),
+    ];
+    let server_version = || -> u64 {
+        post_sync(&base, "lists", &good[..2], b"")
+            .changes("pull")
+            .until
+    };
+    let (snapshot, cursor) = fresh_view(&cfg);
+    assert_eq!(snapshot.len(), 20);
+    assert_eq!(cursor, 1);
+    assert_eq!(server_version(), cursor);
+
+    // New rows, never pushed: if any of these requests were merged, even in
+    // part, a fresh device would see it.
+    let b = device();
+    b.write(|tx| {
+        for i in 0..5 {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, 'sneaky', 'open')",
+                &[format!("b{i}").into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let valid = b.changes_since(0, None).unwrap();
+    assert_eq!(valid.changes.len(), 15);
+    let encoded = valid.encode();
+
+    let mut rng = StdRng::seed_from_u64(0xBAD);
+    let mut random = vec![0u8; 4096];
+    rng.fill(&mut random[..]);
+
+    let c = device();
+    c.write(|tx| {
+        for i in 0..50 {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, ?2, 'open')",
+                &[format!("c{i:02}").into(), "x".repeat(2000).into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let oversized = c.changes_since(0, None).unwrap().encode();
+    assert!(oversized.len() > 100_000, "{}", oversized.len());
+
+    let mutated = |f: &dyn Fn(&mut ChangeSet)| {
+        let mut cs = valid.clone();
+        f(&mut cs);
+        cs.encode()
+    };
+    let last = valid.changes.len() - 1;
+    let a_column = valid
+        .changes
+        .iter()
+        .rposition(|c| c.column.is_some())
+        .expect("a column change");
+    let hostile_table =
+        mutated(&|cs| cs.changes[last].table = r#"todo"; DROP TABLE todo; --"#.into());
+    let hostile_table_everywhere = mutated(&|cs| {
+        for c in &mut cs.changes {
+            c.table = r#"todo"; DROP TABLE todo; --"#.into();
+        }
+    });
+    let hostile_column = mutated(&|cs| {
+        cs.changes[a_column].column = Some(r#"title" = 'pwned'; DROP TABLE todo; --"#.into())
+    });
+    let schema_table = mutated(&|cs| cs.changes[last].table = "sqlite_schema".into());
+    let schema_everywhere = mutated(&|cs| {
+        for c in &mut cs.changes {
+            c.table = "sqlite_schema".into();
+        }
+    });
+
+    // A causal length near the top of i64 would overflow the arithmetic of
+    // deletes on every device that receives it.
+    let huge_causal_length = mutated(&|cs| {
+        for c in &mut cs.changes {
+            c.cl = u64::MAX;
+        }
+    });
+
+    let no_protocol = [good[0], good[2]];
+    let protocol_2 = [good[0], ("confluo-protocol", "2"), good[2]];
+    let refused = |what: &str, headers: &[(&str, &str)], body: &[u8], status: u16, code: &str| {
+        let reply = post_sync(&base, "lists", headers, body);
+        reply.assert_error(what, status, code);
+        assert!(
+            reply.header("confluo-server-version").is_none(),
+            "{what}: nothing was merged"
+        );
+        assert_eq!(healthz(&base), 200, "{what}: the server still answers");
+        assert_eq!(server_version(), cursor, "{what}: no new version");
+    };
+    refused("random bytes", &good, &random, 400, "malformed");
+    refused("magic only", &good, b"CFCS", 400, "malformed");
+    let trailing = [&encoded[..], b"\0garbage"].concat();
+    refused("trailing bytes", &good, &trailing, 400, "malformed");
+    let half = &encoded[..encoded.len() / 2];
+    refused("truncated to half", &good, half, 400, "malformed");
+    let all_but_one = &encoded[..encoded.len() - 1];
+    refused(
+        "truncated by one byte",
+        &good,
+        all_but_one,
+        400,
+        "malformed",
+    );
+    refused("truncated header", &good, &encoded[..10], 400, "malformed");
+    refused("over the body limit", &good, &oversized, 413, "too_large");
+    let unsupported = "unsupported_protocol";
+    refused("protocol 2", &protocol_2, &encoded, 400, unsupported);
+    refused(
+        "no protocol header",
+        &no_protocol,
+        &encoded,
+        400,
+        unsupported,
+    );
+    let invalid = "invalid_changes";
+    refused("hostile table name", &good, &hostile_table, 400, invalid);
+    let everywhere = &hostile_table_everywhere;
+    refused(
+        "hostile table name everywhere",
+        &good,
+        everywhere,
+        400,
+        invalid,
+    );
+    refused("hostile column name", &good, &hostile_column, 400, invalid);
+    refused("table sqlite_schema", &good, &schema_table, 400, invalid);
+    let everywhere = &schema_everywhere;
+    refused(
+        "table sqlite_schema everywhere",
+        &good,
+        everywhere,
+        400,
+        invalid,
+    );
+    refused(
+        "huge causal length",
+        &good,
+        &huge_causal_length,
+        400,
+        invalid,
+    );
+
+    assert_eq!(healthz(&base), 200);
+    assert_eq!(server_version(), cursor);
+    let (after, after_cursor) = fresh_view(&cfg);
+    assert_eq!(after, snapshot, "the space is exactly as before");
+    assert_eq!(after_cursor, cursor);
+    // And the valid change set the hostile ones were made from is accepted.
+    let reply = post_sync(&base, "lists", &good, &encoded);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("confluo-server-version"), Some("2"));
+    let (after, _) = fresh_view(&cfg);
+    assert_eq!(after.len(), 25);
+}
