@@ -803,3 +803,79 @@ fn bad_requests_are_refused_with_json_errors_and_change_nothing() {
     let (after, _) = fresh_view(&cfg);
     assert_eq!(after.len(), 25);
 }
+
+// ---------------------------------------------------------------------------
+// Lifecycle
+
+#[test]
+fn sigterm_ends_long_polls_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--dev"]);
+    let url = format!("{}/v1/spaces/lists/changes?cursor=0&wait=30", server.url());
+    let poll = std::thread::spawn(move || {
+        let started = Instant::now();
+        let reply = agent(Duration::from_secs(60))
+            .get(&url)
+            .header("authorization", "Bearer dev-token")
+            .header("confluo-protocol", "1")
+            .call()
+            .map(|r| r.status().as_u16());
+        (reply, started.elapsed())
+    });
+    // Let the long poll reach the server, then ask it to stop.
+    wait_until(
+        "the long poll to be waiting",
+        Duration::from_secs(20),
+        || {
+            agent(Duration::from_secs(2))
+                .get(&format!("{}/metrics", server.url()))
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok())
+                .is_some_and(|m| m.contains("confluo_long_polls 1"))
+        },
+    );
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    let (reply, waited) = poll.join().unwrap();
+    assert_eq!(reply.ok(), Some(200), "the long poll was answered, not cut");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("DEVELOPMENT MODE"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+}
+
+#[test]
+fn dev_mode_is_refused_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["--dev", "--listen", "0.0.0.0:0", "--db"])
+        .arg(dir.path().join("s.db"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only allowed on a loopback address"), "{err}");
+    let out = Command::new(BIN)
+        .args(["--db"])
+        .arg(dir.path().join("s.db"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no --auth and no --dev");
+}
