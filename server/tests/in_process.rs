@@ -297,3 +297,49 @@ fn a_server_that_lost_its_data_gets_it_back_from_the_devices() {
     assert_eq!(dump(&b), dump(&a));
     assert_eq!(dump(&b).len(), 2);
 }
+
+#[test]
+fn changes_received_from_a_peer_reach_the_server() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "relay", "dev-token");
+    let (a, b, c) = (device(), device(), device());
+    a.execute(
+        "INSERT INTO todo VALUES ('p2p', 'made offline on A', 'open')",
+        &[],
+    )
+    .unwrap();
+    // A and B meet without a network: a direct exchange.
+    b.apply(&a.changes_for_peer(b.site_id(), 0).unwrap())
+        .unwrap();
+    // B syncs with the server: A's change goes with it.
+    let r = b.sync_now(&cfg).unwrap();
+    assert_eq!(r.pushed, 3);
+    c.sync_now(&cfg).unwrap();
+    assert_eq!(dump(&c), dump(&a));
+}
+
+#[test]
+fn the_token_provider_is_asked_for_every_request() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Rotating(AtomicUsize);
+    impl confluo_core::TokenProvider for Rotating {
+        fn token(&self) -> Result<String, String> {
+            match self.0.fetch_add(1, Ordering::SeqCst) {
+                0 => Err("the app's backend is unreachable".into()),
+                _ => Ok("dev-token".into()),
+            }
+        }
+    }
+    let server = server(Config::default());
+    let provider = Arc::new(Rotating(AtomicUsize::new(0)));
+    let cfg = SyncConfig::with_token_provider(server.url(), "tokens", provider.clone());
+    let a = device();
+    a.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    let err = a.sync_now(&cfg).unwrap_err();
+    assert!(matches!(err, confluo_core::Error::Auth(_)), "{err}");
+    assert_eq!(a.pending_changes().unwrap(), 1, "nothing counts as sent");
+    a.sync_now(&cfg).unwrap();
+    assert_eq!(a.pending_changes().unwrap(), 0);
+    assert!(provider.0.load(Ordering::SeqCst) >= 2);
+}
