@@ -18,8 +18,12 @@ pub enum SyncState {
     /// Caught up (as of `last_synced`).
     Idle,
     Syncing,
-    /// The platform says there is no network; waiting for it.
-    Offline,
+    /// No network: the platform said so (`retry_in` is `None`: waiting for
+    /// it to come back), or the server cannot be reached (the next attempt
+    /// is in `retry_in`).
+    Offline {
+        retry_in: Option<Duration>,
+    },
     /// The last attempt failed; the next one is in `retry_in`.
     Error {
         message: String,
@@ -219,7 +223,7 @@ fn run_worker(
             let now = Instant::now();
             if !guard.online {
                 drop(guard);
-                emit(SyncState::Offline, last_synced);
+                emit(SyncState::Offline { retry_in: None }, last_synced);
                 guard = shared.control.lock().unwrap_or_else(|e| e.into_inner());
                 if !guard.online && !guard.stop {
                     guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
@@ -282,13 +286,16 @@ fn run_worker(
                 shared.update(|c| c.not_before = Some(Instant::now() + delay));
                 // Keep trying later even with nothing new to send.
                 shared.update(|c| c.kick = true);
-                emit(
-                    SyncState::Error {
-                        message: err.to_string(),
+                let state = match err {
+                    Error::Unreachable(_) => SyncState::Offline {
+                        retry_in: Some(delay),
+                    },
+                    other => SyncState::Error {
+                        message: other.to_string(),
                         retry_in: delay,
                     },
-                    last_synced,
-                );
+                };
+                emit(state, last_synced);
             }
         }
     }

@@ -435,8 +435,14 @@ impl ChangeSet {
 }
 
 fn transport_error(e: ureq::Error) -> Error {
-    let retryable = !matches!(e, ureq::Error::BadUri(_) | ureq::Error::Http(_));
-    network(e.to_string(), retryable)
+    match e {
+        ureq::Error::BadUri(_) | ureq::Error::Http(_) => network(e.to_string(), false),
+        ureq::Error::Io(_)
+        | ureq::Error::Timeout(_)
+        | ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed => Error::Unreachable(e.to_string()),
+        other => network(other.to_string(), true),
+    }
 }
 
 /// Maps an HTTP failure to the engine's errors.

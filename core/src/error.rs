@@ -49,6 +49,11 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
 
+    /// The server could not be reached at all (connection refused, no
+    /// route, timeout): the device is effectively offline. Retryable.
+    #[error("server unreachable: {0}")]
+    Unreachable(String),
+
     /// The server refused the token (401) or its rights (403).
     #[error("not authorized: {0}")]
     Auth(String),

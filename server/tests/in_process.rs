@@ -213,7 +213,8 @@ mod background {
                 .unwrap()
                 .iter()
                 .filter_map(|s| match &s.state {
-                    SyncState::Error { retry_in, .. } => Some(*retry_in),
+                    // Nobody listens on the port: the device counts as offline.
+                    SyncState::Offline { retry_in } => *retry_in,
                     _ => None,
                 })
                 .collect()
@@ -254,7 +255,7 @@ mod background {
                 .lock()
                 .unwrap()
                 .last()
-                .is_some_and(|s| s.state == SyncState::Offline)
+                .is_some_and(|s| s.state == SyncState::Offline { retry_in: None })
         });
         sync.set_online(true);
         wait_until("online again", Duration::from_secs(5), || {

@@ -151,7 +151,10 @@ fn describe(s: &SyncStatus) -> String {
     let state = match &s.state {
         SyncState::Idle => "synced".to_owned(),
         SyncState::Syncing => "syncing".to_owned(),
-        SyncState::Offline => "offline".to_owned(),
+        SyncState::Offline { retry_in: None } => "offline".to_owned(),
+        SyncState::Offline { retry_in: Some(r) } => {
+            format!("server unreachable (retry in {r:.1?})")
+        }
         SyncState::Error { message, retry_in } => {
             format!("error: {message} (retry in {retry_in:.1?})")
         }

@@ -1,0 +1,544 @@
+//! Confluo's FFI: a thin UniFFI layer over `confluo-core` for Kotlin and
+//! Swift. It converts types and errors and holds no logic; every behaviour
+//! lives (and is tested) in the core.
+
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
+use std::time::{Duration, UNIX_EPOCH};
+
+use confluo_core as core;
+
+uniffi::setup_scaffolding!();
+
+/// The one error type of the SDK's foreign API.
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+pub enum ConfluoError {
+    /// The input was refused (bad SQL parameters, a malformed change set,
+    /// a misused transaction...). Nothing was changed.
+    #[error("{message}")]
+    InvalidInput { message: String },
+    /// A table cannot be synced as it is, or a migration was refused.
+    #[error("{message}")]
+    Schema { message: String },
+    /// SQLite failed (the message is SQLite's own), or storage is broken.
+    #[error("{message}")]
+    Storage { message: String },
+    /// The sync server was unreachable or failed; `retryable` failures go
+    /// away by retrying later.
+    #[error("{message}")]
+    Network { message: String, retryable: bool },
+    /// The server refused the token or its rights.
+    #[error("{message}")]
+    Auth { message: String },
+    /// The database was closed.
+    #[error("the database is closed")]
+    Closed,
+}
+
+/// The single place where engine errors become foreign errors.
+impl From<core::Error> for ConfluoError {
+    fn from(e: core::Error) -> Self {
+        let message = e.to_string();
+        match e {
+            core::Error::InvalidInput(_)
+            | core::Error::MalformedChangeSet(_)
+            | core::Error::ClockDrift { .. } => ConfluoError::InvalidInput { message },
+            core::Error::Schema { .. } => ConfluoError::Schema { message },
+            core::Error::Sqlite { message, .. } => ConfluoError::Storage { message },
+            core::Error::Network { retryable, .. } => ConfluoError::Network { message, retryable },
+            core::Error::Unreachable(_) => ConfluoError::Network {
+                message,
+                retryable: true,
+            },
+            core::Error::Auth(_) => ConfluoError::Auth { message },
+            core::Error::Closed => ConfluoError::Closed,
+        }
+    }
+}
+
+/// A foreign callback that threw: reported as invalid input, never a panic.
+impl From<uniffi::UnexpectedUniFFICallbackError> for ConfluoError {
+    fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
+        ConfluoError::InvalidInput {
+            message: format!("a callback failed: {}", e.reason),
+        }
+    }
+}
+
+/// Turns a foreign error back into an engine error, to roll back a write.
+fn to_core(e: &ConfluoError) -> core::Error {
+    core::Error::InvalidInput(e.to_string())
+}
+
+type Result<T, E = ConfluoError> = std::result::Result<T, E>;
+
+/// One SQLite value.
+#[derive(Clone, Debug, PartialEq, uniffi::Enum)]
+pub enum SqlValue {
+    Null,
+    Integer { value: i64 },
+    Real { value: f64 },
+    Text { value: String },
+    Blob { value: Vec<u8> },
+}
+
+impl From<SqlValue> for core::Value {
+    fn from(v: SqlValue) -> Self {
+        match v {
+            SqlValue::Null => core::Value::Null,
+            SqlValue::Integer { value } => core::Value::Integer(value),
+            SqlValue::Real { value } => core::Value::Real(value),
+            SqlValue::Text { value } => core::Value::Text(value),
+            SqlValue::Blob { value } => core::Value::Blob(value),
+        }
+    }
+}
+
+impl From<core::Value> for SqlValue {
+    fn from(v: core::Value) -> Self {
+        match v {
+            core::Value::Null => SqlValue::Null,
+            core::Value::Integer(value) => SqlValue::Integer { value },
+            core::Value::Real(value) => SqlValue::Real { value },
+            core::Value::Text(value) => SqlValue::Text { value },
+            core::Value::Blob(value) => SqlValue::Blob { value },
+        }
+    }
+}
+
+fn values(params: Vec<SqlValue>) -> Vec<core::Value> {
+    params.into_iter().map(Into::into).collect()
+}
+
+/// Rows of a query: column names and rows of values.
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<SqlValue>>,
+}
+
+impl From<core::Rows> for QueryResult {
+    fn from(r: core::Rows) -> Self {
+        QueryResult {
+            columns: r.columns,
+            rows: r
+                .rows
+                .into_iter()
+                .map(|row| row.into_iter().map(Into::into).collect())
+                .collect(),
+        }
+    }
+}
+
+/// What merging a change set did.
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct ApplyReport {
+    pub received: u64,
+    pub applied: u64,
+    pub stale: u64,
+    pub deferred: u64,
+}
+
+/// Where and how to sync. Durations in milliseconds; zero means the
+/// engine's default.
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct SyncConfig {
+    pub server_url: String,
+    pub space: String,
+    pub request_timeout_ms: u64,
+    pub long_poll_ms: u64,
+    pub debounce_ms: u64,
+    pub min_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct SyncReport {
+    pub pushed: u64,
+    pub pulled: u64,
+    pub applied: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, uniffi::Enum)]
+pub enum SyncState {
+    Idle,
+    Syncing,
+    /// No network (the platform said so: `retry_in_ms` is None), or the
+    /// server cannot be reached (the next attempt is in `retry_in_ms`).
+    Offline {
+        retry_in_ms: Option<u64>,
+    },
+    Error {
+        message: String,
+        retry_in_ms: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct SyncStatus {
+    pub state: SyncState,
+    pub pending: u64,
+    /// Milliseconds since the Unix epoch of the last successful sync.
+    pub last_synced_ms: Option<u64>,
+}
+
+impl From<&core::SyncStatus> for SyncStatus {
+    fn from(s: &core::SyncStatus) -> Self {
+        SyncStatus {
+            state: match &s.state {
+                core::SyncState::Idle => SyncState::Idle,
+                core::SyncState::Syncing => SyncState::Syncing,
+                core::SyncState::Offline { retry_in } => SyncState::Offline {
+                    retry_in_ms: retry_in.map(|d| d.as_millis() as u64),
+                },
+                core::SyncState::Error { message, retry_in } => SyncState::Error {
+                    message: message.clone(),
+                    retry_in_ms: retry_in.as_millis() as u64,
+                },
+            },
+            pending: s.pending,
+            last_synced_ms: s
+                .last_synced
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64),
+        }
+    }
+}
+
+/// Called after each commit that changed watched tables.
+#[uniffi::export(foreign)]
+pub trait ChangeListener: Send + Sync {
+    fn on_change(&self, tables: Vec<String>);
+}
+
+/// Called on every change of background sync's status.
+#[uniffi::export(foreign)]
+pub trait SyncStatusListener: Send + Sync {
+    fn on_status(&self, status: SyncStatus);
+}
+
+/// Supplies the bearer token for each request (apps refresh tokens here).
+#[uniffi::export(foreign)]
+pub trait TokenProvider: Send + Sync {
+    fn token(&self) -> Result<String>;
+}
+
+/// The body of a write transaction: committed if it returns normally,
+/// rolled back if it throws.
+#[uniffi::export(foreign)]
+pub trait TransactionBody: Send + Sync {
+    fn run(&self, tx: Arc<WriteTransaction>) -> Result<()>;
+}
+
+struct ForeignToken(Arc<dyn TokenProvider>);
+
+impl core::TokenProvider for ForeignToken {
+    fn token(&self) -> std::result::Result<String, String> {
+        self.0.token().map_err(|e| e.to_string())
+    }
+}
+
+fn ms(v: u64, default: Duration) -> Duration {
+    if v == 0 {
+        default
+    } else {
+        Duration::from_millis(v)
+    }
+}
+
+fn core_config(c: SyncConfig, token: Arc<dyn TokenProvider>) -> core::SyncConfig {
+    let mut cfg =
+        core::SyncConfig::with_token_provider(c.server_url, c.space, Arc::new(ForeignToken(token)));
+    cfg.request_timeout = ms(c.request_timeout_ms, cfg.request_timeout);
+    cfg.long_poll = ms(c.long_poll_ms, cfg.long_poll);
+    cfg.debounce = ms(c.debounce_ms, cfg.debounce);
+    cfg.min_backoff = ms(c.min_backoff_ms, cfg.min_backoff);
+    cfg.max_backoff = ms(c.max_backoff_ms, cfg.max_backoff);
+    cfg
+}
+
+fn site(s: &str) -> Result<core::SiteId> {
+    core::SiteId::parse(s).ok_or_else(|| ConfluoError::InvalidInput {
+        message: format!("{s:?} is not a site id"),
+    })
+}
+
+/// A Confluo database.
+#[derive(uniffi::Object)]
+pub struct Database {
+    inner: Arc<core::Database>,
+}
+
+#[uniffi::export]
+impl Database {
+    /// Opens (creating if needed) the database file at `path`.
+    #[uniffi::constructor]
+    pub fn open(path: String) -> Result<Arc<Self>> {
+        Ok(Arc::new(Database {
+            inner: Arc::new(core::Database::open(path)?),
+        }))
+    }
+
+    /// Opens a private in-memory database.
+    #[uniffi::constructor]
+    pub fn open_in_memory() -> Result<Arc<Self>> {
+        Ok(Arc::new(Database {
+            inner: Arc::new(core::Database::open_in_memory()?),
+        }))
+    }
+
+    pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<u64> {
+        Ok(self.inner.execute(&sql, &values(params))? as u64)
+    }
+
+    pub fn execute_batch(&self, sql: String) -> Result<()> {
+        Ok(self.inner.execute_batch(&sql)?)
+    }
+
+    pub fn query(&self, sql: String, params: Vec<SqlValue>) -> Result<QueryResult> {
+        Ok(self.inner.query(&sql, &values(params))?.into())
+    }
+
+    /// Runs `body` in one write transaction.
+    pub fn write(&self, body: Arc<dyn TransactionBody>) -> Result<()> {
+        let mut failure: Option<ConfluoError> = None;
+        let outcome = self.inner.write(|tx| {
+            let handle = Arc::new(WriteTransaction::open(tx));
+            let result = body.run(handle.clone());
+            handle.end();
+            result.map_err(|e| {
+                let core_error = to_core(&e);
+                failure = Some(e);
+                core_error
+            })
+        });
+        match (outcome, failure) {
+            (_, Some(e)) => Err(e),
+            (Err(e), None) => Err(e.into()),
+            (Ok(()), None) => Ok(()),
+        }
+    }
+
+    pub fn enable_sync(&self, table: String) -> Result<()> {
+        Ok(self.inner.enable_sync(&table)?)
+    }
+
+    pub fn alter_synced_table(&self, table: String, sql: String) -> Result<()> {
+        Ok(self.inner.alter_synced_table(&table, &sql)?)
+    }
+
+    pub fn site_id(&self) -> String {
+        self.inner.site_id().to_string()
+    }
+
+    pub fn db_version(&self) -> u64 {
+        self.inner.db_version()
+    }
+
+    /// Rows with local changes the sync server has not accepted yet.
+    pub fn pending_changes(&self) -> Result<u64> {
+        Ok(self.inner.pending_changes()?)
+    }
+
+    /// Calls `listener` after each commit that changed any of `tables`
+    /// (all tables when empty). Stops when the returned handle is closed.
+    pub fn observe(&self, tables: Vec<String>, listener: Arc<dyn ChangeListener>) -> Arc<Observer> {
+        let names: Vec<&str> = tables.iter().map(String::as_str).collect();
+        let handle = self.inner.observe(&names, move |changed: &[String]| {
+            listener.on_change(changed.to_vec())
+        });
+        Arc::new(Observer {
+            handle: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Everything recorded after `since`, encoded for the wire.
+    pub fn changes_since(&self, since: u64) -> Result<Vec<u8>> {
+        Ok(self.inner.changes_since(since, None)?.encode())
+    }
+
+    /// What `peer` misses, given what it has seen from us.
+    pub fn changes_for_peer(&self, peer_site_id: String, seen_by_peer: u64) -> Result<Vec<u8>> {
+        Ok(self
+            .inner
+            .changes_for_peer(site(&peer_site_id)?, seen_by_peer)?
+            .encode())
+    }
+
+    /// How much of `peer`'s history this database has received.
+    pub fn seen_version(&self, peer_site_id: String) -> Result<u64> {
+        Ok(self.inner.seen_version(site(&peer_site_id)?)?)
+    }
+
+    /// Merges an encoded change set.
+    pub fn apply_changes(&self, changeset: Vec<u8>) -> Result<ApplyReport> {
+        let report = self.inner.apply(&core::ChangeSet::decode(&changeset)?)?;
+        Ok(ApplyReport {
+            received: report.received as u64,
+            applied: report.applied as u64,
+            stale: report.stale as u64,
+            deferred: report.deferred as u64,
+        })
+    }
+
+    /// Pushes and pulls once, until caught up.
+    pub fn sync_now(
+        &self,
+        config: SyncConfig,
+        token: Arc<dyn TokenProvider>,
+    ) -> Result<SyncReport> {
+        let r = self.inner.sync_now(&core_config(config, token))?;
+        Ok(SyncReport {
+            pushed: r.pushed as u64,
+            pulled: r.pulled as u64,
+            applied: r.applied as u64,
+            bytes_sent: r.bytes_sent,
+            bytes_received: r.bytes_received,
+            duration_ms: r.duration.as_millis() as u64,
+        })
+    }
+
+    /// Starts background sync; `listener` hears every status change.
+    pub fn start_sync(
+        &self,
+        config: SyncConfig,
+        token: Arc<dyn TokenProvider>,
+        listener: Arc<dyn SyncStatusListener>,
+    ) -> Result<Arc<BackgroundSync>> {
+        let sync = self
+            .inner
+            .start_sync(core_config(config, token), move |s: &core::SyncStatus| {
+                listener.on_status(s.into())
+            })?;
+        Ok(Arc::new(BackgroundSync {
+            inner: Mutex::new(Some(sync)),
+        }))
+    }
+
+    /// Closes the database; later calls fail with `Closed`.
+    pub fn close(&self) -> Result<()> {
+        Ok(self.inner.close()?)
+    }
+}
+
+/// An observer registration; `cancel` (or releasing it) stops it.
+#[derive(uniffi::Object)]
+pub struct Observer {
+    handle: Mutex<Option<core::Observation>>,
+}
+
+#[uniffi::export]
+impl Observer {
+    pub fn cancel(&self) {
+        self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// Running background sync.
+#[derive(uniffi::Object)]
+pub struct BackgroundSync {
+    inner: Mutex<Option<core::BackgroundSync>>,
+}
+
+#[uniffi::export]
+impl BackgroundSync {
+    /// The platform's network hint.
+    pub fn set_online(&self, online: bool) {
+        if let Some(s) = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            s.set_online(online);
+        }
+    }
+
+    pub fn sync_soon(&self) {
+        if let Some(s) = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            s.sync_soon();
+        }
+    }
+
+    /// Stops syncing; returns within about a second.
+    pub fn stop(&self) {
+        let sync = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(s) = sync {
+            s.stop();
+        }
+    }
+}
+
+/// The transaction a `TransactionBody` runs in. Usable only during `run`,
+/// on the thread that called it.
+#[derive(uniffi::Object)]
+pub struct WriteTransaction {
+    tx: Mutex<Option<TxRef>>,
+    thread: ThreadId,
+}
+
+/// A pointer to the engine transaction (its lifetime erased), valid
+/// between `open` and `end`.
+struct TxRef(*const ());
+
+// SAFETY: the pointer is only dereferenced on the thread that created it
+// (checked in `with`), while the transaction it points to is alive.
+unsafe impl Send for TxRef {}
+
+impl WriteTransaction {
+    fn open(tx: &core::Transaction<'_>) -> Self {
+        let ptr = (tx as *const core::Transaction<'_>).cast::<()>();
+        WriteTransaction {
+            tx: Mutex::new(Some(TxRef(ptr))),
+            thread: std::thread::current().id(),
+        }
+    }
+
+    fn end(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&core::Transaction<'_>) -> core::Result<T>) -> Result<T> {
+        if std::thread::current().id() != self.thread {
+            return Err(ConfluoError::InvalidInput {
+                message: "a transaction can only be used on the thread running it".into(),
+            });
+        }
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ptr) = guard.as_ref() else {
+            return Err(ConfluoError::InvalidInput {
+                message: "the transaction has ended".into(),
+            });
+        };
+        // SAFETY: `end` clears the pointer before `Database::write` returns,
+        // so while it is set the transaction is alive; the thread check
+        // keeps the (not Sync) transaction on its own thread.
+        let tx = unsafe { &*ptr.0.cast::<core::Transaction<'_>>() };
+        Ok(f(tx)?)
+    }
+}
+
+#[uniffi::export]
+impl WriteTransaction {
+    pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<u64> {
+        self.with(|tx| tx.execute(&sql, &values(params)).map(|n| n as u64))
+    }
+
+    pub fn execute_batch(&self, sql: String) -> Result<()> {
+        self.with(|tx| tx.execute_batch(&sql))
+    }
+
+    pub fn query(&self, sql: String, params: Vec<SqlValue>) -> Result<QueryResult> {
+        self.with(|tx| tx.query(&sql, &values(params)))
+            .map(Into::into)
+    }
+}
