@@ -2,13 +2,17 @@
 # benchmark figures (RESULT lines).
 CARGO ?= cargo
 
-.PHONY: test test-rust lint bench demo
+.PHONY: test test-rust test-kotlin lint bench demo
 
-test: lint test-rust
+test: lint test-rust test-kotlin
 
 test-rust:
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
+
+# The Kotlin API on the JVM (kotlinc + JUnit 5 + JNA, fetched by the script).
+test-kotlin:
+	scripts/test-kotlin.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -16,3 +20,7 @@ lint:
 
 bench:
 	$(CARGO) bench -p confluo-core
+	$(CARGO) bench -p confluo-server
+
+demo:
+	$(CARGO) run -p todo-cli -- demo

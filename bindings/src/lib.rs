@@ -15,21 +15,21 @@ uniffi::setup_scaffolding!();
 pub enum ConfluoError {
     /// The input was refused (bad SQL parameters, a malformed change set,
     /// a misused transaction...). Nothing was changed.
-    #[error("{message}")]
-    InvalidInput { message: String },
+    #[error("{detail}")]
+    InvalidInput { detail: String },
     /// A table cannot be synced as it is, or a migration was refused.
-    #[error("{message}")]
-    Schema { message: String },
+    #[error("{detail}")]
+    Schema { detail: String },
     /// SQLite failed (the message is SQLite's own), or storage is broken.
-    #[error("{message}")]
-    Storage { message: String },
+    #[error("{detail}")]
+    Storage { detail: String },
     /// The sync server was unreachable or failed; `retryable` failures go
     /// away by retrying later.
-    #[error("{message}")]
-    Network { message: String, retryable: bool },
+    #[error("{detail}")]
+    Network { detail: String, retryable: bool },
     /// The server refused the token or its rights.
-    #[error("{message}")]
-    Auth { message: String },
+    #[error("{detail}")]
+    Auth { detail: String },
     /// The database was closed.
     #[error("the database is closed")]
     Closed,
@@ -38,19 +38,20 @@ pub enum ConfluoError {
 /// The single place where engine errors become foreign errors.
 impl From<core::Error> for ConfluoError {
     fn from(e: core::Error) -> Self {
-        let message = e.to_string();
+        let detail = e.to_string();
         match e {
             core::Error::InvalidInput(_)
             | core::Error::MalformedChangeSet(_)
-            | core::Error::ClockDrift { .. } => ConfluoError::InvalidInput { message },
-            core::Error::Schema { .. } => ConfluoError::Schema { message },
-            core::Error::Sqlite { message, .. } => ConfluoError::Storage { message },
-            core::Error::Network { retryable, .. } => ConfluoError::Network { message, retryable },
+            | core::Error::ClockDrift { .. } => ConfluoError::InvalidInput { detail },
+            core::Error::Schema { .. } => ConfluoError::Schema { detail },
+            // SQLite's own message, without the engine's prefix.
+            core::Error::Sqlite { message, .. } => ConfluoError::Storage { detail: message },
+            core::Error::Network { retryable, .. } => ConfluoError::Network { detail, retryable },
             core::Error::Unreachable(_) => ConfluoError::Network {
-                message,
+                detail,
                 retryable: true,
             },
-            core::Error::Auth(_) => ConfluoError::Auth { message },
+            core::Error::Auth(_) => ConfluoError::Auth { detail },
             core::Error::Closed => ConfluoError::Closed,
         }
     }
@@ -60,7 +61,7 @@ impl From<core::Error> for ConfluoError {
 impl From<uniffi::UnexpectedUniFFICallbackError> for ConfluoError {
     fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
         ConfluoError::InvalidInput {
-            message: format!("a callback failed: {}", e.reason),
+            detail: format!("a callback failed: {}", e.reason),
         }
     }
 }
@@ -263,7 +264,7 @@ fn core_config(c: SyncConfig, token: Arc<dyn TokenProvider>) -> core::SyncConfig
 
 fn site(s: &str) -> Result<core::SiteId> {
     core::SiteId::parse(s).ok_or_else(|| ConfluoError::InvalidInput {
-        message: format!("{s:?} is not a site id"),
+        detail: format!("{s:?} is not a site id"),
     })
 }
 
@@ -419,8 +420,9 @@ impl Database {
         }))
     }
 
-    /// Closes the database; later calls fail with `Closed`.
-    pub fn close(&self) -> Result<()> {
+    /// Closes the database; later calls fail with `Closed`. (Not `close`:
+    /// the generated Kotlin class already has `close()` from AutoCloseable.)
+    pub fn close_database(&self) -> Result<()> {
         Ok(self.inner.close()?)
     }
 }
@@ -510,13 +512,13 @@ impl WriteTransaction {
     fn with<T>(&self, f: impl FnOnce(&core::Transaction<'_>) -> core::Result<T>) -> Result<T> {
         if std::thread::current().id() != self.thread {
             return Err(ConfluoError::InvalidInput {
-                message: "a transaction can only be used on the thread running it".into(),
+                detail: "a transaction can only be used on the thread running it".into(),
             });
         }
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let Some(ptr) = guard.as_ref() else {
             return Err(ConfluoError::InvalidInput {
-                message: "the transaction has ended".into(),
+                detail: "the transaction has ended".into(),
             });
         };
         // SAFETY: `end` clears the pointer before `Database::write` returns,

@@ -168,7 +168,7 @@ class Confluo private constructor(
     override fun close() {
         stopSync()
         try {
-            db.close()
+            db.closeDatabase()
         } finally {
             db.destroy()
         }

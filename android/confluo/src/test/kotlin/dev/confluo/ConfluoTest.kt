@@ -1,0 +1,202 @@
+package dev.confluo
+
+import dev.confluo.ffi.ConfluoException
+import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.flow.first
+import kotlinx.coroutines.launch
+import kotlinx.coroutines.flow.filter
+import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.test.runTest
+import kotlinx.coroutines.withTimeout
+import org.junit.jupiter.api.Assertions.assertArrayEquals
+import org.junit.jupiter.api.Assertions.assertEquals
+import org.junit.jupiter.api.Assertions.assertFalse
+import org.junit.jupiter.api.Assertions.assertNull
+import org.junit.jupiter.api.Assertions.assertTrue
+import org.junit.jupiter.api.Test
+import org.junit.jupiter.api.assertThrows
+import java.nio.file.Files
+
+private const val TODO = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT)"
+
+private suspend fun todoDb(): Confluo = Confluo.openInMemory().also {
+    it.executeBatch(TODO)
+    it.enableSync("todo")
+}
+
+class ConfluoTest {
+    @Test
+    fun `CRUD with typed values`() = runTest {
+        todoDb().use { db ->
+            db.executeBatch("CREATE TABLE vals(id INTEGER PRIMARY KEY, v)")
+            val values = listOf(
+                Long.MIN_VALUE, Long.MAX_VALUE, -0.5, 1e308,
+                "naïve café 日本語 🚀", "", byteArrayOf(0, -1, 127), byteArrayOf(), null,
+            )
+            values.forEachIndexed { i, v -> db.execute("INSERT INTO vals VALUES (?, ?)", i, v) }
+            val rows = db.query("SELECT v FROM vals ORDER BY id")
+            assertEquals(Long.MIN_VALUE, rows[0].long("v"))
+            assertEquals(Long.MAX_VALUE, rows[1].long("v"))
+            assertEquals(-0.5, rows[2].double("v"))
+            assertEquals(1e308, rows[3].double("v"))
+            assertEquals("naïve café 日本語 🚀", rows[4].string("v"))
+            assertEquals("", rows[5].string("v"))
+            assertArrayEquals(byteArrayOf(0, -1, 127), rows[6].bytes("v"))
+            assertArrayEquals(byteArrayOf(), rows[7].bytes("v"))
+            assertTrue(rows[8].isNull("v"))
+            assertNull(rows[8].stringOrNull("v"))
+            assertThrows<IllegalStateException> { rows[8].string("v") }
+
+            assertEquals(1L, db.execute("INSERT INTO todo VALUES (?, ?, ?)", "t1", "Buy milk", "open"))
+            assertEquals(1L, db.execute("UPDATE todo SET status = ? WHERE id = ?", "done", "t1"))
+            val todo = db.query("SELECT * FROM todo").single()
+            assertEquals("done", todo.string("status"))
+            assertEquals(listOf("id", "title", "status"), todo.columns)
+            assertEquals(1L, db.execute("DELETE FROM todo WHERE id = ?", "t1"))
+            assertTrue(db.query("SELECT * FROM todo").isEmpty())
+            assertTrue(db.query("SELECT 1 AS yes").single().boolean("yes"))
+        }
+    }
+
+    @Test
+    fun `bad SQL throws with SQLite's message`() = runTest {
+        todoDb().use { db ->
+            val e = assertThrows<ConfluoException> { db.query("SELECT * FROM nope") }
+            assertTrue(e.message!!.contains("no such table: nope"), e.message)
+            val dup = assertThrows<ConfluoException> {
+                db.execute("INSERT INTO todo VALUES ('a', 'x', 'y')")
+                db.execute("INSERT INTO todo VALUES ('a', 'x', 'y')")
+            }
+            assertTrue(dup.message!!.contains("UNIQUE constraint failed"), dup.message)
+            assertThrows<IllegalArgumentException> { db.execute("INSERT INTO todo VALUES (?, ?, ?)", "b", Any(), "y") }
+        }
+    }
+
+    @Test
+    fun `write commits, or rolls back and rethrows`() = runTest {
+        todoDb().use { db ->
+            val n = db.write { tx ->
+                tx.execute("INSERT INTO todo VALUES ('a', 'first', 'open')")
+                tx.execute("INSERT INTO todo VALUES ('b', 'second', 'open')")
+                tx.query("SELECT count(*) AS n FROM todo").single().long("n")
+            }
+            assertEquals(2L, n)
+            class Oops : RuntimeException("changed my mind")
+            assertThrows<Oops> {
+                db.write { tx ->
+                    tx.execute("DELETE FROM todo")
+                    throw Oops()
+                }
+            }
+            assertEquals(2, db.query("SELECT * FROM todo").size)
+            // A transaction kept past its block is dead.
+            var kept: Transaction? = null
+            db.write { tx -> kept = tx }
+            assertThrows<ConfluoException> { kept!!.execute("DELETE FROM todo") }
+            assertEquals(2, db.query("SELECT * FROM todo").size)
+        }
+    }
+
+    @Test
+    fun `peer-to-peer change sets converge`() = runTest {
+        todoDb().use { a ->
+            todoDb().use { b ->
+                a.execute("INSERT INTO todo VALUES ('t1', 'from A', 'open')")
+                val applied = b.applyChanges(a.changesForPeer(b.siteId, b.seenVersion(a.siteId)))
+                assertEquals(3L, applied)
+                assertEquals(a.query("SELECT * FROM todo").map { it.toString() }, b.query("SELECT * FROM todo").map { it.toString() })
+            }
+        }
+    }
+
+    @Test
+    fun `close releases the database file`() = runTest {
+        val dir = Files.createTempDirectory("confluo").toFile()
+        val path = dir.resolve("app.db").path
+        Confluo.open(path).use { db ->
+            db.executeBatch(TODO)
+            db.enableSync("todo")
+            db.execute("INSERT INTO todo VALUES ('k', 'kept', 'open')")
+        }
+        // Reopening works, the data is there, and writes are not locked out.
+        Confluo.open(path).use { db ->
+            assertEquals("kept", db.query("SELECT title FROM todo").single().string("title"))
+            db.execute("UPDATE todo SET title = 'again'")
+        }
+        dir.deleteRecursively()
+    }
+}
+
+class SyncTest {
+    private val options = { server: TestServer, space: String ->
+        SyncOptions(server.url, space, requestTimeoutMs = 5_000, minBackoffMs = 100, maxBackoffMs = 800)
+    }
+
+    @Test
+    fun `two databases sync through a real server`() = runBlocking {
+        TestServer.start().use { server ->
+            todoDb().use { a ->
+                todoDb().use { b ->
+                    val opts = options(server, "lists")
+                    a.execute("INSERT INTO todo VALUES ('t1', 'Buy groceries', 'in_progress')")
+                    assertEquals(3L, a.syncNow(opts) { "dev-token" }.pushed)
+                    assertEquals(3L, b.syncNow(opts) { "dev-token" }.applied)
+                    assertEquals("Buy groceries", b.query("SELECT title FROM todo").single().string("title"))
+                    val denied = assertThrows<ConfluoException.Auth> { runBlocking { b.syncNow(opts) { "wrong-token" } } }
+                    assertTrue(denied.message!!.contains("401"), denied.message)
+                }
+            }
+        }
+    }
+
+    @Test
+    fun `watch emits after a local write and after a sync`() = runBlocking {
+        TestServer.start().use { server ->
+            todoDb().use { a ->
+                todoDb().use { b ->
+                    val opts = options(server, "watched")
+                    val titles = b.watch("SELECT title FROM todo ORDER BY id", tables = listOf("todo"))
+                    withTimeout(10_000) {
+                        assertEquals(emptyList<Row>(), titles.first())
+                        b.execute("INSERT INTO todo VALUES ('b1', 'local', 'open')")
+                        titles.filter { it.size == 1 }.first()
+                        a.execute("INSERT INTO todo VALUES ('a1', 'remote', 'open')")
+                        a.syncNow(opts) { "dev-token" }
+                        b.syncNow(opts) { "dev-token" }
+                        val both = titles.filter { it.size == 2 }.first()
+                        assertEquals(listOf("remote", "local"), both.map { it.string("title") })
+                    }
+                }
+            }
+        }
+    }
+
+    @Test
+    fun `background sync goes syncing to idle, and offline when the server stops`() = runBlocking {
+        TestServer.start().use { server ->
+            todoDb().use { db ->
+                val seen = mutableListOf<SyncState>()
+                val recorder = launch(Dispatchers.Default) { db.syncStatus.collect { synchronized(seen) { seen.add(it.state) } } }
+                db.startSync(options(server, "bg")) { "dev-token" }
+                withTimeout(15_000) { db.syncStatus.filter { it.state == SyncState.Idle && it.lastSyncedMs != null }.first() }
+                db.execute("INSERT INTO todo VALUES ('k', 'x', 'y')")
+                withTimeout(15_000) {
+                    db.syncStatus.filter { it.state == SyncState.Idle && it.pending == 0L && db.pendingChanges() == 0L }.first()
+                }
+                server.stop()
+                db.execute("INSERT INTO todo VALUES ('k2', 'while the server is down', 'y')")
+                // The server is gone: offline, with the new write pending.
+                withTimeout(15_000) { db.syncStatus.filter { it.state is SyncState.Offline && it.pending == 1L }.first() }
+                server.restart()
+                db.syncSoon()
+                withTimeout(15_000) { db.syncStatus.filter { it.state == SyncState.Idle && it.pending == 0L }.first() }
+                db.stopSync()
+                recorder.cancel()
+                assertTrue(seen.contains(SyncState.Syncing), seen.toString())
+                assertTrue(seen.any { it is SyncState.Offline }, seen.toString())
+                assertFalse(seen.any { it is SyncState.Error }, seen.toString())
+            }
+        }
+    }
+}
+
