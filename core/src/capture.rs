@@ -22,6 +22,9 @@ pub(crate) struct Event {
     pub table: i64,
     pub key: Value,
     pub kind: EventKind,
+    /// Captured by a statement that then failed: the write may or may not
+    /// have stayed, so the table is asked at commit.
+    pub uncertain: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -173,6 +176,7 @@ pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::R
                 table,
                 key,
                 kind: kind.clone(),
+                uncertain: false,
             });
             Ok(true)
         })?;
@@ -193,6 +197,7 @@ pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::R
             table,
             key,
             kind: EventKind::Updated(masks),
+            uncertain: false,
         });
         Ok(true)
     })?;

@@ -194,7 +194,8 @@ impl Database {
                 |r| r.get(0),
             )?;
             let mut dbv: u64 = conn.query_row(
-                "SELECT coalesce(max(dbv), 0) FROM confluo_pending",
+                "SELECT max(coalesce((SELECT max(dbv) FROM confluo_pending), 0), \
+                            coalesce((SELECT value FROM confluo_state WHERE key = 'dbv'), 0))",
                 [],
                 |r| r.get::<_, i64>(0),
             )? as u64;
@@ -407,6 +408,17 @@ impl Database {
                     .execute([hlc.0 as i64])?;
                 persisted = Some(hlc);
             }
+            // The db_version counter is kept too: the newest db_version in the
+            // metadata can disappear (a kept change merged away), and a
+            // reused db_version would hide later changes from peers.
+            let dbv = lock(&self.inner.state).tx_dbv;
+            if let Some(dbv) = dbv {
+                conn.prepare_cached(
+                    "INSERT INTO confluo_state(key, value) VALUES ('dbv', ?1) \
+                     ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                )?
+                .execute([dbv as i64])?;
+            }
             conn.execute_batch("COMMIT")?;
             Ok(())
         })();
@@ -567,20 +579,34 @@ impl Transaction<'_> {
         self.statement(|conn| collect_rows(&mut *conn.prepare_cached(sql)?, params))
     }
 
-    /// Runs one statement. If it fails, SQLite undoes it, and the writes it
-    /// captured before failing are forgotten too.
+    /// Runs one statement. A failed statement is usually undone by SQLite,
+    /// but not always (`OR FAIL` keeps the rows written before the failure),
+    /// so what it captured is kept and checked against the table at commit.
     fn statement<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let mark = lock(&self.db.inner.state).events.len();
         let out = f(self.conn());
         if out.is_err() {
-            lock(&self.db.inner.state).events.truncate(mark);
+            for e in &mut lock(&self.db.inner.state).events[mark..] {
+                e.uncertain = true;
+            }
         }
         out
     }
 
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        self.commit_then(|_| Ok(()))
+    }
+
+    /// Commits, then runs `after` on the connection while still holding the
+    /// writer lock (so caches of what was committed are updated before any
+    /// other write can start), then notifies observers.
+    pub(crate) fn commit_then(
+        mut self,
+        after: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<()> {
         let guard = self.conn.take().expect("transaction is open");
-        let result = self.db.commit_conn(guard.as_ref().expect("checked open"));
+        let conn = guard.as_ref().expect("checked open");
+        let result = self.db.commit_conn(conn).and_then(|()| after(conn));
         drop(guard);
         self.db.dispatch_changes();
         result

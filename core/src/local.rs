@@ -7,9 +7,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::capture::{lock, Event, EventKind, LOCAL_SITE};
 use crate::clocks::{encode_tombstone, encode_uniform, RowClocks, Stamp};
+use crate::codec::unpack_values;
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::schema::TableInfo;
+use crate::schema::{quote, TableInfo};
 use crate::value::Value;
 
 /// Orders values as SQLite orders them in an index (NULL, numbers, text,
@@ -109,7 +110,13 @@ fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp)
     while start < events.len() {
         let key = &events[start].key;
         let end = start + events[start..].iter().take_while(|e| e.key == *key).count();
-        match events[start..end] {
+        let group = &events[start..end];
+        if group.iter().any(|e| e.uncertain) {
+            reconcile(conn, t, key, stamp, slots, &mut read, &mut write)?;
+            start = end;
+            continue;
+        }
+        match group {
             // The common cases need nothing of the old metadata.
             [Event {
                 kind: EventKind::Inserted,
@@ -133,7 +140,7 @@ fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp)
                     }
                     None => (0, RowClocks::default()),
                 };
-                for e in &events[start..end] {
+                for e in group {
                     apply_local(&mut cl, &mut clocks, &e.kind, stamp, slots);
                 }
                 write.execute(params![key, cl as i64, dbv, clocks.encode(stamp.dbv)])?;
@@ -141,6 +148,53 @@ fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp)
         }
         start = end;
     }
+    Ok(())
+}
+
+/// Records a row that a failed statement touched, from what the table holds
+/// now: the write may have stayed (`OR FAIL`) or been undone. A row that
+/// exists is recorded as written in full (at worst a rewrite of the same
+/// values); one that does not, as deleted if it was alive.
+fn reconcile(
+    conn: &Connection,
+    t: &TableInfo,
+    key: &Value,
+    stamp: Stamp,
+    slots: usize,
+    read: &mut rusqlite::CachedStatement<'_>,
+    write: &mut rusqlite::CachedStatement<'_>,
+) -> Result<()> {
+    let pk: Vec<Value> = match (t.pk.len(), key) {
+        (1, v) => vec![v.clone()],
+        (_, Value::Blob(b)) => unpack_values(b)?,
+        _ => return Err(Error::invalid("a composite key that is not packed")),
+    };
+    let exists: bool = conn
+        .prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE {})",
+            quote(&t.name),
+            t.key_where(1)
+        ))?
+        .query_row(rusqlite::params_from_iter(pk.iter()), |r| r.get(0))?;
+    let old: Option<(i64, i64, Vec<u8>)> = read
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let (mut cl, mut clocks) = match old {
+        Some((cl, row_dbv, blob)) => (cl as u64, RowClocks::decode(&blob, row_dbv as u64)?),
+        None => (0, RowClocks::default()),
+    };
+    let alive = cl % 2 == 1;
+    match (exists, alive) {
+        (true, _) => apply_local(&mut cl, &mut clocks, &EventKind::Inserted, stamp, slots),
+        (false, true) => apply_local(&mut cl, &mut clocks, &EventKind::Deleted, stamp, slots),
+        (false, false) => return Ok(()),
+    }
+    write.execute(params![
+        key,
+        cl as i64,
+        stamp.dbv as i64,
+        clocks.encode(stamp.dbv)
+    ])?;
     Ok(())
 }
 

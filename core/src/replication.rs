@@ -128,9 +128,7 @@ impl Database {
             self.record_existing_rows(conn, &info)?;
         }
         self.activate_pending(&tx, &info)?;
-        tx.commit()?;
-        self.cache_table(info);
-        Ok(())
+        tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))
     }
 
     /// Runs `alter_sql` (an `ALTER TABLE`, or any migration of `table`) and
@@ -147,13 +145,43 @@ impl Database {
         let tx = self.transaction()?;
         let conn = tx.conn();
         schema::drop_triggers(conn, &existing)?;
-        conn.execute_batch(alter_sql)?;
+        // Writes made here would not be tracked (the triggers are off), so
+        // only schema statements are allowed; data migrations go in a
+        // transaction of their own afterwards.
+        {
+            use fallible_iterator::FallibleIterator;
+            let mut batch = rusqlite::Batch::new(conn, alter_sql);
+            while let Some(mut stmt) = batch.next()? {
+                let sql = stmt.expanded_sql().unwrap_or_default();
+                let word = sql
+                    .trim_start()
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
+                if !matches!(word.as_str(), "ALTER" | "CREATE" | "DROP") {
+                    return Err(Error::invalid(format!(
+                        "alter_synced_table runs schema statements only (ALTER, CREATE, DROP), not {word}; \
+                         write data in a transaction of its own"
+                    )));
+                }
+                stmt.raw_execute()?;
+            }
+        }
         let (pk, columns) = schema::inspect(conn, table)?;
         let info = Arc::new(schema::register(conn, table, &pk, &columns)?);
         schema::install(conn, &info)?;
         self.activate_pending(&tx, &info)?;
-        tx.commit()?;
-        self.cache_table(info);
+        tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))
+    }
+
+    /// After a commit, with the writer lock still held: the site list (new
+    /// sites may have been recorded) and the synced table just changed.
+    fn refresh_caches(&self, conn: &Connection, table: Option<Arc<TableInfo>>) -> Result<()> {
+        *self.inner.sites.write().unwrap_or_else(|e| e.into_inner()) = load_sites(conn)?;
+        if let Some(info) = table {
+            self.cache_table(info);
+        }
         Ok(())
     }
 
@@ -288,12 +316,14 @@ impl Database {
             lock(&self.inner.state).hlc.observe(max);
         }
         drop(remote);
-        tx.commit()?;
-        self.inner
-            .sites
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(&ctx.sites[ctx.first_new_site..]);
+        let new_sites = ctx.sites.len() > ctx.first_new_site;
+        tx.commit_then(|conn| {
+            if new_sites {
+                self.refresh_caches(conn, None)
+            } else {
+                Ok(())
+            }
+        })?;
         Ok(ctx.report)
     }
 
@@ -652,11 +682,7 @@ impl Database {
                 c.column.as_deref().unwrap_or("")
             ])?;
         }
-        self.inner
-            .sites
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(&ctx.sites[ctx.first_new_site..]);
+        // New sites reach the cache when the caller commits (refresh_caches).
         Ok(())
     }
 

@@ -111,6 +111,10 @@ pub(crate) fn inspect(conn: &Connection, table: &str) -> Result<(Vec<String>, Ve
     }
     if reserved(table) {
         problems.push("names starting with confluo_ or sqlite_ are reserved".into());
+    } else if !plausible_name(table) {
+        problems.push(format!(
+            "the name {table:?} is not one a sync server accepts (letters, digits, _ $ - and spaces, up to 128 bytes)"
+        ));
     }
     let mut stmt = conn.prepare(
         "SELECT name, type, \"notnull\", dflt_value IS NOT NULL, pk, hidden \
@@ -140,6 +144,14 @@ pub(crate) fn inspect(conn: &Connection, table: &str) -> Result<(Vec<String>, Ve
         if !c.not_null && !rowid_alias && without_rowid == 0 {
             problems.push(format!(
                 "primary key column {:?} allows NULL (declare it NOT NULL)",
+                c.name
+            ));
+        }
+    }
+    for c in columns.iter().filter(|c| !c.generated) {
+        if !plausible_name(&c.name) {
+            problems.push(format!(
+                "column name {:?} is not one a sync server accepts (letters, digits, _ $ - and spaces, up to 128 bytes)",
                 c.name
             ));
         }
@@ -346,10 +358,12 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
             .join(" AND ");
     // A column counts as changed when its value differs byte for byte,
     // whatever the column's collation says.
-    let changed: Vec<String> = t
-        .live_slots()
-        .map(|(_, c)| format!("(NEW.{0} IS NOT OLD.{0} COLLATE BINARY)", quote(c)))
-        .collect();
+    // (`IS NOT` alone calls 1 and 1.0 equal; the stored types differ.)
+    let differs = |c: &str| {
+        let c = quote(c);
+        format!("(NEW.{c} IS NOT OLD.{c} COLLATE BINARY OR typeof(NEW.{c}) IS NOT typeof(OLD.{c}))")
+    };
+    let changed: Vec<String> = t.live_slots().map(|(_, c)| differs(c)).collect();
     let any_changed = if changed.is_empty() {
         "0".to_owned()
     } else {
@@ -361,13 +375,7 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
         let terms: Vec<String> = t
             .live_slots()
             .filter(|(s, _)| (chunk_start..chunk_start + 62).contains(s))
-            .map(|(s, c)| {
-                format!(
-                    "((NEW.{0} IS NOT OLD.{0} COLLATE BINARY) << {1})",
-                    quote(c),
-                    s - chunk_start
-                )
-            })
+            .map(|(s, c)| format!("({} << {})", differs(c), s - chunk_start))
             .collect();
         masks.push(if terms.is_empty() {
             "0".to_owned()

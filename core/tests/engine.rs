@@ -732,3 +732,104 @@ fn queries_run_on_readers_and_writes_through_query_still_work() {
     let again = Database::open(dir.path().join("q.db")).unwrap();
     assert_eq!(dump(&again, "todo").len(), 1);
 }
+
+#[test]
+fn rows_kept_by_a_failing_insert_or_fail_are_still_tracked() {
+    let db = synced(TODO_SCHEMA, "todo");
+    db.execute_batch("CREATE TABLE src(id TEXT)").unwrap();
+    db.execute("INSERT INTO src VALUES ('n1'), ('n2'), ('k1'), ('n3')", &[])
+        .unwrap();
+    let tx = db.transaction().unwrap();
+    tx.execute("INSERT INTO todo VALUES ('k1', 'first', 'open')", &[])
+        .unwrap();
+    // OR FAIL keeps n1 and n2, written before the conflict on k1.
+    assert!(tx
+        .execute("INSERT OR FAIL INTO todo(id) SELECT id FROM src", &[])
+        .is_err());
+    tx.commit().unwrap();
+    assert_eq!(dump(&db, "todo").len(), 3);
+    let peer = synced(TODO_SCHEMA, "todo");
+    pull(&peer, &db);
+    assert_eq!(dump(&peer, "todo"), dump(&db, "todo"));
+}
+
+#[test]
+fn an_integer_rewritten_as_a_real_is_a_change() {
+    let schema = "CREATE TABLE n(id TEXT PRIMARY KEY NOT NULL, v)";
+    let (a, b) = (synced(schema, "n"), synced(schema, "n"));
+    a.execute("INSERT INTO n VALUES ('k', 1)", &[]).unwrap();
+    pull(&b, &a);
+    a.execute("UPDATE n SET v = 1.0", &[]).unwrap();
+    assert_eq!(dump(&a, "n"), vec![vec![text("k"), Value::Real(1.0)]]);
+    pull(&b, &a);
+    assert_eq!(dump(&b, "n"), vec![vec![text("k"), Value::Real(1.0)]]);
+}
+
+#[test]
+fn migrations_are_schema_only_and_names_must_be_syncable() {
+    let db = synced(TODO_SCHEMA, "todo");
+    let err = db
+        .alter_synced_table(
+            "todo",
+            "ALTER TABLE todo ADD COLUMN due TEXT; UPDATE todo SET due = 'x'",
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    assert_eq!(dump(&db, "todo"), Vec::<Vec<Value>>::new());
+    assert_eq!(
+        db.query("SELECT * FROM todo", &[]).unwrap().columns.len(),
+        3,
+        "the ALTER was rolled back"
+    );
+    db.execute_batch("CREATE TABLE \"due.dates\"(id TEXT PRIMARY KEY NOT NULL, \"a;b\" TEXT)")
+        .unwrap();
+    let err = db.enable_sync("due.dates").unwrap_err().to_string();
+    assert!(
+        err.contains("\"due.dates\"") && err.contains("\"a;b\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn db_version_never_goes_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let options = Options {
+        time: clock.clone(),
+        ..Options::default()
+    };
+    let newer = todo_replica(&clock);
+    newer
+        .alter_synced_table("todo", "ALTER TABLE todo ADD COLUMN priority INTEGER")
+        .unwrap();
+    newer
+        .execute("INSERT INTO todo VALUES ('t1', 'x', 'open', 1)", &[])
+        .unwrap();
+    let path = dir.path().join("b.db");
+    let before = {
+        let b = Database::open_with(&path, options.clone()).unwrap();
+        b.execute_batch(TODO_SCHEMA).unwrap();
+        b.enable_sync("todo").unwrap();
+        pull(&b, &newer);
+        b.execute("DELETE FROM todo", &[]).unwrap();
+        // A late, stale change for the column B lacks is kept (a new
+        // db_version), then merged away by the migration.
+        let mut stale = newer.changes_since(0, None).unwrap();
+        stale
+            .changes
+            .retain(|c| c.column.as_deref() == Some("priority"));
+        stale.recipient = None;
+        b.apply(&stale).unwrap();
+        b.alter_synced_table("todo", "ALTER TABLE todo ADD COLUMN priority INTEGER")
+            .unwrap();
+        b.db_version()
+    };
+    let b = Database::open_with(&path, options).unwrap();
+    assert_eq!(b.db_version(), before);
+    b.execute(
+        "INSERT INTO todo VALUES ('t2', 'after restart', 'open', 2)",
+        &[],
+    )
+    .unwrap();
+    assert!(b.db_version() > before);
+}
