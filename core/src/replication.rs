@@ -154,7 +154,6 @@ impl Database {
             while let Some(mut stmt) = batch.next()? {
                 let sql = stmt.expanded_sql().unwrap_or_default();
                 let word = sql
-                    .trim_start()
                     .split_whitespace()
                     .next()
                     .unwrap_or("")
