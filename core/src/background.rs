@@ -54,7 +54,10 @@ impl<F: Fn(&SyncStatus) + Send + Sync + 'static> SyncStatusListener for F {
 struct Control {
     stop: bool,
     online: bool,
-    /// When the last local commit happened (debounce from there).
+    /// When the first and the last local commit since the last sync
+    /// happened: sync `debounce` after the last, but no later than
+    /// `10 × debounce` after the first, so steady writing still syncs.
+    first_local_change: Option<Instant>,
     local_change: Option<Instant>,
     /// The long poll saw changes on the server.
     remote_news: bool,
@@ -167,7 +170,11 @@ impl Database {
         let on_commit = Arc::downgrade(&shared);
         let observer = self.observe(&[], move |_: &[String]| {
             if let Some(s) = on_commit.upgrade() {
-                s.update(|c| c.local_change = Some(Instant::now()));
+                s.update(|c| {
+                    let now = Instant::now();
+                    c.first_local_change.get_or_insert(now);
+                    c.local_change = Some(now);
+                });
             }
         });
         let poller_stop = Arc::new(AtomicBool::new(false));
@@ -230,7 +237,10 @@ fn run_worker(
                 }
                 continue;
             }
-            let debounced = guard.local_change.map(|t| t + config.debounce);
+            let debounced = guard.local_change.map(|t| {
+                let first = guard.first_local_change.unwrap_or(t);
+                (t + config.debounce).min(first + config.debounce * 10)
+            });
             let backoff_until = guard.not_before.filter(|t| *t > now);
             let wanted = guard.kick || guard.remote_news || debounced.is_some();
             let due = match (backoff_until, debounced) {
@@ -258,6 +268,7 @@ fn run_worker(
         guard.kick = false;
         guard.remote_news = false;
         guard.local_change = None;
+        guard.first_local_change = None;
         guard.not_before = None;
         drop(guard);
         // A local commit may be ours (pulled changes are commits too): skip
@@ -315,6 +326,11 @@ fn spawn_poller(
             let client = Client::new(config.clone());
             let site = db.site_id().to_string();
             let mut failures = 0u32;
+            // The cursor when we last reported news: news again at the same
+            // cursor means the worker could not catch up (its sync fails),
+            // and polling again at once would spin.
+            let mut reported_at: Option<u64> = None;
+            let mut stuck = 0u32;
             while !stop.load(Ordering::SeqCst) {
                 let online = shared.control.lock().map(|c| c.online).unwrap_or(false);
                 if !online {
@@ -324,18 +340,26 @@ fn spawn_poller(
                 let Ok(cursor) = db.server_cursor() else {
                     break;
                 };
+                if reported_at == Some(cursor) {
+                    sleep_unless(&stop, backoff(&config, stuck));
+                    stuck = stuck.saturating_add(1);
+                } else {
+                    stuck = 0;
+                }
                 let mut report = SyncReport::default();
                 match client.get_changes(cursor, &site, None, config.long_poll, &mut report) {
                     Ok(Reply::Page(page)) => {
                         failures = 0;
                         if page.changes.until > cursor || !page.changes.changes.is_empty() {
                             shared.update(|c| c.remote_news = true);
+                            reported_at = Some(cursor);
                             // Let the worker catch up before polling again.
                             sleep_unless(&stop, Duration::from_millis(50));
                         }
                     }
                     Ok(_) => {
                         shared.update(|c| c.remote_news = true);
+                        reported_at = Some(cursor);
                         sleep_unless(&stop, Duration::from_millis(200));
                     }
                     Err(_) => {

@@ -311,17 +311,27 @@ impl Client {
             db.mark_pushed(outgoing.until)?;
             None
         } else {
-            match self.push(&outgoing, cursor, site, report)? {
-                Reply::Page(page) => {
+            match self.push(&outgoing, cursor, site, report) {
+                Ok(Reply::Page(page)) => {
                     // The server has it: only now is it marked as sent.
                     db.mark_pushed(outgoing.until)?;
                     report.pushed += outgoing.changes.len();
                     Some(page)
                 }
-                Reply::Gone => return Ok(Round::Gone),
-                Reply::Staged => {
+                Ok(Reply::Gone) => return Ok(Round::Gone),
+                Ok(Reply::Staged) => {
                     return Err(network("the server staged the last part of a push", true))
                 }
+                Err(refused @ (Error::Auth(_) | Error::InvalidInput(_))) => {
+                    // The server will not take our changes (a read-only token,
+                    // a value over its limits): still take everyone else's,
+                    // then report why ours stay unsent.
+                    if let Round::Gone = self.pull(db, None, site, report)? {
+                        return Ok(Round::Gone);
+                    }
+                    return Err(refused);
+                }
+                Err(e) => return Err(e),
             }
         };
         self.pull(db, first, site, report)

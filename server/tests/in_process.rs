@@ -344,3 +344,52 @@ fn the_token_provider_is_asked_for_every_request() {
     assert_eq!(a.pending_changes().unwrap(), 0);
     assert!(provider.0.load(Ordering::SeqCst) >= 2);
 }
+
+#[test]
+fn a_device_whose_push_is_refused_still_receives_the_others() {
+    let auth = Auth::from_toml(
+        r#"
+        [[tokens]]
+        token = "writer-token"
+        user = "writer"
+        spaces = ["shared"]
+        mode = "read-write"
+        [[tokens]]
+        token = "reader-token"
+        user = "reader"
+        spaces = ["shared"]
+        mode = "read"
+        "#,
+    )
+    .unwrap();
+    let server = BackgroundServer::start(
+        Arc::new(SqliteStore::open_in_memory().unwrap()),
+        auth,
+        Config::default(),
+    )
+    .unwrap();
+    let (writer, reader) = (device(), device());
+    writer
+        .execute(
+            "INSERT INTO todo VALUES ('w', 'from the writer', 'open')",
+            &[],
+        )
+        .unwrap();
+    writer
+        .sync_now(&SyncConfig::new(server.url(), "shared", "writer-token"))
+        .unwrap();
+    // The reader wrote locally too, but may not push: it still gets the rows.
+    reader
+        .execute("INSERT INTO todo VALUES ('r', 'local only', 'open')", &[])
+        .unwrap();
+    let err = reader
+        .sync_now(&SyncConfig::new(server.url(), "shared", "reader-token"))
+        .unwrap_err();
+    assert!(matches!(err, confluo_core::Error::Auth(_)), "{err}");
+    assert_eq!(dump(&reader).len(), 2);
+    assert_eq!(
+        reader.pending_changes().unwrap(),
+        1,
+        "its own write stays unsent"
+    );
+}
