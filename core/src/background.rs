@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::client::{Client, Reply, SyncConfig, SyncReport};
+use crate::client::{Client, Ident, Reply, SyncConfig, SyncReport};
 use crate::db::Database;
 use crate::error::{Error, Result};
 use crate::observe::Observation;
@@ -324,7 +324,6 @@ fn spawn_poller(
         .name("confluo-long-poll".into())
         .spawn(move || {
             let client = Client::new(config.clone());
-            let site = db.site_id().to_string();
             let mut failures = 0u32;
             // The cursor when we last reported news: news again at the same
             // cursor means the worker could not catch up (its sync fails),
@@ -347,7 +346,8 @@ fn spawn_poller(
                     stuck = 0;
                 }
                 let mut report = SyncReport::default();
-                match client.get_changes(cursor, &site, None, config.long_poll, &mut report) {
+                let Ok(who) = Ident::of(&db) else { break };
+                match client.get_changes(cursor, &who, None, config.long_poll, &mut report) {
                     Ok(Reply::Page(page)) => {
                         failures = 0;
                         if page.changes.until > cursor || !page.changes.changes.is_empty() {

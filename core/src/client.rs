@@ -119,6 +119,25 @@ pub(crate) struct Page {
     pub changes: ChangeSet,
     pub more: bool,
     pub resume: Option<String>,
+    /// The space's epoch, when the server named it.
+    pub epoch: Option<String>,
+}
+
+/// Who is asking: the device's site id (its own changes are not sent back)
+/// and the epoch of the space history it follows (a wiped and regrown space
+/// answers 410).
+pub(crate) struct Ident {
+    pub site: String,
+    pub epoch: Option<String>,
+}
+
+impl Ident {
+    pub fn of(db: &Database) -> Result<Ident> {
+        Ok(Ident {
+            site: db.site_id().to_string(),
+            epoch: db.server_epoch()?,
+        })
+    }
 }
 
 pub(crate) struct Client {
@@ -204,6 +223,7 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
+        let epoch = header("confluo-epoch");
         let (more, resume, retry_after) = (
             header("confluo-more").as_deref() == Some("1"),
             header("confluo-resume"),
@@ -225,6 +245,7 @@ impl Client {
                     changes,
                     more,
                     resume,
+                    epoch,
                 }))
             }
             202 => Ok(Reply::Staged),
@@ -236,7 +257,7 @@ impl Client {
     fn post_sync(
         &self,
         cursor: u64,
-        site: &str,
+        who: &Ident,
         body: &[u8],
         part: Option<(&str, usize, usize)>,
         report: &mut SyncReport,
@@ -245,12 +266,19 @@ impl Client {
             .agent
             .post(self.url("sync"))
             .query("cursor", cursor.to_string())
-            .query("site", site);
+            .query("site", &who.site);
+        if let Some(epoch) = &who.epoch {
+            req = req.query("epoch", epoch);
+        }
         if let Some((id, i, n)) = part {
             req = req
                 .header("confluo-push-id", id)
                 .header("confluo-push-part", format!("{i}/{n}"));
         }
+        let req = req
+            .config()
+            .timeout_global(Some(self.config.request_timeout))
+            .build();
         self.exchange(req, body, report)
     }
 
@@ -258,7 +286,7 @@ impl Client {
     pub fn get_changes(
         &self,
         cursor: u64,
-        site: &str,
+        who: &Ident,
         resume: Option<&str>,
         wait: Duration,
         report: &mut SyncReport,
@@ -267,12 +295,15 @@ impl Client {
             .agent
             .get(self.url("changes"))
             .query("cursor", cursor.to_string())
-            .query("site", site)
+            .query("site", &who.site)
             .query("wait", wait.as_secs().to_string())
             .header("authorization", &self.auth()?)
             .header("confluo-protocol", PROTOCOL_VERSION);
         if let Some(r) = resume {
             req = req.query("after", r);
+        }
+        if let Some(epoch) = &who.epoch {
+            req = req.query("epoch", epoch);
         }
         let req = req
             .config()
@@ -287,13 +318,12 @@ impl Client {
         let started = Instant::now();
         let mut report = SyncReport::default();
         db.bind_space(&self.config.space)?;
-        let site = db.site_id().to_string();
-        if let Round::Gone = self.round(db, &site, &mut report)? {
+        if let Round::Gone = self.round(db, &Ident::of(db)?, &mut report)? {
             // The server no longer has the history our cursor points into:
             // pull everything again and push all of ours (see
             // `reset_server_cursor`). Nothing unsent is lost.
             db.reset_server_cursor()?;
-            if let Round::Gone = self.round(db, &site, &mut report)? {
+            if let Round::Gone = self.round(db, &Ident::of(db)?, &mut report)? {
                 return Err(network(
                     "the server keeps losing its history (410 twice)",
                     true,
@@ -304,14 +334,14 @@ impl Client {
         Ok(report)
     }
 
-    fn round(&self, db: &Database, site: &str, report: &mut SyncReport) -> Result<Round> {
+    fn round(&self, db: &Database, who: &Ident, report: &mut SyncReport) -> Result<Round> {
         let outgoing = db.changes_for_server()?;
         let cursor = db.server_cursor()?;
         let first = if outgoing.is_empty() {
             db.mark_pushed(outgoing.until)?;
             None
         } else {
-            match self.push(&outgoing, cursor, site, report) {
+            match self.push(&outgoing, cursor, who, report) {
                 Ok(Reply::Page(page)) => {
                     // The server has it: only now is it marked as sent.
                     db.mark_pushed(outgoing.until)?;
@@ -326,7 +356,7 @@ impl Client {
                     // The server will not take our changes (a read-only token,
                     // a value over its limits): still take everyone else's,
                     // then report why ours stay unsent.
-                    if let Round::Gone = self.pull(db, None, site, report)? {
+                    if let Round::Gone = self.pull(db, None, who, report)? {
                         return Ok(Round::Gone);
                     }
                     return Err(refused);
@@ -334,14 +364,14 @@ impl Client {
                 Err(e) => return Err(e),
             }
         };
-        self.pull(db, first, site, report)
+        self.pull(db, first, who, report)
     }
 
     fn push(
         &self,
         outgoing: &ChangeSet,
         cursor: u64,
-        site: &str,
+        who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Reply> {
         let parts = split(outgoing, self.config.max_request_bytes);
@@ -349,7 +379,7 @@ impl Client {
         let n = parts.len();
         for (i, part) in parts.iter().enumerate() {
             let part_header = (n > 1).then_some((id.as_str(), i + 1, n));
-            match self.post_sync(cursor, site, part, part_header, report)? {
+            match self.post_sync(cursor, who, part, part_header, report)? {
                 Reply::Staged if i + 1 < n => continue,
                 reply => return Ok(reply),
             }
@@ -363,7 +393,7 @@ impl Client {
         &self,
         db: &Database,
         first: Option<Page>,
-        site: &str,
+        who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Round> {
         let mut cursor = db.server_cursor()?;
@@ -375,7 +405,7 @@ impl Client {
                 Some(p) => p,
                 None => match self.get_changes(
                     cursor,
-                    site,
+                    who,
                     resume.as_deref(),
                     Duration::ZERO,
                     report,
@@ -388,6 +418,11 @@ impl Client {
             report.pulled += page.changes.changes.len();
             buffered.append(&mut page.changes.changes);
             resume = page.resume.take();
+            if let Some(epoch) = &page.epoch {
+                if who.epoch.as_deref() != Some(epoch.as_str()) {
+                    db.set_server_epoch(epoch)?;
+                }
+            }
             if resume.is_none() && (page.changes.until > cursor || !buffered.is_empty()) {
                 let until = page.changes.until.max(cursor);
                 let applied = db.apply_from_server(&buffered, until)?;

@@ -117,8 +117,29 @@ impl Database {
     pub fn reset_server_cursor(&self) -> Result<()> {
         self.write(|tx| {
             set(tx.conn(), "cursor", 0i64)?;
-            set(tx.conn(), "pushed", 0i64)
+            set(tx.conn(), "pushed", 0i64)?;
+            tx.conn()
+                .execute("DELETE FROM confluo_sync WHERE key = 'epoch'", [])?;
+            Ok(())
         })
+    }
+
+    /// The epoch of the space's history this database follows (the server
+    /// gives each incarnation of a space a new one).
+    pub fn server_epoch(&self) -> Result<Option<String>> {
+        self.read_snapshot(|conn| {
+            Ok(match get(conn, "epoch")? {
+                Some(rusqlite::types::Value::Text(e)) => Some(e),
+                _ => None,
+            })
+        })
+    }
+
+    pub(crate) fn set_server_epoch(&self, epoch: &str) -> Result<()> {
+        if self.server_epoch()?.as_deref() == Some(epoch) {
+            return Ok(());
+        }
+        self.write(|tx| set(tx.conn(), "epoch", epoch))
     }
 
     /// How many rows have local changes the server has not accepted yet.

@@ -72,7 +72,7 @@ impl From<Denied> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::CursorGone { .. } => {
+            StoreError::CursorGone { .. } | StoreError::EpochGone { .. } => {
                 ApiError::new(StatusCode::GONE, "cursor_gone", e.to_string())
             }
             StoreError::BadInput(m) => ApiError::bad("invalid_changes", m),
@@ -119,6 +119,8 @@ struct PullParams {
     /// Long-poll seconds (GET /changes only).
     #[serde(default)]
     wait: u64,
+    /// The space epoch the device last saw (from `Confluo-Epoch`).
+    epoch: Option<String>,
 }
 
 fn check_protocol(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -324,31 +326,33 @@ async fn sync_inner(
 ) -> Result<Response, ApiError> {
     check_protocol(&headers)?;
     check_space(&space)?;
+    // The token is checked before the body is read, so nobody without one
+    // can make the server buffer a large body; write access once we know
+    // there is something to write.
+    app.auth.check(auth_header(&headers), &space, false)?;
     let body = read_body(body, app.config.max_body_bytes).await?;
-    app.auth
-        .check(auth_header(&headers), &space, !body.is_empty())?;
+    if !body.is_empty() {
+        app.auth.check(auth_header(&headers), &space, true)?;
+    }
     app.metrics
         .bytes_in
         .fetch_add(body.len() as u64, Ordering::Relaxed);
     let mut exclude = parse_site(&params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
+    // A device whose cursor or epoch is from a history we no longer have
+    // must resync first; its push is not merged, so it is sent again after.
+    check_history(app, &space, &params).await?;
     let mut extra = Vec::new();
     if !body.is_empty() {
-        let cs = validate_push(app, &body)?;
-        // A device whose cursor is beyond our history must resync first; its
-        // push is not merged, so it is sent again afterwards.
-        let (store, sp) = (app.store.clone(), space.clone());
-        let version = blocking(move || store.version(&sp)).await?;
-        if params.cursor > version {
-            return Err(StoreError::CursorGone {
-                cursor: params.cursor,
-                version,
-            }
-            .into());
-        }
-        exclude = exclude.or(Some(cs.source));
-        let pushed = cs.changes.len();
-        drop(cs);
+        let (app2, bytes) = (app.clone(), body.clone());
+        let (source, pushed) = tokio::task::spawn_blocking(move || {
+            validate_push(&app2, &bytes).map(|cs| (cs.source, cs.changes.len()))
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+        exclude = exclude.or(Some(source));
         let parts = match push_part(&headers)? {
             Some((id, i, n)) => {
                 if i < n {
@@ -403,7 +407,45 @@ async fn sync_inner(
         app.config.page_bytes,
     );
     let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
+    extra.extend(epoch_header(app, &space).await?);
     Ok(page_response(app, page, params.cursor, &extra))
+}
+
+/// Refuses (410) a device whose cursor or epoch belongs to a history this
+/// space no longer has.
+async fn check_history(app: &Arc<App>, space: &str, params: &PullParams) -> Result<(), ApiError> {
+    let (store, sp) = (app.store.clone(), space.to_owned());
+    let state = blocking(move || store.space(&sp)).await?;
+    if let Some(known) = &params.epoch {
+        if state.as_ref().is_none_or(|s| s.epoch != *known) {
+            return Err(StoreError::EpochGone {
+                known: known.clone(),
+            }
+            .into());
+        }
+    }
+    let version = state.map_or(0, |s| s.version);
+    if params.cursor > version {
+        return Err(StoreError::CursorGone {
+            cursor: params.cursor,
+            version,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// `Confluo-Epoch`, once the space exists.
+async fn epoch_header(
+    app: &Arc<App>,
+    space: &str,
+) -> Result<Vec<(&'static str, String)>, ApiError> {
+    let (store, sp) = (app.store.clone(), space.to_owned());
+    let state = blocking(move || store.space(&sp)).await?;
+    Ok(state
+        .map(|s| ("confluo-epoch", s.epoch))
+        .into_iter()
+        .collect())
 }
 
 async fn changes(
@@ -427,12 +469,15 @@ async fn changes_inner(
     app.auth.check(auth_header(&headers), &space, false)?;
     let exclude = parse_site(&params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
+    check_history(app, &space, &params).await?;
     let wait = Duration::from_secs(params.wait).min(app.config.max_wait);
     if resume.is_none() && !wait.is_zero() {
         // Subscribe before looking, so a push committing in between is seen.
         let mut rx = app.subscribe(&space);
         let (store, sp) = (app.store.clone(), space.clone());
-        let version = blocking(move || store.version(&sp)).await?;
+        let version = blocking(move || store.space(&sp))
+            .await?
+            .map_or(0, |s| s.version);
         if version == params.cursor {
             app.metrics.long_polls.fetch_add(1, Ordering::Relaxed);
             let mut shutdown = app.shutdown.clone();
@@ -451,5 +496,6 @@ async fn changes_inner(
         app.config.page_bytes,
     );
     let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
-    Ok(page_response(app, page, params.cursor, &[]))
+    let extra = epoch_header(app, &space).await?;
+    Ok(page_response(app, page, params.cursor, &extra))
 }

@@ -16,6 +16,10 @@ pub enum StoreError {
     /// data was reset or restored. The device must pull from scratch.
     #[error("cursor {cursor} is beyond this space's history (version {version})")]
     CursorGone { cursor: u64, version: u64 },
+    /// The device knew another incarnation of the space (its data was wiped
+    /// and started again): its cursor means nothing here.
+    #[error("the space's history was reset (epoch {known} is gone)")]
+    EpochGone { known: String },
     #[error("bad input: {0}")]
     BadInput(String),
     #[error("storage: {0}")]
@@ -68,6 +72,12 @@ pub struct Page {
     pub resume: Option<Resume>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpaceState {
+    pub version: u64,
+    pub epoch: String,
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Merges a push (one or more encoded, already validated change sets)
     /// into `space` in one transaction, under one new version.
@@ -83,8 +93,10 @@ pub trait Store: Send + Sync + 'static {
         exclude: Option<SiteId>,
         budget: usize,
     ) -> StoreResult<Page>;
-    /// The space's current version (0 for a space nobody pushed to).
-    fn version(&self, space: &str) -> StoreResult<u64>;
+    /// The space's current version and epoch (`None` for a space nobody
+    /// pushed to). The epoch is a random id given to a space when it is
+    /// created, so a device can tell a wiped and regrown space from its own.
+    fn space(&self, space: &str) -> StoreResult<Option<SpaceState>>;
     /// Keeps one part of a push sent in several requests.
     fn stage(&self, space: &str, push_id: &str, part: u32, body: &[u8]) -> StoreResult<()>;
     /// Takes the staged parts of a push, in order.
@@ -100,7 +112,7 @@ pub trait Store: Send + Sync + 'static {
 /// per row.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS server_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS spaces(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS spaces(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, version INTEGER NOT NULL, epoch TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rows(
   space INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL,
   cl INTEGER NOT NULL, version INTEGER NOT NULL, cells BLOB NOT NULL,
@@ -110,6 +122,9 @@ CREATE TABLE IF NOT EXISTS staged(
   push_id TEXT NOT NULL, part INTEGER NOT NULL, space TEXT NOT NULL, body BLOB NOT NULL, created INTEGER NOT NULL,
   PRIMARY KEY (push_id, part)) WITHOUT ROWID;
 ";
+
+/// The most bytes of unfinished multi-request pushes kept per space.
+const MAX_STAGED_BYTES: usize = 256 << 20;
 
 /// How long parts of an unfinished multi-request push are kept.
 const STAGED_TTL: Duration = Duration::from_secs(3600);
@@ -229,7 +244,10 @@ impl Store for SqliteStore {
             let (sid, current) = match space_id(&conn, space)? {
                 Some(s) => s,
                 None => {
-                    conn.execute("INSERT INTO spaces(name, version) VALUES (?1, 0)", [space])?;
+                    conn.execute(
+                        "INSERT INTO spaces(name, version, epoch) VALUES (?1, 0, ?2)",
+                        params![space, uuid::Uuid::new_v4().to_string()],
+                    )?;
                     (conn.last_insert_rowid(), 0)
                 }
             };
@@ -286,9 +304,13 @@ impl Store for SqliteStore {
             }
             let sql_all = "SELECT version, tbl, pk, cells FROM rows \
                            WHERE space = ?1 AND version > ?2 ORDER BY version, tbl, pk";
+            // Going on with a version cut in slices: its rows after the last
+            // one sent, in key order, including rows a later push has moved
+            // to a newer version meanwhile (their cells of the sliced version
+            // must still come now; the cursor will move past it).
             let sql_resume = "SELECT version, tbl, pk, cells FROM rows \
-                              WHERE space = ?1 AND version = ?2 AND (tbl, pk) > (?3, ?4) \
-                              ORDER BY version, tbl, pk";
+                              WHERE space = ?1 AND version >= ?2 AND (tbl, pk) > (?3, ?4) \
+                              ORDER BY tbl, pk";
             let mut stmt = conn.prepare_cached(if resume.is_some() {
                 sql_resume
             } else {
@@ -315,6 +337,8 @@ impl Store for SqliteStore {
                     break;
                 };
                 let v = row.get::<_, i64>(0)? as u64;
+                // In a resumed slice rows come in key order, all of one cut.
+                let v = resume.map_or(v, |r| r.version);
                 if let Some(done) = reading.filter(|r| *r != v) {
                     page.until = done;
                     if used >= budget {
@@ -368,8 +392,18 @@ impl Store for SqliteStore {
         })
     }
 
-    fn version(&self, space: &str) -> StoreResult<u64> {
-        self.with_reader(|conn| Ok(space_id(conn, space)?.map_or(0, |(_, v)| v)))
+    fn space(&self, space: &str) -> StoreResult<Option<SpaceState>> {
+        self.with_reader(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT version, epoch FROM spaces WHERE name = ?1")?
+                .query_row([space], |r| {
+                    Ok(SpaceState {
+                        version: r.get::<_, i64>(0)? as u64,
+                        epoch: r.get(1)?,
+                    })
+                })
+                .optional()?)
+        })
     }
 
     fn stage(&self, space: &str, push_id: &str, part: u32, body: &[u8]) -> StoreResult<()> {
@@ -378,6 +412,16 @@ impl Store for SqliteStore {
             "DELETE FROM staged WHERE created < ?1",
             [now_secs() - STAGED_TTL.as_secs() as i64],
         )?;
+        let staged: i64 = conn.query_row(
+            "SELECT coalesce(sum(length(body)), 0) FROM staged WHERE space = ?1",
+            [space],
+            |r| r.get(0),
+        )?;
+        if staged as usize + body.len() > MAX_STAGED_BYTES {
+            return Err(StoreError::BadInput(format!(
+                "more than {MAX_STAGED_BYTES} bytes of unfinished pushes are waiting for this space"
+            )));
+        }
         conn.execute(
             "INSERT OR REPLACE INTO staged(push_id, part, space, body, created) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![push_id, part, space, body, now_secs()],
@@ -518,4 +562,96 @@ fn merge_into(
         start = end;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confluo_core::{Hlc, Value};
+
+    fn change(pk: &str, column: Option<&str>, hlc: u64) -> Change {
+        Change {
+            table: Arc::from("t"),
+            pk: vec![Value::Text(pk.into())].into(),
+            column: column.map(Arc::from),
+            value: if column.is_some() {
+                Value::Text(format!("{pk}-{hlc}"))
+            } else {
+                Value::Null
+            },
+            hlc: Hlc(hlc),
+            site: SiteId::from_bytes([7; 16]),
+            cl: 1,
+            db_version: 1,
+            seq: 0,
+        }
+    }
+
+    fn push(store: &SqliteStore, changes: Vec<Change>) -> PushOutcome {
+        let cs = ChangeSet {
+            source: SiteId::from_bytes([7; 16]),
+            recipient: None,
+            since: 0,
+            until: 1,
+            changes,
+        };
+        store.push("s", &[cs.encode()]).unwrap()
+    }
+
+    #[test]
+    fn a_sliced_version_delivers_rows_that_moved_on_between_slices() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let mut v1 = Vec::new();
+        for r in ["r1", "r2", "r3"] {
+            v1.extend([
+                change(r, None, 10),
+                change(r, Some("a"), 10),
+                change(r, Some("b"), 10),
+            ]);
+        }
+        assert_eq!(push(&store, v1).version, 1);
+        // A budget so small the first page holds one row of version 1.
+        let first = store.pull("s", 0, None, None, 1).unwrap();
+        let resume = first.resume.clone().expect("version 1 was cut");
+        assert_eq!((first.until, first.changes.len()), (0, 3));
+        // Meanwhile r3.a moves on to version 2.
+        assert_eq!(push(&store, vec![change("r3", Some("a"), 20)]).version, 2);
+        let mut got = first.changes;
+        let mut resume = Some(resume);
+        let mut until = 0;
+        while let Some(r) = resume {
+            let page = store.pull("s", 0, Some(&r), None, 1).unwrap();
+            got.extend(page.changes);
+            resume = page.resume;
+            until = page.until;
+        }
+        assert_eq!(until, 1);
+        // Every cell of version 1 arrived (r3.a in its newer form is fine).
+        for r in ["r1", "r2", "r3"] {
+            for col in [None, Some("b")] {
+                assert!(
+                    got.iter()
+                        .any(|c| c.pk[0] == Value::Text(r.into()) && c.column.as_deref() == col),
+                    "{r} {col:?} missing"
+                );
+            }
+        }
+        // And the next pull brings version 2.
+        let next = store.pull("s", 1, None, None, 1 << 20).unwrap();
+        assert_eq!(next.until, 2);
+        assert!(next.changes.iter().any(|c| c.hlc == Hlc(20)));
+    }
+
+    #[test]
+    fn spaces_get_an_epoch_when_created() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        assert_eq!(store.space("s").unwrap(), None);
+        push(&store, vec![change("r1", None, 10)]);
+        let state = store.space("s").unwrap().unwrap();
+        assert_eq!(state.version, 1);
+        assert_eq!(state.epoch.len(), 36);
+        let other = SqliteStore::open_in_memory().unwrap();
+        push(&other, vec![change("r1", None, 10)]);
+        assert_ne!(other.space("s").unwrap().unwrap().epoch, state.epoch);
+    }
 }

@@ -393,3 +393,34 @@ fn a_device_whose_push_is_refused_still_receives_the_others() {
         "its own write stays unsent"
     );
 }
+
+#[test]
+fn a_wiped_server_that_grew_past_our_cursor_is_noticed_by_its_epoch() {
+    let first = server(Config::default());
+    let a = device();
+    a.execute("INSERT INTO todo VALUES ('a1', 'from A', 'open')", &[])
+        .unwrap();
+    a.sync_now(&SyncConfig::new(first.url(), "lists", "dev-token"))
+        .unwrap();
+    assert_eq!(a.server_cursor().unwrap(), 1);
+    drop(first);
+
+    // A new server: B pushes three versions, past A's cursor of 1.
+    let second = server(Config::default());
+    let cfg = SyncConfig::new(second.url(), "lists", "dev-token");
+    let b = device();
+    for i in 0..3 {
+        b.execute(
+            "INSERT INTO todo VALUES (?1, 'from B', 'open')",
+            &[format!("b{i}").into()],
+        )
+        .unwrap();
+        b.sync_now(&cfg).unwrap();
+    }
+    // A's cursor alone would look valid; the epoch says it is another history.
+    let r = a.sync_now(&cfg).unwrap();
+    assert_eq!(r.pushed, 3, "A pushes its row again: {r:?}");
+    assert_eq!(dump(&a).len(), 4);
+    b.sync_now(&cfg).unwrap();
+    assert_eq!(dump(&a), dump(&b));
+}
