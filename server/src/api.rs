@@ -14,7 +14,7 @@ use confluo_core::{check_change, ChangeSet, SiteId};
 use serde::Deserialize;
 
 use crate::auth::Denied;
-use crate::store::{Page, Resume, StoreError};
+use crate::store::{Page, Resume, SpaceState, StoreError};
 use crate::App;
 
 pub const PROTOCOL_VERSION: &str = "1";
@@ -341,7 +341,7 @@ async fn sync_inner(
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
     // A device whose cursor or epoch is from a history we no longer have
     // must resync first; its push is not merged, so it is sent again after.
-    check_history(app, &space, &params).await?;
+    let state = check_history(app, &space, &params).await?;
     let mut extra = Vec::new();
     if !body.is_empty() {
         let (app2, bytes) = (app.clone(), body.clone());
@@ -407,13 +407,17 @@ async fn sync_inner(
         app.config.page_bytes,
     );
     let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
-    extra.extend(epoch_header(app, &space).await?);
+    extra.extend(epoch_header(app, &space, state).await?);
     Ok(page_response(app, page, params.cursor, &extra))
 }
 
 /// Refuses (410) a device whose cursor or epoch belongs to a history this
 /// space no longer has.
-async fn check_history(app: &Arc<App>, space: &str, params: &PullParams) -> Result<(), ApiError> {
+async fn check_history(
+    app: &Arc<App>,
+    space: &str,
+    params: &PullParams,
+) -> Result<Option<SpaceState>, ApiError> {
     let (store, sp) = (app.store.clone(), space.to_owned());
     let state = blocking(move || store.space(&sp)).await?;
     if let Some(known) = &params.epoch {
@@ -424,7 +428,7 @@ async fn check_history(app: &Arc<App>, space: &str, params: &PullParams) -> Resu
             .into());
         }
     }
-    let version = state.map_or(0, |s| s.version);
+    let version = state.as_ref().map_or(0, |s| s.version);
     if params.cursor > version {
         return Err(StoreError::CursorGone {
             cursor: params.cursor,
@@ -432,16 +436,24 @@ async fn check_history(app: &Arc<App>, space: &str, params: &PullParams) -> Resu
         }
         .into());
     }
-    Ok(())
+    Ok(state)
 }
 
 /// `Confluo-Epoch`, once the space exists.
 async fn epoch_header(
     app: &Arc<App>,
     space: &str,
+    known: Option<SpaceState>,
 ) -> Result<Vec<(&'static str, String)>, ApiError> {
-    let (store, sp) = (app.store.clone(), space.to_owned());
-    let state = blocking(move || store.space(&sp)).await?;
+    // An epoch never changes once the space exists; only when it did not
+    // (a push may just have created it) is it looked up.
+    let state = match known {
+        Some(s) => Some(s),
+        None => {
+            let (store, sp) = (app.store.clone(), space.to_owned());
+            blocking(move || store.space(&sp)).await?
+        }
+    };
     Ok(state
         .map(|s| ("confluo-epoch", s.epoch))
         .into_iter()
@@ -469,7 +481,7 @@ async fn changes_inner(
     app.auth.check(auth_header(&headers), &space, false)?;
     let exclude = parse_site(&params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
-    check_history(app, &space, &params).await?;
+    let state = check_history(app, &space, &params).await?;
     let wait = Duration::from_secs(params.wait).min(app.config.max_wait);
     if resume.is_none() && !wait.is_zero() {
         // Subscribe before looking, so a push committing in between is seen.
@@ -496,6 +508,6 @@ async fn changes_inner(
         app.config.page_bytes,
     );
     let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
-    let extra = epoch_header(app, &space).await?;
+    let extra = epoch_header(app, &space, state).await?;
     Ok(page_response(app, page, params.cursor, &extra))
 }
