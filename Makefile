@@ -2,9 +2,9 @@
 # benchmark figures (RESULT lines).
 CARGO ?= cargo
 
-.PHONY: test test-rust test-kotlin lint bench demo
+.PHONY: test test-rust test-kotlin test-swift lint bench demo
 
-test: lint test-rust test-kotlin
+test: lint test-rust test-kotlin test-swift
 
 test-rust:
 	$(CARGO) test --workspace --all-targets
@@ -13,6 +13,11 @@ test-rust:
 # The Kotlin API on the JVM (kotlinc + JUnit 5 + JNA, fetched by the script).
 test-kotlin:
 	scripts/test-kotlin.sh
+
+# The Swift API with XCTest against the host library (natively, or in a
+# Debian trixie chroot with Debian's swiftlang when no swift is on PATH).
+test-swift:
+	scripts/test-swift.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

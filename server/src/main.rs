@@ -31,8 +31,31 @@ struct Args {
     max_value_bytes: usize,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// A parent may start us with SIGTERM and SIGINT blocked (the mask is
+/// inherited); unblock them so that graceful shutdown works.
+#[cfg(unix)]
+fn unblock_shutdown_signals() {
+    // SAFETY: plain libc calls on a local, initialised signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads, which inherit the mask.
+    #[cfg(unix)]
+    unblock_shutdown_signals();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -1,0 +1,31 @@
+// swift-tools-version:5.9
+// Confluo's Swift package. Add it by URL; the product is `Confluo`.
+//
+// On Apple platforms the Rust core comes as ConfluoFFI.xcframework
+// (built by ios/build-xcframework.sh; a URL and checksum for releases). On
+// Linux the package builds against the host-built library, so the same
+// Swift code is tested there (scripts/test-swift.sh generates the FFI
+// sources and passes the library path).
+import PackageDescription
+
+#if os(Linux)
+let ffi: Target = .systemLibrary(name: "ConfluoFFIC", path: "ios/Generated/ConfluoFFIC")
+#else
+let ffi: Target = .binaryTarget(name: "ConfluoFFIC", path: "ios/ConfluoFFI.xcframework")
+#endif
+
+let package = Package(
+    name: "Confluo",
+    platforms: [.iOS(.v15), .macOS(.v12)],
+    products: [
+        .library(name: "Confluo", targets: ["Confluo"]),
+    ],
+    targets: [
+        ffi,
+        // The UniFFI-generated Swift, produced from the built library.
+        .target(name: "ConfluoFFI", dependencies: ["ConfluoFFIC"], path: "ios/Generated/ConfluoFFI"),
+        // The idiomatic API apps use.
+        .target(name: "Confluo", dependencies: ["ConfluoFFI"], path: "ios/Sources/Confluo"),
+        .testTarget(name: "ConfluoTests", dependencies: ["Confluo"], path: "ios/Tests/ConfluoTests"),
+    ]
+)

@@ -1,0 +1,264 @@
+import Foundation
+import XCTest
+@testable import Confluo
+
+private let todo = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT)"
+
+private func todoDb() async throws -> Confluo {
+    let db = try Confluo.openInMemory()
+    try await db.executeBatch(todo)
+    try await db.enableSync("todo")
+    return db
+}
+
+final class ConfluoTests: XCTestCase {
+    func testCrudWithTypedValues() async throws {
+        let db = try await todoDb()
+        try await db.executeBatch("CREATE TABLE vals(id INTEGER PRIMARY KEY, v)")
+        let values: [Any?] = [Int64.min, Int64.max, -0.5, "naïve café 日本語 🚀", "", Data([0, 255, 127]), Data(), nil]
+        for (i, v) in values.enumerated() {
+            try await db.execute("INSERT INTO vals VALUES (?, ?)", i, v)
+        }
+        let rows = try await db.query("SELECT v FROM vals ORDER BY id")
+        XCTAssertEqual(rows[0].int64("v"), Int64.min)
+        XCTAssertEqual(rows[1].int64("v"), Int64.max)
+        XCTAssertEqual(rows[2].double("v"), -0.5)
+        XCTAssertEqual(rows[3].string("v"), "naïve café 日本語 🚀")
+        XCTAssertEqual(rows[4].string("v"), "")
+        XCTAssertEqual(rows[5].data("v"), Data([0, 255, 127]))
+        XCTAssertEqual(rows[6].data("v"), Data())
+        XCTAssertTrue(rows[7].isNull("v"))
+        XCTAssertNil(rows[7].string("v"))
+
+        let inserted = try await db.execute("INSERT INTO todo VALUES (?, ?, ?)", "t1", "Buy milk", "open")
+        XCTAssertEqual(inserted, 1)
+        try await db.execute("UPDATE todo SET status = ? WHERE id = ?", "done", "t1")
+        let row = try await db.query("SELECT * FROM todo").first!
+        XCTAssertEqual(row.string("status"), "done")
+        XCTAssertEqual(row.columns, ["id", "title", "status"])
+        try await db.execute("DELETE FROM todo WHERE id = ?", "t1")
+        let left = try await db.query("SELECT * FROM todo")
+        XCTAssertTrue(left.isEmpty)
+        try db.close()
+    }
+
+    func testBadSqlThrowsWithSqlitesMessage() async throws {
+        let db = try await todoDb()
+        do {
+            _ = try await db.query("SELECT * FROM nope")
+            XCTFail("expected an error")
+        } catch let error as ConfluoError {
+            XCTAssertTrue("\(error)".contains("no such table: nope"), "\(error)")
+        }
+        do {
+            try await db.execute("INSERT INTO todo VALUES (?, ?, ?)", "a", NSObject(), "y")
+            XCTFail("expected an error")
+        } catch ConfluoError.InvalidInput(let detail) {
+            XCTAssertTrue(detail.contains("cannot bind"), detail)
+        }
+    }
+
+    func testWriteCommitsOrRollsBack() async throws {
+        let db = try await todoDb()
+        let count = try await db.write { tx -> Int in
+            try tx.execute("INSERT INTO todo VALUES ('a', 'first', 'open')")
+            try tx.execute("INSERT INTO todo VALUES ('b', 'second', 'open')")
+            return try tx.query("SELECT count(*) AS n FROM todo").first!.int("n")!
+        }
+        XCTAssertEqual(count, 2)
+        struct Oops: Error {}
+        do {
+            _ = try await db.write { tx in
+                try tx.execute("DELETE FROM todo")
+                throw Oops()
+            }
+            XCTFail("expected Oops")
+        } catch is Oops {}
+        let rows = try await db.query("SELECT * FROM todo")
+        XCTAssertEqual(rows.count, 2)
+    }
+
+    func testPeerToPeerChangeSetsConverge() async throws {
+        let a = try await todoDb()
+        let b = try await todoDb()
+        try await a.execute("INSERT INTO todo VALUES ('t1', 'from A', 'open')")
+        let seen = try await b.seenVersion(a.siteId)
+        let applied = try await b.applyChanges(try await a.changesForPeer(b.siteId, seenByPeer: seen))
+        XCTAssertEqual(applied, 3)
+        let ra = try await a.query("SELECT * FROM todo").map(\.description)
+        let rb = try await b.query("SELECT * FROM todo").map(\.description)
+        XCTAssertEqual(ra, rb)
+    }
+
+    func testCloseReleasesTheFile() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(UUID().uuidString)
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("app.db").path
+        let first = try Confluo.open(path: path)
+        try await first.executeBatch(todo)
+        try await first.enableSync("todo")
+        try await first.execute("INSERT INTO todo VALUES ('k', 'kept', 'open')")
+        try first.close()
+        do {
+            _ = try await first.query("SELECT 1")
+            XCTFail("a closed database must refuse queries")
+        } catch ConfluoError.Closed {}
+        let again = try Confluo.open(path: path)
+        let rows = try await again.query("SELECT title FROM todo")
+        XCTAssertEqual(rows.first?.string("title"), "kept")
+        try await again.execute("UPDATE todo SET title = 'again'")
+        try again.close()
+    }
+}
+
+/// A real `confluo-server` process on a free loopback port.
+final class TestServer {
+    let port: Int
+    let dir: URL
+    private var process: Process?
+    var url: String { "http://127.0.0.1:\(port)" }
+
+    init() throws {
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent(UUID().uuidString)
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        port = Int.random(in: 20000...60000)
+        try start()
+    }
+
+    func start() throws {
+        guard let bin = ProcessInfo.processInfo.environment["CONFLUO_SERVER_BIN"] else {
+            throw ConfluoError.InvalidInput(detail: "CONFLUO_SERVER_BIN is not set")
+        }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: bin)
+        p.arguments = ["--dev", "--listen", "127.0.0.1:\(port)", "--db", dir.appendingPathComponent("server.db").path]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        process = p
+        let deadline = Date().addingTimeInterval(20)
+        while !healthy() {
+            guard p.isRunning, Date() < deadline else { throw ConfluoError.InvalidInput(detail: "the server did not start") }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+    }
+
+    /// SIGTERM, then wait for the exit with waitpid (Foundation's
+    /// `waitUntilExit` relies on a run loop that async tests do not spin).
+    func stop() {
+        guard let p = process else { return }
+        process = nil
+        let pid = p.processIdentifier
+        kill(pid, SIGTERM)
+        let deadline = Date().addingTimeInterval(10)
+        var status: Int32 = 0
+        while Date() < deadline {
+            let r = waitpid(pid, &status, WNOHANG)
+            if r == pid || (r == -1 && errno == ECHILD) { return }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        kill(pid, SIGKILL)
+    }
+
+    private func healthy() -> Bool {
+        // A plain TCP connect is enough: the server answers as soon as it listens.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
+            }
+        }
+    }
+
+    deinit {
+        stop()
+        try? FileManager.default.removeItem(at: dir)
+    }
+}
+
+final class SyncTests: XCTestCase {
+    private func options(_ server: TestServer, _ space: String) -> SyncOptions {
+        var o = SyncOptions(serverURL: server.url, space: space)
+        o.requestTimeoutMs = 5_000
+        o.minBackoffMs = 100
+        o.maxBackoffMs = 800
+        return o
+    }
+
+    func testTwoDatabasesSyncThroughARealServer() async throws {
+        let server = try TestServer()
+        let a = try await todoDb()
+        let b = try await todoDb()
+        let opts = options(server, "lists")
+        try await a.execute("INSERT INTO todo VALUES ('t1', 'Buy groceries', 'in_progress')")
+        let pushed = try await a.syncNow(opts) { "dev-token" }
+        XCTAssertEqual(pushed.pushed, 3)
+        let pulled = try await b.syncNow(opts) { "dev-token" }
+        XCTAssertEqual(pulled.applied, 3)
+        let title = try await b.query("SELECT title FROM todo").first?.string("title")
+        XCTAssertEqual(title, "Buy groceries")
+        do {
+            _ = try await b.syncNow(opts) { "wrong-token" }
+            XCTFail("expected an auth error")
+        } catch ConfluoError.Auth(let detail) {
+            XCTAssertTrue(detail.contains("401"), detail)
+        }
+    }
+
+    func testWatchEmitsAfterALocalWriteAndAfterASync() async throws {
+        let server = try TestServer()
+        let a = try await todoDb()
+        let b = try await todoDb()
+        let opts = options(server, "watched")
+        var updates = b.watch("SELECT title FROM todo ORDER BY id", tables: ["todo"]).makeAsyncIterator()
+        let initial = try await updates.next()
+        XCTAssertEqual(initial?.count, 0)
+        try await b.execute("INSERT INTO todo VALUES ('b1', 'local', 'open')")
+        var latest = try await updates.next()
+        XCTAssertEqual(latest?.count, 1)
+        try await a.execute("INSERT INTO todo VALUES ('a1', 'remote', 'open')")
+        _ = try await a.syncNow(opts) { "dev-token" }
+        _ = try await b.syncNow(opts) { "dev-token" }
+        while latest?.count != 2 {
+            latest = try await updates.next()
+        }
+        XCTAssertEqual(latest?.compactMap { $0.string("title") }, ["remote", "local"])
+    }
+
+    func testBackgroundSyncGoesSyncingToIdleAndOfflineWhenTheServerStops() async throws {
+        let server = try TestServer()
+        let db = try await todoDb()
+        var seen: [SyncState] = []
+        var statuses = db.syncStatus.makeAsyncIterator()
+        try db.startSync(options(server, "bg")) { "dev-token" }
+        func waitFor(_ what: String, _ predicate: (SyncStatus) -> Bool) async throws {
+            let deadline = Date().addingTimeInterval(15)
+            while let s = await statuses.next() {
+                seen.append(s.state)
+                if predicate(s) { return }
+                if Date() > deadline { break }
+            }
+            XCTFail("timed out waiting for \(what); saw \(seen)")
+        }
+        try await waitFor("idle") { $0.state == .idle && $0.lastSynced != nil }
+        try await db.execute("INSERT INTO todo VALUES ('k', 'x', 'y')")
+        try await waitFor("the write synced") { $0.state == .idle && $0.pending == 0 && $0.lastSynced != nil }
+        server.stop()
+        try await db.execute("INSERT INTO todo VALUES ('k2', 'while the server is down', 'y')")
+        try await waitFor("offline with the write pending") {
+            if case .offline = $0.state { return $0.pending == 1 }
+            return false
+        }
+        try server.start()
+        db.syncSoon()
+        try await waitFor("back in sync") { $0.state == .idle && $0.pending == 0 }
+        db.stopSync()
+        XCTAssertTrue(seen.contains(.syncing), "\(seen)")
+    }
+}

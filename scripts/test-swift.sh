@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs the Swift API's tests: builds the FFI library and the server,
+# generates the Swift bindings with the pinned bindgen into ios/Generated,
+# checks that Package.swift parses, and runs `swift test` against the
+# host-built library — natively when `swift` is on PATH, otherwise in the
+# Debian trixie chroot that scripts/swift-env.sh provides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+cargo build -q -p confluo-ffi -p confluo-server
+case "$(uname -s)" in
+  Darwin) lib=target/debug/libconfluo_ffi.dylib ;;
+  *) lib=target/debug/libconfluo_ffi.so ;;
+esac
+gen=ios/Generated
+rm -rf "$gen" target/swift-gen
+cargo uniffi-bindgen generate --library "$lib" --language swift --no-format --out-dir target/swift-gen
+mkdir -p "$gen/ConfluoFFI" "$gen/ConfluoFFIC"
+cp target/swift-gen/ConfluoFFI.swift "$gen/ConfluoFFI/"
+cp target/swift-gen/ConfluoFFIC.h "$gen/ConfluoFFIC/"
+# On Linux the C module is a system library: link the host-built one.
+cat > "$gen/ConfluoFFIC/module.modulemap" <<'MAP'
+module ConfluoFFIC {
+    header "ConfluoFFIC.h"
+    link "confluo_ffi"
+    export *
+}
+MAP
+
+env=$(scripts/swift-env.sh)
+log=target/swift-test.log
+run() {
+  if [ "$env" = native ]; then
+    (cd "$root" && env "$@")
+  else
+    mkdir -p "$env/src"
+    mountpoint -q "$env/src" || mount --bind "$root" "$env/src"
+    trap 'umount "$env/src" 2>/dev/null || true' EXIT
+    chroot "$env" /usr/bin/env HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+      bash -c 'cd /src && exec env "$@"' -- "$@"
+  fi
+}
+if [ "$env" = native ]; then dir=$root; else dir=/src; fi
+echo "checking Package.swift (swift package dump-package)"
+run swift package dump-package --scratch-path "$dir/target/swift-build" > /dev/null
+set +e
+run LD_LIBRARY_PATH="$dir/target/debug" CONFLUO_SERVER_BIN="$dir/target/debug/confluo-server" \
+  swift test --scratch-path "$dir/target/swift-build" -Xlinker -L"$dir/target/debug" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+summary=$(grep -E "Executed [0-9]+ tests?, with [0-9]+ failures?" "$log" | tail -1 || true)
+total=$(echo "$summary" | grep -oE "Executed [0-9]+" | grep -oE "[0-9]+" || echo 0)
+failed=$(echo "$summary" | grep -oE "with [0-9]+" | grep -oE "[0-9]+" || echo 0)
+total=${total:-0}
+failed=${failed:-0}
+echo "swift: $((total - failed)) passed, $failed failed"
+if [ "$total" -eq 0 ]; then
+  echo "no Swift test ran" >&2
+  exit 1
+fi
+exit "$status"
