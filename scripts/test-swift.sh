@@ -36,7 +36,7 @@ run() {
   else
     mkdir -p "$env/src"
     mountpoint -q "$env/src" || mount --bind "$root" "$env/src"
-    trap 'umount "$env/src" 2>/dev/null || true' EXIT
+    trap 'umount "$env/src" 2>/dev/null || umount -l "$env/src" 2>/dev/null || true' EXIT
     chroot "$env" /usr/bin/env HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       bash -c 'cd /src && exec env "$@"' -- "$@"
   fi
