@@ -3,6 +3,7 @@
 # server, generates the Kotlin bindings with the pinned bindgen, compiles
 # the same Kotlin sources the Android library ships plus the tests with
 # kotlinc, and runs them with JUnit 5 (JNA loads the host-built library).
+# The todo app's Android-free logic and its tests are compiled with them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,9 @@ cp=$(find "$tools/jars" -name '*.jar' | sort | tr '\n' ':')
 
 echo "compiling Kotlin (kotlinc)..."
 "$kotlinc" -nowarn -jvm-target 17 -cp "$cp" -d "$out/classes" \
-  "$out/generated" android/confluo/src/main/kotlin android/confluo/src/test/kotlin 2>&1 \
+  "$out/generated" android/confluo/src/main/kotlin android/confluo/src/test/kotlin \
+  examples/android-todo/app/src/main/kotlin/dev/confluo/todo/core \
+  examples/android-todo/app/src/test/kotlin 2>&1 \
   | grep -v "^warning: unable to find kotlin-stdlib" || true
 [ -d "$out/classes/dev/confluo" ] || { echo "Kotlin compilation failed" >&2; exit 1; }
 
