@@ -44,16 +44,24 @@ run() {
 if [ "$env" = native ]; then dir=$root; else dir=/src; fi
 echo "checking Package.swift (swift package dump-package)"
 run swift package dump-package --scratch-path "$dir/target/swift-build" > /dev/null
-set +e
-run LD_LIBRARY_PATH="$dir/target/debug" CONFLUO_SERVER_BIN="$dir/target/debug/confluo-server" \
-  swift test --scratch-path "$dir/target/swift-build" -Xlinker -L"$dir/target/debug" 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
-set -e
-summary=$(grep -E "Executed [0-9]+ tests?, with [0-9]+ failures?" "$log" | tail -1 || true)
-total=$(echo "$summary" | grep -oE "Executed [0-9]+" | grep -oE "[0-9]+" || echo 0)
-failed=$(echo "$summary" | grep -oE "with [0-9]+" | grep -oE "[0-9]+" || echo 0)
-total=${total:-0}
-failed=${failed:-0}
+# The SDK's package, then the todo app's logic (a package depending on it).
+total=0
+failed=0
+status=0
+for pkg in . examples/ios-todo/TodoCore; do
+  scratch="$dir/target/swift-build/$(basename "$(cd "$pkg" && pwd)")"
+  set +e
+  run LD_LIBRARY_PATH="$dir/target/debug" CONFLUO_SERVER_BIN="$dir/target/debug/confluo-server" \
+    swift test --package-path "$dir/$pkg" --scratch-path "$scratch" -Xlinker -L"$dir/target/debug" 2>&1 | tee "$log"
+  code=${PIPESTATUS[0]}
+  set -e
+  [ "$code" -eq 0 ] || status=$code
+  summary=$(grep -E "Executed [0-9]+ tests?, with [0-9]+ failures?" "$log" | tail -1 || true)
+  t=$(echo "$summary" | grep -oE "Executed [0-9]+" | grep -oE "[0-9]+" || true)
+  f=$(echo "$summary" | grep -oE "with [0-9]+" | grep -oE "[0-9]+" || true)
+  total=$((total + ${t:-0}))
+  failed=$((failed + ${f:-0}))
+done
 echo "swift: $((total - failed)) passed, $failed failed"
 if [ "$total" -eq 0 ]; then
   echo "no Swift test ran" >&2

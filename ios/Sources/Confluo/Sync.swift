@@ -61,7 +61,7 @@ public struct SyncStatus: Sendable, Equatable {
     /// When the last sync succeeded, if ever.
     public let lastSynced: Date?
 
-    init(state: SyncState, pending: Int, lastSynced: Date?) {
+    public init(state: SyncState, pending: Int, lastSynced: Date?) {
         self.state = state
         self.pending = pending
         self.lastSynced = lastSynced

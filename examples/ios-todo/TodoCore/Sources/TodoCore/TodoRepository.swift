@@ -1,0 +1,135 @@
+import Foundation
+import Confluo
+
+/// One todo as the app shows it.
+public struct TodoItem: Sendable, Equatable, Identifiable {
+    public let id: String
+    public let title: String
+    public let done: Bool
+
+    public init(id: String, title: String, done: Bool) {
+        self.id = id
+        self.title = title
+        self.done = done
+    }
+}
+
+/// Where to sync, as the settings screen stores it.
+public struct SyncSettings: Sendable, Equatable, Codable {
+    public var serverURL: String
+    public var space: String
+    public var token: String
+
+    public init(serverURL: String, space: String, token: String) {
+        self.serverURL = serverURL
+        self.space = space
+        self.token = token
+    }
+
+    public var isComplete: Bool { !serverURL.isEmpty && !space.isEmpty && !token.isEmpty }
+}
+
+/// The todo list's logic: the SwiftUI app's model and the tests both use it.
+public final class TodoRepository: Sendable {
+    public static let schema = """
+        CREATE TABLE IF NOT EXISTS todo(
+            id TEXT PRIMARY KEY NOT NULL,
+            title TEXT NOT NULL DEFAULT '',
+            done INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL DEFAULT 0
+        )
+        """
+
+    private let db: Confluo
+
+    private init(_ db: Confluo) {
+        self.db = db
+    }
+
+    /// Opens the list in `db`, creating and syncing the table on first use.
+    public static func open(_ db: Confluo) async throws -> TodoRepository {
+        try await db.executeBatch(schema)
+        try await db.enableSync("todo")
+        return TodoRepository(db)
+    }
+
+    /// The list, oldest first, now and after every local or synced change.
+    public func todos() -> AsyncThrowingStream<[TodoItem], Error> {
+        let rows = db.watch("SELECT id, title, done FROM todo ORDER BY created_at, id", tables: ["todo"])
+        return AsyncThrowingStream { continuation in
+            let task = Task {
+                do {
+                    for try await page in rows {
+                        continuation.yield(page.map {
+                            TodoItem(id: $0.string("id") ?? "", title: $0.string("title") ?? "", done: $0.bool("done") ?? false)
+                        })
+                    }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+
+    /// Background sync's status, for the status chip.
+    public var syncStatus: AsyncStream<SyncStatus> { db.syncStatus }
+
+    @discardableResult
+    public func add(_ title: String) async throws -> String {
+        let id = UUID().uuidString.lowercased()
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        try await db.execute("INSERT INTO todo(id, title, done, created_at) VALUES (?, ?, 0, ?)",
+                             id, title.trimmingCharacters(in: .whitespaces), now)
+        return id
+    }
+
+    public func toggle(_ id: String) async throws {
+        try await db.execute("UPDATE todo SET done = 1 - done WHERE id = ?", id)
+    }
+
+    public func rename(_ id: String, to title: String) async throws {
+        try await db.execute("UPDATE todo SET title = ? WHERE id = ?", title.trimmingCharacters(in: .whitespaces), id)
+    }
+
+    public func delete(_ id: String) async throws {
+        try await db.execute("DELETE FROM todo WHERE id = ?", id)
+    }
+
+    /// Starts (or restarts) background sync; nothing until the settings are complete.
+    public func startSync(_ settings: SyncSettings) throws {
+        guard settings.isComplete else { return }
+        let token = settings.token
+        try db.startSync(SyncOptions(serverURL: settings.serverURL, space: settings.space)) { token }
+    }
+
+    public func stopSync() { db.stopSync() }
+
+    /// The platform's network hint (NWPathMonitor).
+    public func setOnline(_ online: Bool) { db.setOnline(online) }
+
+    /// One sync, e.g. from a BGAppRefreshTask.
+    public func syncOnce(_ settings: SyncSettings) async throws {
+        guard settings.isComplete else { return }
+        let token = settings.token
+        _ = try await db.syncNow(SyncOptions(serverURL: settings.serverURL, space: settings.space)) { token }
+    }
+}
+
+/// What the sync status chip shows.
+public struct SyncChip: Equatable, Sendable {
+    public enum Kind: Sendable { case synced, syncing, offline, error }
+    public let label: String
+    public let kind: Kind
+
+    public init(_ status: SyncStatus) {
+        let pending = status.pending > 0 ? " · \(status.pending) pending" : ""
+        switch status.state {
+        case .idle: (label, kind) = ("Synced" + pending, .synced)
+        case .syncing: (label, kind) = ("Syncing…" + pending, .syncing)
+        case .offline: (label, kind) = ("Offline" + pending, .offline)
+        case .error(_, let retryIn): (label, kind) = ("Sync error, retrying in \(Int(retryIn.rounded(.up))) s" + pending, .error)
+        }
+    }
+}
