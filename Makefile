@@ -22,6 +22,7 @@ test-swift:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	scripts/lint-shell.sh
 
 bench:
 	$(CARGO) bench -p confluo-core

@@ -10,8 +10,15 @@ import PackageDescription
 
 #if os(Linux)
 let ffi: Target = .systemLibrary(name: "ConfluoFFIC", path: "ios/Generated/ConfluoFFIC")
+// The privacy manifest is for Apple's App Store only.
+let privacy: [Resource] = []
+let notShipped = ["PrivacyInfo.xcprivacy"]
 #else
+// A release replaces the path with
+// .binaryTarget(name: "ConfluoFFIC", url: "<release>/ConfluoFFI.xcframework.zip", checksum: "<ios/build-xcframework.sh --release>")
 let ffi: Target = .binaryTarget(name: "ConfluoFFIC", path: "ios/ConfluoFFI.xcframework")
+let privacy: [Resource] = [.copy("PrivacyInfo.xcprivacy")]
+let notShipped: [String] = []
 #endif
 
 let package = Package(
@@ -25,7 +32,8 @@ let package = Package(
         // The UniFFI-generated Swift, produced from the built library.
         .target(name: "ConfluoFFI", dependencies: ["ConfluoFFIC"], path: "ios/Generated/ConfluoFFI"),
         // The idiomatic API apps use.
-        .target(name: "Confluo", dependencies: ["ConfluoFFI"], path: "ios/Sources/Confluo"),
+        .target(name: "Confluo", dependencies: ["ConfluoFFI"], path: "ios/Sources/Confluo",
+                exclude: notShipped, resources: privacy),
         .testTarget(name: "ConfluoTests", dependencies: ["Confluo"], path: "ios/Tests/ConfluoTests"),
     ]
 )

@@ -1,0 +1,62 @@
+package dev.confluo.todo
+
+import android.app.Application
+import android.content.Context
+import android.net.ConnectivityManager
+import android.net.Network
+import android.net.NetworkCapabilities
+import androidx.datastore.preferences.core.edit
+import androidx.datastore.preferences.core.stringPreferencesKey
+import androidx.datastore.preferences.preferencesDataStore
+import dev.confluo.Confluo
+import dev.confluo.todo.core.SyncSettings
+import dev.confluo.todo.core.TodoRepository
+import kotlinx.coroutines.CoroutineScope
+import kotlinx.coroutines.SupervisorJob
+import kotlinx.coroutines.async
+import kotlinx.coroutines.flow.Flow
+import kotlinx.coroutines.flow.map
+
+private val Context.settingsStore by preferencesDataStore("sync-settings")
+
+/** Holds the one database and repository of the app, and feeds it the network state. */
+class TodoApp : Application() {
+    val scope = CoroutineScope(SupervisorJob())
+    val repository by lazy {
+        scope.async { TodoRepository.open(Confluo.open(getDatabasePath("todo.db").path)) }
+    }
+
+    private object Keys {
+        val server = stringPreferencesKey("server")
+        val space = stringPreferencesKey("space")
+        val token = stringPreferencesKey("token")
+    }
+
+    val settings: Flow<SyncSettings>
+        get() = settingsStore.data.map { SyncSettings(it[Keys.server] ?: "", it[Keys.space] ?: "", it[Keys.token] ?: "") }
+
+    suspend fun saveSettings(s: SyncSettings) {
+        settingsStore.edit {
+            it[Keys.server] = s.serverUrl
+            it[Keys.space] = s.space
+            it[Keys.token] = s.token
+        }
+    }
+
+    override fun onCreate() {
+        super.onCreate()
+        SyncWork.schedulePeriodic(this)
+        // The network callback is background sync's online hint.
+        val connectivity = getSystemService(ConnectivityManager::class.java)
+        connectivity.registerDefaultNetworkCallback(object : ConnectivityManager.NetworkCallback() {
+            override fun onCapabilitiesChanged(network: Network, caps: NetworkCapabilities) {
+                val online = caps.hasCapability(NetworkCapabilities.NET_CAPABILITY_VALIDATED)
+                scope.async { repository.await().setOnline(online) }
+            }
+
+            override fun onLost(network: Network) {
+                scope.async { repository.await().setOnline(false) }
+            }
+        })
+    }
+}
