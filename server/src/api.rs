@@ -324,12 +324,10 @@ async fn sync_inner(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    check_protocol(&headers)?;
-    check_space(&space)?;
     // The token is checked before the body is read, so nobody without one
     // can make the server buffer a large body; write access once we know
     // there is something to write.
-    app.auth.check(auth_header(&headers), &space, false)?;
+    admit(app, &space, &headers)?;
     let body = read_body(body, app.config.max_body_bytes).await?;
     if !body.is_empty() {
         app.auth.check(auth_header(&headers), &space, true)?;
@@ -400,14 +398,36 @@ async fn sync_inner(
         extra.push(("confluo-server-version", outcome.version.to_string()));
         extra.push(("confluo-applied", outcome.applied.to_string()));
     }
+    pull_page(app, &space, &params, resume, exclude, state, extra).await
+}
+
+/// The checks every request of a space passes first: protocol version,
+/// space name, and a token that may read the space.
+fn admit(app: &App, space: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    check_protocol(headers)?;
+    check_space(space)?;
+    app.auth.check(auth_header(headers), space, false)?;
+    Ok(())
+}
+
+/// Answers with the page of changes after the request's cursor.
+async fn pull_page(
+    app: &Arc<App>,
+    space: &str,
+    params: &PullParams,
+    resume: Option<Resume>,
+    exclude: Option<SiteId>,
+    state: Option<SpaceState>,
+    mut extra: Vec<(&'static str, String)>,
+) -> Result<Response, ApiError> {
     let (store, sp, cursor, budget) = (
         app.store.clone(),
-        space.clone(),
+        space.to_owned(),
         params.cursor,
         app.config.page_bytes,
     );
     let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
-    extra.extend(epoch_header(app, &space, state).await?);
+    extra.extend(epoch_header(app, space, state).await?);
     Ok(page_response(app, page, params.cursor, &extra))
 }
 
@@ -476,12 +496,11 @@ async fn changes_inner(
     params: PullParams,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_protocol(&headers)?;
-    check_space(&space)?;
-    app.auth.check(auth_header(&headers), &space, false)?;
+    admit(app, &space, &headers)?;
     let exclude = parse_site(&params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
     let state = check_history(app, &space, &params).await?;
+    let extra = Vec::new();
     let wait = Duration::from_secs(params.wait).min(app.config.max_wait);
     if resume.is_none() && !wait.is_zero() {
         // Subscribe before looking, so a push committing in between is seen.
@@ -501,13 +520,5 @@ async fn changes_inner(
             app.metrics.long_polls.fetch_sub(1, Ordering::Relaxed);
         }
     }
-    let (store, sp, cursor, budget) = (
-        app.store.clone(),
-        space.clone(),
-        params.cursor,
-        app.config.page_bytes,
-    );
-    let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
-    let extra = epoch_header(app, &space, state).await?;
-    Ok(page_response(app, page, params.cursor, &extra))
+    pull_page(app, &space, &params, resume, exclude, state, extra).await
 }

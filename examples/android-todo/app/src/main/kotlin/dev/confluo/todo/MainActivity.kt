@@ -39,9 +39,6 @@ import androidx.compose.runtime.setValue
 import androidx.compose.ui.Alignment
 import androidx.compose.ui.Modifier
 import androidx.compose.ui.unit.dp
-import androidx.lifecycle.DefaultLifecycleObserver
-import androidx.lifecycle.LifecycleOwner
-import androidx.lifecycle.ProcessLifecycleOwner
 import androidx.lifecycle.compose.collectAsStateWithLifecycle
 import dev.confluo.todo.core.SyncChip
 import dev.confluo.todo.core.SyncSettings
@@ -53,11 +50,6 @@ class MainActivity : ComponentActivity() {
 
     override fun onCreate(savedInstanceState: Bundle?) {
         super.onCreate(savedInstanceState)
-        // Live sync (long poll) while the app is in the foreground.
-        ProcessLifecycleOwner.get().lifecycle.addObserver(object : DefaultLifecycleObserver {
-            override fun onStart(owner: LifecycleOwner) = model.onForeground().let { }
-            override fun onStop(owner: LifecycleOwner) = model.onBackground().let { }
-        })
         setContent { MaterialTheme { TodoScreen(model) } }
     }
 }

@@ -15,7 +15,12 @@ import kotlinx.coroutines.CoroutineScope
 import kotlinx.coroutines.SupervisorJob
 import kotlinx.coroutines.async
 import kotlinx.coroutines.flow.Flow
+import kotlinx.coroutines.flow.first
 import kotlinx.coroutines.flow.map
+import kotlinx.coroutines.launch
+import androidx.lifecycle.DefaultLifecycleObserver
+import androidx.lifecycle.LifecycleOwner
+import androidx.lifecycle.ProcessLifecycleOwner
 
 private val Context.settingsStore by preferencesDataStore("sync-settings")
 
@@ -46,16 +51,27 @@ class TodoApp : Application() {
     override fun onCreate() {
         super.onCreate()
         SyncWork.schedulePeriodic(this)
+        // Live sync (debounced pushes, the long poll) while the app is in the
+        // foreground; WorkManager covers the background.
+        ProcessLifecycleOwner.get().lifecycle.addObserver(object : DefaultLifecycleObserver {
+            override fun onStart(owner: LifecycleOwner) {
+                scope.launch { repository.await().startSync(settings.first()) }
+            }
+
+            override fun onStop(owner: LifecycleOwner) {
+                scope.launch { repository.await().stopSync() }
+            }
+        })
         // The network callback is background sync's online hint.
         val connectivity = getSystemService(ConnectivityManager::class.java)
         connectivity.registerDefaultNetworkCallback(object : ConnectivityManager.NetworkCallback() {
             override fun onCapabilitiesChanged(network: Network, caps: NetworkCapabilities) {
                 val online = caps.hasCapability(NetworkCapabilities.NET_CAPABILITY_VALIDATED)
-                scope.async { repository.await().setOnline(online) }
+                scope.launch { repository.await().setOnline(online) }
             }
 
             override fun onLost(network: Network) {
-                scope.async { repository.await().setOnline(false) }
+                scope.launch { repository.await().setOnline(false) }
             }
         })
     }

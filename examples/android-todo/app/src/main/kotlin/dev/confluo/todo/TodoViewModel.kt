@@ -30,11 +30,6 @@ class TodoViewModel(application: Application) : AndroidViewModel(application) {
     val settings: StateFlow<SyncSettings> = app.settings
         .stateIn(viewModelScope, SharingStarted.Eagerly, SyncSettings("", "", ""))
 
-    /** Live sync while the app is in the foreground. */
-    fun onForeground() = act { it.startSync(settings.value) }
-
-    fun onBackground() = act { it.stopSync() }
-
     fun add(title: String) = change { it.add(title) }
     fun toggle(item: TodoItem) = change { it.toggle(item.id) }
     fun rename(item: TodoItem, title: String) = change { it.rename(item.id, title) }
@@ -44,9 +39,6 @@ class TodoViewModel(application: Application) : AndroidViewModel(application) {
         app.saveSettings(s)
         app.repository.await().startSync(s)
     }
-
-    private fun act(block: suspend (dev.confluo.todo.core.TodoRepository) -> Unit) =
-        viewModelScope.launch { block(app.repository.await()) }
 
     /** A local change, then expedited background work so it is sent even if the app closes. */
     private fun change(block: suspend (dev.confluo.todo.core.TodoRepository) -> Unit) = viewModelScope.launch {
