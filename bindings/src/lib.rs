@@ -309,8 +309,10 @@ impl Database {
         let mut failure: Option<ConfluoError> = None;
         let outcome = self.inner.write(|tx| {
             let handle = Arc::new(WriteTransaction::open(tx));
+            // Ends the handle however `run` returns (even by unwinding), so
+            // a kept handle can never reach the finished transaction.
+            let _end = EndOnDrop(handle.clone());
             let result = body.run(handle.clone());
-            handle.end();
             result.map_err(|e| {
                 let core_error = to_core(&e);
                 failure = Some(e);
@@ -486,6 +488,14 @@ impl BackgroundSync {
 pub struct WriteTransaction {
     tx: Mutex<Option<TxRef>>,
     thread: ThreadId,
+}
+
+struct EndOnDrop(Arc<WriteTransaction>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 /// A pointer to the engine transaction (its lifetime erased), valid

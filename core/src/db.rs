@@ -435,6 +435,26 @@ impl Database {
         result
     }
 
+    /// Before a transaction takes its db_version and clock, catches up with
+    /// what the file says: another `Database` on the same file (or another
+    /// process) may have committed since this one last looked. Runs inside
+    /// the write transaction, whose lock keeps the answer current.
+    pub(crate) fn catch_up_counters(&self, conn: &Connection) -> Result<()> {
+        if lock(&self.inner.state).tx_dbv.is_some() {
+            return Ok(());
+        }
+        let (dbv, hlc): (i64, i64) = conn
+            .prepare_cached(
+                "SELECT coalesce((SELECT value FROM confluo_state WHERE key = 'dbv'), 0), \
+                        coalesce((SELECT value FROM confluo_state WHERE key = 'hlc'), 0)",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut st = lock(&self.inner.state);
+        st.committed_dbv = st.committed_dbv.max(dbv as u64);
+        st.hlc.observe(Hlc(hlc as u64));
+        Ok(())
+    }
+
     pub(crate) fn table(&self, name: &str) -> Option<Arc<TableInfo>> {
         self.inner
             .tables

@@ -41,11 +41,12 @@ impl Database {
     /// Writes the metadata of every write captured in the open transaction:
     /// one db_version and one clock for the whole transaction.
     pub(crate) fn flush_captured(&self, conn: &Connection) -> Result<()> {
+        if lock(&self.inner.state).events.is_empty() {
+            return Ok(());
+        }
+        self.catch_up_counters(conn)?;
         let (mut events, hlc, dbv) = {
             let mut st = lock(&self.inner.state);
-            if st.events.is_empty() {
-                return Ok(());
-            }
             let events = std::mem::take(&mut st.events);
             (events, st.tx_hlc(), st.db_version())
         };

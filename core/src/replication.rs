@@ -195,6 +195,7 @@ impl Database {
         if !any {
             return Ok(());
         }
+        self.catch_up_counters(conn)?;
         let (dbv, hlc) = {
             let mut st = lock(&self.inner.state);
             st.mark_changed(&t.name);
@@ -476,6 +477,7 @@ impl Database {
         if !won {
             return Ok(());
         }
+        self.catch_up_counters(conn)?;
         let dbv = lock(&self.inner.state).db_version();
         let written: Vec<usize> = row
             .cells
@@ -580,6 +582,7 @@ impl Database {
     /// Keeps a change for a table or column this database does not have
     /// yet, merged with what was kept before for the same cell.
     fn defer(&self, conn: &Connection, ctx: &mut ApplyCtx, c: &Change) -> Result<()> {
+        self.catch_up_counters(conn)?;
         let dbv = lock(&self.inner.state).db_version();
         let stored = conn
             .prepare_cached(

@@ -833,3 +833,38 @@ fn db_version_never_goes_back_after_a_restart() {
     .unwrap();
     assert!(b.db_version() > before);
 }
+
+#[test]
+fn two_handles_on_one_file_never_reuse_a_db_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let a = Database::open(&path).unwrap();
+    a.execute_batch(TODO_SCHEMA).unwrap();
+    a.enable_sync("todo").unwrap();
+    let b = Database::open(&path).unwrap();
+    a.execute(
+        "INSERT INTO todo VALUES ('a', 'from handle a', 'open')",
+        &[],
+    )
+    .unwrap();
+    b.execute(
+        "INSERT INTO todo VALUES ('b', 'from handle b', 'open')",
+        &[],
+    )
+    .unwrap();
+    a.execute("UPDATE todo SET title = 'again'", &[]).unwrap();
+    let versions: std::collections::BTreeSet<u64> = a
+        .changes_since(0, None)
+        .unwrap()
+        .changes
+        .iter()
+        .filter(|c| c.column.is_none())
+        .map(|c| c.db_version)
+        .collect();
+    assert_eq!(
+        versions.len(),
+        2,
+        "each insert has its own db_version: {versions:?}"
+    );
+    assert_eq!(a.db_version(), 3);
+}
