@@ -16,6 +16,8 @@ import kotlinx.coroutines.flow.callbackFlow
 import kotlinx.coroutines.flow.conflate
 import kotlinx.coroutines.flow.flowOn
 import kotlinx.coroutines.flow.map
+import kotlinx.coroutines.sync.Mutex
+import kotlinx.coroutines.sync.withLock
 import kotlinx.coroutines.withContext
 
 /**
@@ -43,6 +45,9 @@ class Confluo private constructor(
     }
 
     private val status = MutableStateFlow(SyncStatus.INITIAL)
+    /** Background sync, changed only under [syncLock], one change at a time. */
+    private val syncLock = Mutex()
+    @Volatile
     private var sync: dev.confluo.ffi.BackgroundSync? = null
 
     /** This database's site id (a UUID), created once and kept in the file. */
@@ -123,13 +128,15 @@ class Confluo private constructor(
      * after local commits, a long poll for changes from other devices, and
      * retries with backoff. Its status flows into [syncStatus].
      */
-    fun startSync(options: SyncOptions, token: () -> String) {
-        stopSync()
-        sync = db.startSync(options.toFfi(), tokenProvider(token), object : dev.confluo.ffi.SyncStatusListener {
-            override fun onStatus(status: dev.confluo.ffi.SyncStatus) {
-                this@Confluo.status.value = SyncStatus.from(status)
-            }
-        })
+    suspend fun startSync(options: SyncOptions, token: () -> String) = syncLock.withLock {
+        io {
+            stopSyncLocked()
+            sync = db.startSync(options.toFfi(), tokenProvider(token), object : dev.confluo.ffi.SyncStatusListener {
+                override fun onStatus(status: dev.confluo.ffi.SyncStatus) {
+                    this@Confluo.status.value = SyncStatus.from(status)
+                }
+            })
+        }
     }
 
     /** The platform's network hint: offline pauses background sync, online resumes it at once. */
@@ -142,8 +149,10 @@ class Confluo private constructor(
         sync?.syncSoon()
     }
 
-    /** Stops background sync (returns within about a second). */
-    fun stopSync() {
+    /** Stops background sync (returns within about a second, off the caller's thread). */
+    suspend fun stopSync() = syncLock.withLock { io { stopSyncLocked() } }
+
+    private fun stopSyncLocked() {
         sync?.let {
             it.stop()
             it.close()
@@ -166,7 +175,7 @@ class Confluo private constructor(
 
     /** Stops sync and closes the database; the file can be opened again afterwards. */
     override fun close() {
-        stopSync()
+        stopSyncLocked()
         try {
             db.closeDatabase()
         } finally {

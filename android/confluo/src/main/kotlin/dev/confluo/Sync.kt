@@ -40,8 +40,11 @@ sealed interface SyncState {
 
     data object Syncing : SyncState
 
-    /** The platform reported no network. */
-    data object Offline : SyncState
+    /**
+     * No network: the platform said so ([retryInMs] null), or the server is
+     * unreachable (the next attempt is in [retryInMs]).
+     */
+    data class Offline(val retryInMs: Long?) : SyncState
 
     /** The last attempt failed; the next is in [retryInMs]. */
     data class Error(val message: String, val retryInMs: Long) : SyncState
@@ -62,7 +65,7 @@ data class SyncStatus(
             when (val st = s.state) {
                 is dev.confluo.ffi.SyncState.Idle -> SyncState.Idle
                 is dev.confluo.ffi.SyncState.Syncing -> SyncState.Syncing
-                is dev.confluo.ffi.SyncState.Offline -> SyncState.Offline
+                is dev.confluo.ffi.SyncState.Offline -> SyncState.Offline(st.retryInMs?.toLong())
                 is dev.confluo.ffi.SyncState.Error -> SyncState.Error(st.message, st.retryInMs.toLong())
             },
             s.pending.toLong(),

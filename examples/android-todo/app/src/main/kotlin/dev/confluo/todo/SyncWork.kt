@@ -1,6 +1,11 @@
 package dev.confluo.todo
 
+import android.app.NotificationChannel
+import android.app.NotificationManager
 import android.content.Context
+import android.os.Build
+import androidx.core.app.NotificationCompat
+import androidx.work.ForegroundInfo
 import androidx.work.Constraints
 import androidx.work.CoroutineWorker
 import androidx.work.ExistingPeriodicWorkPolicy
@@ -16,6 +21,25 @@ import java.util.concurrent.TimeUnit
 
 /** One sync with the server, when the app is not in the foreground. */
 class SyncWorker(context: Context, params: WorkerParameters) : CoroutineWorker(context, params) {
+    /** Expedited work runs as a foreground service before Android 12, which needs a notification. */
+    override suspend fun getForegroundInfo(): ForegroundInfo {
+        val manager = applicationContext.getSystemService(NotificationManager::class.java)
+        if (Build.VERSION.SDK_INT >= Build.VERSION_CODES.O) {
+            manager.createNotificationChannel(NotificationChannel(CHANNEL, "Sync", NotificationManager.IMPORTANCE_MIN))
+        }
+        val notification = NotificationCompat.Builder(applicationContext, CHANNEL)
+            .setSmallIcon(android.R.drawable.stat_notify_sync)
+            .setContentTitle("Syncing your list")
+            .setPriority(NotificationCompat.PRIORITY_MIN)
+            .build()
+        return ForegroundInfo(NOTIFICATION_ID, notification)
+    }
+
+    private companion object {
+        const val CHANNEL = "sync"
+        const val NOTIFICATION_ID = 1
+    }
+
     override suspend fun doWork(): Result {
         val app = applicationContext as TodoApp
         return try {

@@ -14,6 +14,7 @@ import dev.confluo.todo.core.TodoRepository
 import kotlinx.coroutines.CoroutineScope
 import kotlinx.coroutines.SupervisorJob
 import kotlinx.coroutines.async
+import kotlinx.coroutines.channels.Channel
 import kotlinx.coroutines.flow.Flow
 import kotlinx.coroutines.flow.first
 import kotlinx.coroutines.flow.map
@@ -37,6 +38,16 @@ class TodoApp : Application() {
         val token = stringPreferencesKey("token")
     }
 
+    /**
+     * Starting and stopping sync and the network hint, applied one at a
+     * time and in order (stopping takes up to a second).
+     */
+    private val syncCommands = Channel<suspend (TodoRepository) -> Unit>(Channel.UNLIMITED)
+
+    fun syncCommand(command: suspend (TodoRepository) -> Unit) {
+        syncCommands.trySend(command)
+    }
+
     val settings: Flow<SyncSettings>
         get() = settingsStore.data.map { SyncSettings(it[Keys.server] ?: "", it[Keys.space] ?: "", it[Keys.token] ?: "") }
 
@@ -50,28 +61,28 @@ class TodoApp : Application() {
 
     override fun onCreate() {
         super.onCreate()
+        scope.launch {
+            val repo = repository.await()
+            for (command in syncCommands) command(repo)
+        }
         SyncWork.schedulePeriodic(this)
         // Live sync (debounced pushes, the long poll) while the app is in the
         // foreground; WorkManager covers the background.
         ProcessLifecycleOwner.get().lifecycle.addObserver(object : DefaultLifecycleObserver {
-            override fun onStart(owner: LifecycleOwner) {
-                scope.launch { repository.await().startSync(settings.first()) }
-            }
+            override fun onStart(owner: LifecycleOwner) = syncCommand { it.startSync(settings.first()) }
 
-            override fun onStop(owner: LifecycleOwner) {
-                scope.launch { repository.await().stopSync() }
-            }
+            override fun onStop(owner: LifecycleOwner) = syncCommand { it.stopSync() }
         })
         // The network callback is background sync's online hint.
         val connectivity = getSystemService(ConnectivityManager::class.java)
         connectivity.registerDefaultNetworkCallback(object : ConnectivityManager.NetworkCallback() {
             override fun onCapabilitiesChanged(network: Network, caps: NetworkCapabilities) {
                 val online = caps.hasCapability(NetworkCapabilities.NET_CAPABILITY_VALIDATED)
-                scope.launch { repository.await().setOnline(online) }
+                syncCommand { it.setOnline(online) }
             }
 
             override fun onLost(network: Network) {
-                scope.launch { repository.await().setOnline(false) }
+                syncCommand { it.setOnline(false) }
             }
         })
     }

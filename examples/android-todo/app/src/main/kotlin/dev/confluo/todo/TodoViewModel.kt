@@ -37,7 +37,7 @@ class TodoViewModel(application: Application) : AndroidViewModel(application) {
 
     fun saveSettings(s: SyncSettings) = viewModelScope.launch {
         app.saveSettings(s)
-        app.repository.await().startSync(s)
+        app.syncCommand { it.startSync(s) }
     }
 
     /** A local change, then expedited background work so it is sent even if the app closes. */

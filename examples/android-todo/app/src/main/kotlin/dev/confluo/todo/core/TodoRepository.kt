@@ -69,11 +69,11 @@ class TodoRepository private constructor(private val db: Confluo) {
     }
 
     /** Starts (or restarts) background sync with [settings]; does nothing until they are complete. */
-    fun startSync(settings: SyncSettings) {
+    suspend fun startSync(settings: SyncSettings) {
         if (settings.complete) db.startSync(SyncOptions(settings.serverUrl, settings.space)) { settings.token }
     }
 
-    fun stopSync() = db.stopSync()
+    suspend fun stopSync() = db.stopSync()
 
     /** The platform's network hint. */
     fun setOnline(online: Boolean) = db.setOnline(online)
