@@ -23,7 +23,7 @@ let notShipped: [String] = []
 
 let package = Package(
     name: "Confluo",
-    platforms: [.iOS(.v15), .macOS(.v12)],
+    platforms: [.iOS(.v15)],
     products: [
         .library(name: "Confluo", targets: ["Confluo"]),
     ],

@@ -21,7 +21,9 @@ done
 
 out=target/xcframework
 rm -rf "$out" ios/ConfluoFFI.xcframework
-mkdir -p "$out/headers" "$out/ios-simulator" ios/Generated/ConfluoFFI
+# The header and module map go in a folder of their own, so that apps with
+# other static XCFrameworks do not get two module.modulemap files.
+mkdir -p "$out/headers/ConfluoFFIC" "$out/ios-simulator" ios/Generated/ConfluoFFI
 
 # One simulator library for both simulator architectures.
 lipo -create \
@@ -33,8 +35,8 @@ lipo -create \
 cargo uniffi-bindgen generate \
   --library target/aarch64-apple-ios/release/libconfluo_ffi.a \
   --language swift --no-format --out-dir "$out/bindings"
-cp "$out/bindings/ConfluoFFIC.h" "$out/headers/"
-cp "$out/bindings/ConfluoFFIC.modulemap" "$out/headers/module.modulemap"
+cp "$out/bindings/ConfluoFFIC.h" "$out/headers/ConfluoFFIC/"
+cp "$out/bindings/ConfluoFFIC.modulemap" "$out/headers/ConfluoFFIC/module.modulemap"
 cp "$out/bindings/ConfluoFFI.swift" ios/Generated/ConfluoFFI/
 
 xcodebuild -create-xcframework \

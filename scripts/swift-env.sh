@@ -41,12 +41,16 @@ if [ ! -f "$READY" ]; then
   fi
   mkdir -p "$CHROOT"
   debootstrap --variant=minbase trixie "$CHROOT" "$MIRROR" >&2
-  mount -t proc proc "$CHROOT/proc"
-  chroot "$CHROOT" /usr/bin/env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-  chroot "$CHROOT" /usr/bin/env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq --no-install-recommends swiftlang libc6-dev libstdc++-14-dev >&2
-  chroot "$CHROOT" /bin/sh -c 'command -v swift' >/dev/null || { echo "swift is missing in the chroot" >&2; exit 1; }
+  # /proc is mounted in a private mount namespace, gone when apt is done.
+  # shellcheck disable=SC2016 # expanded by the inner shell, from its arguments
+  unshare --mount --propagation private /bin/bash -c '
+    set -e
+    mount -t proc proc "$1/proc"
+    chroot "$1" /usr/bin/env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    chroot "$1" /usr/bin/env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends swiftlang libc6-dev libstdc++-14-dev
+    chroot "$1" /bin/sh -c "command -v swift" >/dev/null
+  ' -- "$CHROOT" >&2 || { echo "installing swiftlang in the chroot failed" >&2; exit 1; }
   touch "$READY"
 fi
-mountpoint -q "$CHROOT/proc" || mount -t proc proc "$CHROOT/proc"
 echo "$CHROOT"

@@ -34,11 +34,20 @@ run() {
   if [ "$env" = native ]; then
     (cd "$root" && env "$@")
   else
-    mkdir -p "$env/src"
-    mountpoint -q "$env/src" || mount --bind "$root" "$env/src"
-    trap 'umount "$env/src" 2>/dev/null || umount -l "$env/src" 2>/dev/null || true' EXIT
-    chroot "$env" /usr/bin/env HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-      bash -c 'cd /src && exec env "$@"' -- "$@"
+    # Each command gets a private mount namespace: the bind mount of the
+    # repository and /proc exist only for it and vanish with it, whatever
+    # happens, and no other run can see or reuse them.
+    mkdir -p "$env/src" "$env/proc"
+    # shellcheck disable=SC2016 # expanded by the inner shell, from its arguments
+    unshare --mount --propagation private /bin/bash -c '
+      set -e
+      chroot_dir=$1 src=$2
+      shift 2
+      mount --bind "$src" "$chroot_dir/src"
+      mount -t proc proc "$chroot_dir/proc"
+      exec chroot "$chroot_dir" /usr/bin/env HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        bash -c "cd /src && exec env \"\$@\"" -- "$@"
+    ' -- "$env" "$root" "$@"
   fi
 }
 if [ "$env" = native ]; then dir=$root; else dir=/src; fi

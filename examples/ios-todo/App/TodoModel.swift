@@ -5,6 +5,22 @@ import Network
 import Observation
 import TodoCore
 
+/// The app's one database and repository, opened once and shared by the UI
+/// model and background refreshes.
+actor RepositoryStore {
+    static let shared = RepositoryStore()
+    private var opened: TodoRepository?
+
+    func repository() async throws -> TodoRepository {
+        if let opened { return opened }
+        let url = try FileManager.default.url(for: .applicationSupportDirectory, in: .userDomainMask,
+                                              appropriateFor: nil, create: true)
+        let repo = try await TodoRepository.open(try Confluo.open(path: url.appendingPathComponent("todo.db").path))
+        opened = repo
+        return repo
+    }
+}
+
 /// The list screen's state and actions; all logic is in TodoRepository.
 @MainActor
 @Observable
@@ -27,9 +43,7 @@ final class TodoModel {
 
     private func open() async {
         do {
-            let url = try FileManager.default.url(for: .applicationSupportDirectory, in: .userDomainMask,
-                                                  appropriateFor: nil, create: true)
-            let repo = try await TodoRepository.open(try Confluo.open(path: url.appendingPathComponent("todo.db").path))
+            let repo = try await RepositoryStore.shared.repository()
             repository = repo
             Task { for try await list in repo.todos() { todos = list } }
             Task { for await status in repo.syncStatus { chip = SyncChip(status) } }
@@ -43,11 +57,14 @@ final class TodoModel {
     }
 
     func enterForeground() {
-        try? repository?.startSync(settings)
+        guard let repository else { return }
+        let settings = settings
+        Task { try? await repository.startSync(settings) }
     }
 
     func enterBackground() {
-        repository?.stopSync()
+        guard let repository else { return }
+        Task { await repository.stopSync() }
         Self.scheduleRefresh()
     }
 
@@ -63,7 +80,7 @@ final class TodoModel {
 
     private func saveSettings() {
         UserDefaults.standard.set(try? JSONEncoder().encode(settings), forKey: "sync-settings")
-        try? repository?.startSync(settings)
+        enterForeground()
     }
 
     private static func loadSettings() -> SyncSettings {
@@ -80,23 +97,44 @@ final class TodoModel {
         try? BGTaskScheduler.shared.submit(request)
     }
 
-    /// A background refresh: one sync, then the next refresh is scheduled.
+    /// A background refresh: one sync with the app's shared repository,
+    /// then the next refresh is scheduled. The task is completed exactly
+    /// once: when the sync ends, or when iOS says time is up.
     nonisolated static func handleRefresh(_ task: BGAppRefreshTask) {
         scheduleRefreshLater()
+        let completion = Completion(task)
         let work = Task {
-            let url = try FileManager.default.url(for: .applicationSupportDirectory, in: .userDomainMask,
-                                                  appropriateFor: nil, create: true)
-            let repo = try await TodoRepository.open(try Confluo.open(path: url.appendingPathComponent("todo.db").path))
+            let repo = try await RepositoryStore.shared.repository()
             try await repo.syncOnce(loadSettings())
         }
-        task.expirationHandler = { work.cancel() }
+        task.expirationHandler = {
+            work.cancel()
+            completion.finish(success: false)
+        }
         Task {
             let ok = (try? await work.value) != nil
-            task.setTaskCompleted(success: ok)
+            completion.finish(success: ok)
         }
     }
 
     nonisolated private static func scheduleRefreshLater() {
         Task { @MainActor in scheduleRefresh() }
+    }
+}
+
+/// Completes a background task once, whichever of its ends comes first.
+private final class Completion: @unchecked Sendable {
+    private let task: BGAppRefreshTask
+    private let lock = NSLock()
+    private var done = false
+
+    init(_ task: BGAppRefreshTask) { self.task = task }
+
+    func finish(success: Bool) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !done else { return }
+        done = true
+        task.setTaskCompleted(success: success)
     }
 }

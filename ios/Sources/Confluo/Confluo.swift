@@ -13,6 +13,8 @@ public typealias ConfluoError = ConfluoFFI.ConfluoError
 public final class Confluo: @unchecked Sendable {
     private let db: Database
     private let lock = NSLock()
+    /// Serializes starting and stopping sync (stopping takes up to a second).
+    private let syncChanges = NSLock()
     private var sync: BackgroundSync?
     private var statusContinuations: [UUID: AsyncStream<SyncStatus>.Continuation] = [:]
     private var lastStatus = SyncStatus(state: .idle, pending: 0, lastSynced: nil)
@@ -140,12 +142,17 @@ public final class Confluo: @unchecked Sendable {
     /// Starts background sync (replacing one already running): a sync shortly
     /// after local commits, a long poll for others' changes, retries with
     /// backoff. Its status flows into `syncStatus`.
-    public func startSync(_ options: SyncOptions, token: @escaping @Sendable () throws -> String) throws {
-        stopSync()
-        let started = try db.startSync(config: options.ffi, token: TokenRelay(token), listener: StatusRelay { [weak self] in self?.publish(SyncStatus($0)) })
-        lock.lock()
-        sync = started
-        lock.unlock()
+    public func startSync(_ options: SyncOptions, token: @escaping @Sendable () throws -> String) async throws {
+        try await background {
+            self.syncChanges.lock()
+            defer { self.syncChanges.unlock() }
+            self.stopSyncNow()
+            let started = try self.db.startSync(config: options.ffi, token: TokenRelay(token),
+                                                listener: StatusRelay { [weak self] in self?.publish(SyncStatus($0)) })
+            self.lock.lock()
+            self.sync = started
+            self.lock.unlock()
+        }
     }
 
     /// The platform's network hint (e.g. from NWPathMonitor).
@@ -164,8 +171,16 @@ public final class Confluo: @unchecked Sendable {
         s?.syncSoon()
     }
 
-    /// Stops background sync (returns within about a second).
-    public func stopSync() {
+    /// Stops background sync (within about a second, off the caller's thread).
+    public func stopSync() async {
+        try? await background {
+            self.syncChanges.lock()
+            defer { self.syncChanges.unlock() }
+            self.stopSyncNow()
+        }
+    }
+
+    private func stopSyncNow() {
         lock.lock()
         let s = sync
         sync = nil
@@ -196,7 +211,7 @@ public final class Confluo: @unchecked Sendable {
 
     /// Stops sync and closes the database; the file can be opened again.
     public func close() throws {
-        stopSync()
+        stopSyncNow()
         lock.lock()
         let continuations = statusContinuations.values
         statusContinuations = [:]

@@ -236,7 +236,7 @@ final class SyncTests: XCTestCase {
         let db = try await todoDb()
         var seen: [SyncState] = []
         var statuses = db.syncStatus.makeAsyncIterator()
-        try db.startSync(options(server, "bg")) { "dev-token" }
+        try await db.startSync(options(server, "bg")) { "dev-token" }
         func waitFor(_ what: String, _ predicate: (SyncStatus) -> Bool) async throws {
             let deadline = Date().addingTimeInterval(15)
             while let s = await statuses.next() {
@@ -258,7 +258,7 @@ final class SyncTests: XCTestCase {
         try server.start()
         db.syncSoon()
         try await waitFor("back in sync") { $0.state == .idle && $0.pending == 0 }
-        db.stopSync()
+        await db.stopSync()
         XCTAssertTrue(seen.contains(.syncing), "\(seen)")
     }
 }

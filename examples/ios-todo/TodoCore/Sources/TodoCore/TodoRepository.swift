@@ -98,13 +98,13 @@ public final class TodoRepository: Sendable {
     }
 
     /// Starts (or restarts) background sync; nothing until the settings are complete.
-    public func startSync(_ settings: SyncSettings) throws {
+    public func startSync(_ settings: SyncSettings) async throws {
         guard settings.isComplete else { return }
         let token = settings.token
-        try db.startSync(SyncOptions(serverURL: settings.serverURL, space: settings.space)) { token }
+        try await db.startSync(SyncOptions(serverURL: settings.serverURL, space: settings.space)) { token }
     }
 
-    public func stopSync() { db.stopSync() }
+    public func stopSync() async { await db.stopSync() }
 
     /// The platform's network hint (NWPathMonitor).
     public func setOnline(_ online: Bool) { db.setOnline(online) }

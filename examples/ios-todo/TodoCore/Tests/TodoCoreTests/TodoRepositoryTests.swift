@@ -52,7 +52,7 @@ final class Server {
 final class TodoRepositoryTests: XCTestCase {
     private func app(_ server: Server, _ space: String) async throws -> TodoRepository {
         let repo = try await TodoRepository.open(try Confluo.openInMemory())
-        try repo.startSync(SyncSettings(serverURL: server.url, space: space, token: "dev-token"))
+        try await repo.startSync(SyncSettings(serverURL: server.url, space: space, token: "dev-token"))
         return repo
     }
 
@@ -79,8 +79,8 @@ final class TodoRepositoryTests: XCTestCase {
         let onAlice = try await waitFor(alice) { $0.contains(expected) }
         let onBob = try await waitFor(bob) { $0.contains(expected) }
         XCTAssertEqual(onAlice, onBob)
-        alice.stopSync()
-        bob.stopSync()
+        await alice.stopSync()
+        await bob.stopSync()
         _ = server
     }
 
@@ -97,8 +97,8 @@ final class TodoRepositoryTests: XCTestCase {
         try await alice.add("Something else")
         let later = try await waitFor(bob) { $0.count == 1 }
         XCTAssertFalse(later.contains { $0.id == id })
-        alice.stopSync()
-        bob.stopSync()
+        await alice.stopSync()
+        await bob.stopSync()
         _ = server
     }
 
@@ -107,7 +107,7 @@ final class TodoRepositoryTests: XCTestCase {
         let repo = try await TodoRepository.open(try Confluo.openInMemory())
         try await repo.add("offline write")
         var statuses = repo.syncStatus.makeAsyncIterator()
-        try repo.startSync(SyncSettings(serverURL: server.url, space: "chip", token: "dev-token"))
+        try await repo.startSync(SyncSettings(serverURL: server.url, space: "chip", token: "dev-token"))
         var seen: [SyncStatus] = []
         while let s = await statuses.next() {
             seen.append(s)
@@ -121,7 +121,7 @@ final class TodoRepositoryTests: XCTestCase {
                 break
             }
         }
-        repo.stopSync()
+        await repo.stopSync()
         XCTAssertEqual(SyncChip(SyncStatus(state: .syncing, pending: 3, lastSynced: nil)).label, "Syncing… · 3 pending")
         XCTAssertEqual(SyncChip(SyncStatus(state: .error(message: "boom", retryIn: 1.5), pending: 0, lastSynced: nil)).label,
                        "Sync error, retrying in 2 s")
