@@ -2,15 +2,82 @@
 // cargo-ndk, the UniFFI-generated Kotlin (generated at build time with the
 // pinned bindgen, never committed), and the idiomatic Kotlin API in
 // src/main/kotlin, which is the same code the JVM tests compile.
+import javax.inject.Inject
+import org.gradle.process.ExecOperations
+
 plugins {
     id("com.android.library")
     id("org.jetbrains.kotlin.android")
     `maven-publish`
 }
 
-val repoRoot = rootProject.projectDir.parentFile
-val rustOut = layout.buildDirectory.dir("rust")
-val abis = listOf("arm64-v8a", "armeabi-v7a", "x86_64")
+val repoRoot: File = rootProject.projectDir.parentFile
+val targetAbis = listOf("arm64-v8a", "armeabi-v7a", "x86_64")
+
+/** Builds libconfluo_ffi.so for each ABI into <outputDir>/<abi>/ (needs the NDK and cargo-ndk). */
+abstract class CargoNdkTask : DefaultTask() {
+    @get:InputFiles abstract val rustSources: ConfigurableFileCollection
+    @get:Input abstract val abis: ListProperty<String>
+    @get:Internal abstract val workspace: DirectoryProperty
+    @get:OutputDirectory abstract val outputDir: DirectoryProperty
+    @get:Inject abstract val exec: ExecOperations
+
+    @TaskAction
+    fun build() {
+        exec.exec {
+            workingDir = workspace.get().asFile
+            commandLine(
+                listOf("cargo", "ndk", "--platform", "24", "-o", outputDir.get().asFile.path) +
+                    abis.get().flatMap { listOf("-t", it) } +
+                    listOf("build", "--release", "-p", "confluo-ffi"),
+            )
+        }
+    }
+}
+
+/** Generates the Kotlin bindings from the built library with the pinned bindgen. */
+abstract class UniffiBindingsTask : DefaultTask() {
+    @get:InputFile abstract val library: RegularFileProperty
+    @get:InputFile abstract val config: RegularFileProperty
+    @get:Internal abstract val workspace: DirectoryProperty
+    @get:OutputDirectory abstract val outputDir: DirectoryProperty
+    @get:Inject abstract val exec: ExecOperations
+
+    @TaskAction
+    fun generate() {
+        outputDir.get().asFile.deleteRecursively()
+        exec.exec {
+            workingDir = workspace.get().asFile
+            commandLine(
+                "cargo", "uniffi-bindgen", "generate",
+                "--library", library.get().asFile.path,
+                "--language", "kotlin", "--no-format",
+                "--out-dir", outputDir.get().asFile.path,
+            )
+        }
+    }
+}
+
+val cargoNdk = tasks.register<CargoNdkTask>("cargoNdk") {
+    rustSources.from(
+        fileTree(repoRoot.resolve("core/src")),
+        fileTree(repoRoot.resolve("bindings/src")),
+        repoRoot.resolve("Cargo.toml"),
+        repoRoot.resolve("Cargo.lock"),
+        repoRoot.resolve("core/Cargo.toml"),
+        repoRoot.resolve("bindings/Cargo.toml"),
+    )
+    abis.set(targetAbis)
+    workspace.set(repoRoot)
+    outputDir.set(layout.buildDirectory.dir("rust/jniLibs"))
+}
+
+val uniffiBindings = tasks.register<UniffiBindingsTask>("uniffiBindings") {
+    library.set(cargoNdk.flatMap { it.outputDir.file("arm64-v8a/libconfluo_ffi.so") })
+    config.set(repoRoot.resolve("bindings/uniffi.toml"))
+    workspace.set(repoRoot)
+    outputDir.set(layout.buildDirectory.dir("generated/uniffi/kotlin"))
+}
 
 android {
     namespace = "dev.confluo"
@@ -19,12 +86,7 @@ android {
     defaultConfig {
         minSdk = 24
         consumerProguardFiles("consumer-rules.pro")
-        ndk { abiFilters += abis }
-    }
-
-    sourceSets["main"].apply {
-        jniLibs.srcDir(rustOut.map { it.dir("jniLibs") })
-        kotlin.srcDir(rustOut.map { it.dir("kotlin") })
+        ndk { abiFilters += targetAbis }
     }
 
     compileOptions {
@@ -39,38 +101,18 @@ android {
     }
 }
 
+// The generated code and libraries join each variant's sources through the
+// tasks that make them, so Gradle runs (and reruns) those tasks as needed.
+androidComponents {
+    onVariants { variant ->
+        variant.sources.kotlin?.addGeneratedSourceDirectory(uniffiBindings, UniffiBindingsTask::outputDir)
+        variant.sources.jniLibs?.addGeneratedSourceDirectory(cargoNdk, CargoNdkTask::outputDir)
+    }
+}
+
 kotlin {
     jvmToolchain(17)
 }
-
-/** Builds libconfluo_ffi.so for every ABI into build/rust/jniLibs/<abi>/ (needs the NDK and cargo-ndk). */
-val cargoNdk by tasks.registering(Exec::class) {
-    workingDir = repoRoot
-    val args = mutableListOf("cargo", "ndk", "--platform", "24", "-o", rustOut.get().dir("jniLibs").asFile.path)
-    abis.forEach { args += listOf("-t", it) }
-    args += listOf("build", "--release", "-p", "confluo-ffi")
-    commandLine(args)
-    inputs.dir(repoRoot.resolve("core/src"))
-    inputs.dir(repoRoot.resolve("bindings/src"))
-    outputs.dir(rustOut.map { it.dir("jniLibs") })
-}
-
-/** Generates the Kotlin bindings from the built library with the pinned bindgen. */
-val uniffiBindings by tasks.registering(Exec::class) {
-    dependsOn(cargoNdk)
-    workingDir = repoRoot
-    val library = rustOut.get().file("jniLibs/arm64-v8a/libconfluo_ffi.so").asFile.path
-    commandLine(
-        "cargo", "uniffi-bindgen", "generate",
-        "--library", library,
-        "--language", "kotlin",
-        "--no-format",
-        "--out-dir", rustOut.get().dir("kotlin").asFile.path,
-    )
-    outputs.dir(rustOut.map { it.dir("kotlin") })
-}
-
-tasks.named("preBuild") { dependsOn(uniffiBindings) }
 
 dependencies {
     // JNA's AAR carries its native dispatch library for every ABI.
