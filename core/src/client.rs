@@ -338,7 +338,11 @@ impl Client {
         let outgoing = db.changes_for_server()?;
         let cursor = db.server_cursor()?;
         let first = if outgoing.is_empty() {
-            db.mark_pushed(outgoing.until)?;
+            // Only changes that came from the server lie between the last
+            // push and now: nothing to send, but the mark moves past them.
+            if outgoing.until > outgoing.since {
+                db.mark_pushed(outgoing.until)?;
+            }
             None
         } else {
             match self.push(&outgoing, cursor, who, report) {
