@@ -114,16 +114,26 @@ final class ConfluoTests: XCTestCase {
 
 /// A real `confluo-server` process on a free loopback port.
 final class TestServer {
-    let port: Int
+    private(set) var port = 0
     let dir: URL
     private var process: Process?
     var url: String { "http://127.0.0.1:\(port)" }
 
+    /// Starts on a random port, trying another if that one was taken.
     init() throws {
         dir = FileManager.default.temporaryDirectory.appendingPathComponent(UUID().uuidString)
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        port = Int.random(in: 20000...60000)
-        try start()
+        var lastError: Error?
+        for _ in 0..<5 {
+            port = Int.random(in: 20000...60000)
+            do {
+                try start()
+                return
+            } catch {
+                lastError = error
+            }
+        }
+        throw lastError!
     }
 
     func start() throws {

@@ -5,30 +5,35 @@ import Confluo
 
 /// A real `confluo-server` process on a free loopback port.
 final class Server {
-    let port = Int.random(in: 20000...60000)
+    private(set) var port = 0
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent(UUID().uuidString)
-    private let process = Process()
+    private var process = Process()
     var url: String { "http://127.0.0.1:\(port)" }
 
+    /// Starts on a random port, trying another if that one was taken.
     init() throws {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         guard let bin = ProcessInfo.processInfo.environment["CONFLUO_SERVER_BIN"] else {
             throw ConfluoError.InvalidInput(detail: "CONFLUO_SERVER_BIN is not set")
         }
-        process.executableURL = URL(fileURLWithPath: bin)
-        process.arguments = ["--dev", "--listen", "127.0.0.1:\(port)", "--db", dir.appendingPathComponent("s.db").path]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        // Ready once a sync answers.
-        let probe = try Confluo.openInMemory()
-        let deadline = Date().addingTimeInterval(20)
-        while true {
-            let ok = (try? blockingSync(probe)) != nil
-            if ok { break }
-            guard Date() < deadline else { throw ConfluoError.InvalidInput(detail: "the server did not start") }
-            Thread.sleep(forTimeInterval: 0.05)
+        for _ in 0..<5 {
+            port = Int.random(in: 20000...60000)
+            process = Process()
+            process.executableURL = URL(fileURLWithPath: bin)
+            process.arguments = ["--dev", "--listen", "127.0.0.1:\(port)", "--db", dir.appendingPathComponent("s.db").path]
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            // Ready once a sync answers; gone at once if the port was taken.
+            let probe = try Confluo.openInMemory()
+            let deadline = Date().addingTimeInterval(20)
+            while process.isRunning && Date() < deadline {
+                if (try? blockingSync(probe)) != nil { return }
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+            kill(process.processIdentifier, SIGKILL)
         }
+        throw ConfluoError.InvalidInput(detail: "the server did not start")
     }
 
     private func blockingSync(_ db: Confluo) throws {
