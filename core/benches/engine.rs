@@ -7,47 +7,13 @@ use std::time::{Duration, Instant};
 
 use confluo_core::{ChangeSet, Database, Value};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rusqlite::Connection;
 
-const ROWS: usize = 100_000;
-const SCHEMA: &str =
-    "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT, body TEXT)";
+#[path = "workload.rs"]
+mod workload;
 
-struct Row {
-    id: String,
-    title: String,
-    status: &'static str,
-    body: String,
-}
-
-fn words(rng: &mut impl Rng, len: usize) -> String {
-    const WORDS: &[&str] = &[
-        "buy", "milk", "call", "mom", "water", "plants", "fix", "bike", "book", "flight", "pay",
-        "rent",
-    ];
-    let mut s = String::with_capacity(len + 8);
-    while s.len() < len {
-        if !s.is_empty() {
-            s.push(' ');
-        }
-        s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
-    }
-    s.truncate(len);
-    s
-}
-
-fn workload() -> Vec<Row> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    (0..ROWS)
-        .map(|_| Row {
-            id: uuid::Uuid::from_u128(rng.random()).to_string(),
-            title: words(&mut rng, 40),
-            status: "in_progress",
-            body: words(&mut rng, 140),
-        })
-        .collect()
-}
+use workload::{workload, Row, ROWS, SCHEMA};
 
 #[derive(Default, Clone)]
 struct Times {

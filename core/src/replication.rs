@@ -256,13 +256,13 @@ impl Database {
             let sites = load_sites(conn)?;
             let exclude =
                 recipient.and_then(|r| sites.iter().position(|s| *s == r).map(|p| p as u32));
-            let mut rows = ExportedRows::default();
+            let mut changes = Vec::new();
             let mut until = since;
             for t in &tables {
-                until = until.max(export_table(conn, t, since, exclude, &sites, &mut rows)?);
+                until = until.max(export_table(conn, t, since, exclude, &sites, &mut changes)?);
             }
-            until = until.max(export_pending(conn, since, recipient, &mut rows)?);
-            let mut changes = rows.into_changes();
+            until = until.max(export_pending(conn, since, recipient, &mut changes)?);
+            number_seqs(&mut changes);
             if let Some(skip) = skip(conn)? {
                 changes.retain(|c| !skip.contains(&c.db_version));
             }
@@ -738,29 +738,15 @@ fn schema_violation_is_bad_input(err: Error) -> Error {
     }
 }
 
-/// Exported changes. A row's changes stay side by side, so the wire
-/// encoding writes its key once.
-#[derive(Default)]
-struct ExportedRows {
-    changes: Vec<Change>,
-}
-
-impl ExportedRows {
-    fn push(&mut self, change: Change) {
-        self.changes.push(change);
-    }
-
-    /// The changes; `seq` numbers the changes of each db_version in the
-    /// order they appear.
-    fn into_changes(self) -> Vec<Change> {
-        let mut changes = self.changes;
-        let mut seqs: HashMap<u64, u32> = HashMap::new();
-        for c in &mut changes {
-            let seq = seqs.entry(c.db_version).or_insert(0);
-            c.seq = *seq;
-            *seq += 1;
-        }
-        changes
+/// Numbers the changes of each db_version in the order they appear (the
+/// export keeps a row's changes side by side, so the wire encoding writes
+/// its key once).
+fn number_seqs(changes: &mut [Change]) {
+    let mut seqs: HashMap<u64, u32> = HashMap::new();
+    for c in changes {
+        let seq = seqs.entry(c.db_version).or_insert(0);
+        c.seq = *seq;
+        *seq += 1;
     }
 }
 
@@ -772,7 +758,7 @@ fn export_table(
     since: u64,
     exclude: Option<u32>,
     sites: &[SiteId],
-    out: &mut ExportedRows,
+    out: &mut Vec<Change>,
 ) -> Result<u64> {
     let meta = t.meta_table();
     let live: Vec<(usize, Arc<str>)> = t.live_slots().map(|(s, n)| (s, n.clone())).collect();
@@ -870,7 +856,7 @@ fn export_pending(
     conn: &Connection,
     since: u64,
     recipient: Option<SiteId>,
-    out: &mut ExportedRows,
+    out: &mut Vec<Change>,
 ) -> Result<u64> {
     let mut stmt = conn.prepare_cached(
         "SELECT tbl, pk, col, cl, value, hlc, site, dbv FROM confluo_pending WHERE dbv > ?1 ORDER BY tbl, pk",

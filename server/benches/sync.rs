@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use confluo_core::{Database, SyncConfig, Value};
-use rand::{Rng, SeedableRng};
 
-const ROWS: usize = 100_000;
-const SCHEMA: &str =
-    "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT, body TEXT)";
+#[path = "../../core/benches/workload.rs"]
+mod workload;
+
+use workload::{workload, ROWS, SCHEMA};
 
 struct Server {
     child: Child,
@@ -76,35 +76,19 @@ fn device(dir: &std::path::Path, name: &str) -> Database {
     db
 }
 
-fn words(rng: &mut impl Rng, len: usize) -> String {
-    const WORDS: &[&str] = &[
-        "buy", "milk", "call", "mom", "water", "plants", "fix", "bike", "book", "flight", "pay",
-        "rent",
-    ];
-    let mut s = String::with_capacity(len + 8);
-    while s.len() < len {
-        if !s.is_empty() {
-            s.push(' ');
-        }
-        s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
-    }
-    s.truncate(len);
-    s
-}
-
 fn transfer(dir: &std::path::Path, server: &Server) {
     let a = device(dir, "a");
     let b = device(dir, "b");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    // The core benchmark's rows.
     a.write(|tx| {
-        for _ in 0..ROWS {
-            let id = uuid::Uuid::from_u128(rng.random()).to_string();
+        for r in workload() {
             tx.execute(
-                "INSERT INTO todo VALUES (?1, ?2, 'in_progress', ?3)",
+                "INSERT INTO todo VALUES (?1, ?2, ?3, ?4)",
                 &[
-                    Value::Text(id),
-                    Value::Text(words(&mut rng, 40)),
-                    Value::Text(words(&mut rng, 140)),
+                    Value::Text(r.id),
+                    Value::Text(r.title),
+                    Value::Text(r.status.into()),
+                    Value::Text(r.body),
                 ],
             )?;
         }
