@@ -110,6 +110,11 @@ pub trait Store: Send + Sync + 'static {
 /// version that stored it) packed in the engine's change-set encoding. One
 /// row per row, not per cell, keeps a push to a couple of B-tree writes
 /// per row.
+///
+/// `row_versions` lists, for each row, every version that one of its
+/// winning cells carries. Pulls walk it in version order, so a page that
+/// ends at version U carries every cell of the versions up to U, also the
+/// cells of rows that a later push has since moved on.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS server_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spaces(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, version INTEGER NOT NULL, epoch TEXT NOT NULL);
@@ -117,11 +122,71 @@ CREATE TABLE IF NOT EXISTS rows(
   space INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL,
   cl INTEGER NOT NULL, version INTEGER NOT NULL, cells BLOB NOT NULL,
   PRIMARY KEY (space, tbl, pk)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rows_by_version ON rows(space, version);
+CREATE TABLE IF NOT EXISTS row_versions(
+  space INTEGER NOT NULL, version INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL,
+  PRIMARY KEY (space, version, tbl, pk)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS staged(
   push_id TEXT NOT NULL, part INTEGER NOT NULL, space TEXT NOT NULL, body BLOB NOT NULL, created INTEGER NOT NULL,
   PRIMARY KEY (push_id, part)) WITHOUT ROWID;
 ";
+
+/// The layout of the server's tables. 1: rows found by their newest
+/// version (an index); 2: by every version of their cells (`row_versions`).
+const FORMAT: i64 = 2;
+
+/// Brings a database of an older layout to `FORMAT`, in one transaction.
+fn migrate(conn: &Connection) -> StoreResult<()> {
+    let format: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM server_meta WHERE key = 'format'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match format {
+        Some(FORMAT) => return Ok(()),
+        Some(f) if f > FORMAT => {
+            return Err(StoreError::Storage(format!(
+                "the database has layout {f}, newer than this server's {FORMAT}"
+            )))
+        }
+        _ => {}
+    }
+    let mut read = conn.prepare("SELECT space, tbl, pk, cells FROM rows")?;
+    let mut add = conn.prepare(
+        "INSERT OR IGNORE INTO row_versions(space, version, tbl, pk) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut rows = read.query([])?;
+    while let Some(row) = rows.next()? {
+        let stored = ChangeSet::decode(row.get_ref(3)?.as_blob().map_err(rusqlite::Error::from)?)
+            .map_err(|e| StoreError::Storage(format!("stored row: {e}")))?;
+        let (space, tbl, pk): (i64, String, Vec<u8>) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        for v in cell_versions(&stored.changes) {
+            add.execute(params![space, v as i64, tbl, pk])?;
+        }
+    }
+    conn.execute_batch("DROP INDEX IF EXISTS rows_by_version")?;
+    conn.execute(
+        "INSERT OR REPLACE INTO server_meta(key, value) VALUES ('format', ?1)",
+        [FORMAT],
+    )?;
+    Ok(())
+}
+
+/// About how many bytes a change takes on the wire.
+fn change_size(c: &Change) -> usize {
+    24 + c.value.payload_len()
+        + c.pk.iter().map(|v| v.payload_len()).sum::<usize>()
+        + c.column.as_deref().map_or(0, str::len)
+}
+
+/// The distinct versions a row's cells carry, ascending.
+fn cell_versions(cells: &[Change]) -> Vec<u64> {
+    let mut v: Vec<u64> = cells.iter().map(|c| c.db_version).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
 
 /// The most bytes of unfinished multi-request pushes kept per space.
 const MAX_STAGED_BYTES: usize = 256 << 20;
@@ -160,7 +225,18 @@ impl SqliteStore {
             // A push is acknowledged only once it is on disk.
             conn.pragma_update(None, "synchronous", "FULL")?;
         }
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let setup = conn
+            .execute_batch(SCHEMA)
+            .map_err(StoreError::from)
+            .and_then(|()| migrate(&conn));
+        match setup {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
         let site: Option<Vec<u8>> = conn
             .query_row(
                 "SELECT value FROM server_meta WHERE key = 'site'",
@@ -302,23 +378,33 @@ impl Store for SqliteStore {
             if cursor > version {
                 return Err(StoreError::CursorGone { cursor, version });
             }
-            let sql_all = "SELECT version, tbl, pk, cells FROM rows \
-                           WHERE space = ?1 AND version > ?2 ORDER BY version, tbl, pk";
-            // Going on with a version cut in slices: its rows after the last
-            // one sent, in key order, including rows a later push has moved
-            // to a newer version meanwhile (their cells of the sliced version
-            // must still come now; the cursor will move past it).
-            let sql_resume = "SELECT version, tbl, pk, cells FROM rows \
-                              WHERE space = ?1 AND version >= ?2 AND (tbl, pk) > (?3, ?4) \
-                              ORDER BY tbl, pk";
-            let mut stmt = conn.prepare_cached(if resume.is_some() {
-                sql_resume
-            } else {
-                sql_all
-            })?;
+            if let Some(r) = resume {
+                if r.version <= cursor || r.version > version {
+                    return Err(StoreError::BadInput(
+                        "the resume token does not belong to this cursor".into(),
+                    ));
+                }
+            }
+            // Each row once per version its cells carry, in version order:
+            // a page holds, for each version it covers, that version's
+            // cells of every row, whichever version the row is at now.
+            const FROM: &str = "SELECT v.version, v.tbl, v.pk, r.cells FROM row_versions AS v \
+                 JOIN rows AS r ON r.space = v.space AND r.tbl = v.tbl AND r.pk = v.pk";
+            let mut stmt;
             let mut rows = match resume {
-                Some(r) => stmt.query(params![sid, r.version as i64, r.table, r.key])?,
-                None => stmt.query(params![sid, cursor as i64])?,
+                Some(r) => {
+                    stmt = conn.prepare_cached(&format!(
+                        "{FROM} WHERE v.space = ?1 AND (v.version, v.tbl, v.pk) > (?2, ?3, ?4) \
+                         ORDER BY v.version, v.tbl, v.pk"
+                    ))?;
+                    stmt.query(params![sid, r.version as i64, r.table, r.key])?
+                }
+                None => {
+                    stmt = conn.prepare_cached(&format!(
+                        "{FROM} WHERE v.space = ?1 AND v.version > ?2 ORDER BY v.version, v.tbl, v.pk"
+                    ))?;
+                    stmt.query(params![sid, cursor as i64])?
+                }
             };
             let mut page = Page {
                 changes: Vec::new(),
@@ -332,13 +418,10 @@ impl Store for SqliteStore {
             let mut last_row: Option<(String, Vec<u8>)> = None;
             loop {
                 let Some(row) = rows.next()? else {
-                    // Read to the end: the resumed version, or everything.
-                    page.until = resume.map_or(version, |r| r.version);
+                    page.until = version;
                     break;
                 };
                 let v = row.get::<_, i64>(0)? as u64;
-                // In a resumed slice rows come in key order, all of one cut.
-                let v = resume.map_or(v, |r| r.version);
                 if let Some(done) = reading.filter(|r| *r != v) {
                     page.until = done;
                     if used >= budget {
@@ -358,22 +441,20 @@ impl Store for SqliteStore {
                         break;
                     }
                 }
-                let cells = row
-                    .get_ref(3)?
-                    .as_blob()
-                    .map_err(|e| StoreError::Storage(e.to_string()))?;
-                used += cells.len();
                 last_row = Some((row.get(1)?, row.get(2)?));
-                let stored = ChangeSet::decode(cells)
-                    .map_err(|e| StoreError::Storage(format!("stored row: {e}")))?;
-                // Only the cells stored after the cursor, and not the
-                // device's own.
-                page.changes.extend(
-                    stored
-                        .changes
-                        .into_iter()
-                        .filter(|c| c.db_version > cursor && Some(c.site) != exclude),
-                );
+                let stored = ChangeSet::decode(
+                    row.get_ref(3)?
+                        .as_blob()
+                        .map_err(|e| StoreError::Storage(e.to_string()))?,
+                )
+                .map_err(|e| StoreError::Storage(format!("stored row: {e}")))?;
+                // The row's cells of this version, but not the device's own.
+                for c in stored.changes {
+                    if c.db_version == v && Some(c.site) != exclude {
+                        used += change_size(&c);
+                        page.changes.push(c);
+                    }
+                }
             }
             page.more = page.resume.is_some() || page.until < version;
             // Seq numbers the changes of each version in page order.
@@ -464,6 +545,12 @@ fn merge_into(
         "INSERT INTO rows(space, tbl, pk, cl, version, cells) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
          ON CONFLICT(space, tbl, pk) DO UPDATE SET cl = excluded.cl, version = excluded.version, cells = excluded.cells",
     )?;
+    let mut add_version = conn.prepare_cached(
+        "INSERT OR IGNORE INTO row_versions(space, version, tbl, pk) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut drop_version = conn.prepare_cached(
+        "DELETE FROM row_versions WHERE space = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
+    )?;
     let mut start = 0;
     while start < changes.len() {
         let first = &changes[start];
@@ -542,6 +629,7 @@ fn merge_into(
                     },
                 })
                 .collect();
+            let (before, after) = (cell_versions(&stored), cell_versions(&winners));
             let blob = ChangeSet {
                 source: server,
                 recipient: None,
@@ -558,6 +646,14 @@ fn merge_into(
                 version as i64,
                 blob
             ])?;
+            // Versions no cell of the row carries any more are forgotten;
+            // the new one is added.
+            for v in before.iter().filter(|v| !after.contains(v)) {
+                drop_version.execute(params![space, *v as i64, &*first.table, key])?;
+            }
+            for v in after.iter().filter(|v| !before.contains(v)) {
+                add_version.execute(params![space, *v as i64, &*first.table, key])?;
+            }
         }
         start = end;
     }
@@ -640,6 +736,105 @@ mod tests {
         let next = store.pull("s", 1, None, None, 1 << 20).unwrap();
         assert_eq!(next.until, 2);
         assert!(next.changes.iter().any(|c| c.hlc == Hlc(20)));
+    }
+
+    /// Pulls everything after `cursor` page by page, as a device does.
+    fn pull_all(store: &SqliteStore, budget: usize) -> (Vec<Change>, u64) {
+        let (mut got, mut cursor, mut resume) = (Vec::new(), 0, None::<Resume>);
+        loop {
+            let page = store
+                .pull("s", cursor, resume.as_ref(), None, budget)
+                .unwrap();
+            got.extend(page.changes);
+            resume = page.resume;
+            if resume.is_none() {
+                cursor = page.until;
+            }
+            if !page.more {
+                return (got, cursor);
+            }
+        }
+    }
+
+    #[test]
+    fn a_page_carries_every_cell_of_its_versions_even_in_rows_that_moved_on() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let filler = |prefix: &str| -> Vec<Change> {
+            (0..10)
+                .flat_map(|i| {
+                    let pk = format!("{prefix}{i}");
+                    [change(&pk, None, 10), change(&pk, Some("a"), 10)]
+                })
+                .collect()
+        };
+        // Version 1: row r in full, with other rows; version 2: other rows;
+        // version 3: r's title alone.
+        let mut v1 = vec![
+            change("r", None, 10),
+            change("r", Some("title"), 10),
+            change("r", Some("note"), 10),
+        ];
+        v1.extend(filler("f"));
+        push(&store, v1);
+        push(&store, filler("g"));
+        assert_eq!(
+            push(&store, vec![change("r", Some("title"), 30)]).version,
+            3
+        );
+        // Pages small enough to end between versions 2 and 3.
+        for budget in [1, 100, 300, 600, 1 << 20] {
+            let (got, until) = pull_all(&store, budget);
+            assert_eq!(until, 3);
+            let r: Vec<_> = got
+                .iter()
+                .filter(|c| c.pk[0] == Value::Text("r".into()))
+                .map(|c| (c.column.as_deref().map(str::to_owned), c.hlc.0))
+                .collect();
+            for cell in [
+                (None, 10),
+                (Some("note".to_owned()), 10),
+                (Some("title".to_owned()), 30),
+            ] {
+                assert!(
+                    r.contains(&cell),
+                    "budget {budget}: {cell:?} missing from {r:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_database_of_the_first_layout_is_migrated_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.db");
+        let store = SqliteStore::open(&path).unwrap();
+        push(
+            &store,
+            vec![change("r1", None, 10), change("r1", Some("a"), 10)],
+        );
+        push(
+            &store,
+            vec![change("r1", Some("b"), 20), change("r2", None, 20)],
+        );
+        drop(store);
+        // Back to layout 1: no row_versions, no format.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DELETE FROM row_versions; DELETE FROM server_meta WHERE key = 'format'; \
+             CREATE INDEX rows_by_version ON rows(space, version);",
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let (got, until) = pull_all(&store, 1 << 20);
+        assert_eq!(until, 2);
+        assert_eq!(got.len(), 4, "{got:?}");
+        let page = store.pull("s", 1, None, None, 1 << 20).unwrap();
+        assert_eq!(
+            page.changes.len(),
+            2,
+            "only version 2's cells after cursor 1"
+        );
     }
 
     #[test]
