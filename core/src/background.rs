@@ -36,7 +36,14 @@ pub struct SyncStatus {
     pub state: SyncState,
     /// Rows with local changes the server has not accepted yet.
     pub pending: u64,
+    /// Changes from the server this database could not apply, kept aside
+    /// with their reasons (`Database::rejected_changes`).
+    pub rejected: u64,
     pub last_synced: Option<SystemTime>,
+    /// The server's clock minus this device's, in milliseconds, from the
+    /// last sync (see `SyncReport::clock_offset_ms`): an app can warn the
+    /// user whose clock is far off.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// Receives every status change.
@@ -209,11 +216,14 @@ fn run_worker(
     let mut failures = 0u32;
     let mut last_synced: Option<SystemTime> = None;
     let mut last_status: Option<SyncStatus> = None;
-    let mut emit = |state: SyncState, last_synced: Option<SystemTime>| {
+    let mut clock_offset_ms: Option<i64> = None;
+    let mut emit = |state: SyncState, last_synced: Option<SystemTime>, clock_offset_ms| {
         let status = SyncStatus {
             state,
             pending: db.pending_changes().unwrap_or(0),
+            rejected: db.rejected_count().unwrap_or(0),
             last_synced,
+            clock_offset_ms,
         };
         if last_status.as_ref() != Some(&status) {
             listener.on_status(&status);
@@ -230,7 +240,11 @@ fn run_worker(
             let now = Instant::now();
             if !guard.online {
                 drop(guard);
-                emit(SyncState::Offline { retry_in: None }, last_synced);
+                emit(
+                    SyncState::Offline { retry_in: None },
+                    last_synced,
+                    clock_offset_ms,
+                );
                 guard = shared.control.lock().unwrap_or_else(|e| e.into_inner());
                 if !guard.online && !guard.stop {
                     guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
@@ -274,15 +288,16 @@ fn run_worker(
         // A local commit may be ours (pulled changes are commits too): skip
         // the round trip when nothing is waiting to go out.
         if local_only && failures == 0 && db.pending_changes().unwrap_or(1) == 0 {
-            emit(SyncState::Idle, last_synced);
+            emit(SyncState::Idle, last_synced, clock_offset_ms);
             continue;
         }
-        emit(SyncState::Syncing, last_synced);
+        emit(SyncState::Syncing, last_synced, clock_offset_ms);
         match client.sync(&db) {
-            Ok(SyncReport { .. }) => {
+            Ok(report) => {
+                clock_offset_ms = report.clock_offset_ms.or(clock_offset_ms);
                 failures = 0;
                 last_synced = Some(SystemTime::now());
-                emit(SyncState::Idle, last_synced);
+                emit(SyncState::Idle, last_synced, clock_offset_ms);
             }
             Err(err) => {
                 let mut delay = backoff(&config, failures);
@@ -306,7 +321,7 @@ fn run_worker(
                         retry_in: delay,
                     },
                 };
-                emit(state, last_synced);
+                emit(state, last_synced, clock_offset_ms);
             }
         }
     }

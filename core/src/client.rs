@@ -94,9 +94,20 @@ pub struct SyncReport {
     pub pulled: usize,
     /// Received changes that won and are now in this database.
     pub applied: usize,
+    /// Received changes this database could not apply, kept aside (see
+    /// `Database::rejected_changes`).
+    pub rejected: usize,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration: Duration,
+    /// The server's clock minus this device's, in milliseconds, as of the
+    /// last answer (give or take the round trip). Far from zero means this
+    /// device's clock is wrong: its changes still sync, but a clock more
+    /// than the server's drift limit ahead gets its pushes refused.
+    pub clock_offset_ms: Option<i64>,
+    /// The server's clock in its last answer (unix milliseconds).
+    #[doc(hidden)]
+    pub server_time_ms: Option<u64>,
 }
 
 /// How the server answered a request.
@@ -224,6 +235,9 @@ impl Client {
                 .map(str::to_owned)
         };
         let epoch = header("confluo-epoch");
+        if let Some(t) = header("confluo-server-time").and_then(|t| t.parse().ok()) {
+            report.server_time_ms = Some(t);
+        }
         let (more, resume, retry_after) = (
             header("confluo-more").as_deref() == Some("1"),
             header("confluo-resume"),
@@ -331,6 +345,9 @@ impl Client {
             }
         }
         report.duration = started.elapsed();
+        report.clock_offset_ms = report
+            .server_time_ms
+            .map(|t| t as i64 - db.options().time.now_ms() as i64);
         Ok(report)
     }
 
@@ -431,6 +448,7 @@ impl Client {
                 let until = page.changes.until.max(cursor);
                 let applied = db.apply_from_server(&buffered, until)?;
                 report.applied += applied.applied;
+                report.rejected += applied.rejected;
                 buffered.clear();
                 cursor = until;
             }

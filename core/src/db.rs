@@ -83,6 +83,10 @@ pub(crate) struct Inner {
     /// Site ids by ordinal (0 is this database).
     pub sites: RwLock<Vec<SiteId>>,
     pub observers: Arc<Observers>,
+    /// SQLite's schema cookie when `tables` was loaded: another handle on
+    /// the same file (or another process) that makes a table synced or
+    /// alters one changes it, and the cache is loaded again.
+    schema_cookie: std::sync::atomic::AtomicI64,
     pub site_id: SiteId,
     pub options: Options,
 }
@@ -104,6 +108,10 @@ CREATE TABLE IF NOT EXISTS confluo_peers(site_ord INTEGER PRIMARY KEY, seen INTE
 CREATE TABLE IF NOT EXISTS confluo_pending(
   tbl TEXT NOT NULL, pk BLOB NOT NULL, col TEXT NOT NULL, cl INTEGER NOT NULL, value,
   hlc INTEGER NOT NULL, site BLOB NOT NULL, dbv INTEGER NOT NULL,
+  PRIMARY KEY (tbl, pk, col)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS confluo_rejected(
+  tbl TEXT NOT NULL, pk BLOB NOT NULL, col TEXT NOT NULL, cl INTEGER NOT NULL, value,
+  hlc INTEGER NOT NULL, site BLOB NOT NULL, reason TEXT NOT NULL,
   PRIMARY KEY (tbl, pk, col)) WITHOUT ROWID;
 ";
 
@@ -222,6 +230,7 @@ impl Database {
         let state = Arc::new(Mutex::new(TxState::new(options.time.clone(), hlc, dbv)));
         capture::install(&mut conn, &state)?;
         let tables = schema::load_tables(&conn)?;
+        let cookie: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
         let readers = path.map(|p| ReaderPool::new(p, options.readers));
         Ok(Database {
             inner: Inner {
@@ -236,6 +245,7 @@ impl Database {
                 ),
                 sites: RwLock::new(sites),
                 observers: Arc::new(Observers::default()),
+                schema_cookie: cookie.into(),
                 site_id,
                 options,
             },
@@ -310,14 +320,48 @@ impl Database {
     /// Starts a write transaction. Dropping it without `commit` rolls back.
     pub fn transaction(&self) -> Result<Transaction<'_>> {
         let guard = self.writer()?;
-        guard
-            .as_ref()
-            .expect("checked open")
-            .execute_batch("BEGIN IMMEDIATE")?;
-        Ok(Transaction {
+        let conn = guard.as_ref().expect("checked open");
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let tx = Transaction {
             db: self,
             conn: Some(guard),
-        })
+        };
+        self.catch_up_schema(tx.conn())?;
+        Ok(tx)
+    }
+
+    /// Inside a write transaction: loads the synced tables again if the
+    /// file's schema changed since they were loaded (another handle or
+    /// process may have made a table synced or altered one).
+    fn catch_up_schema(&self, conn: &Connection) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let cookie: i64 = conn
+            .prepare_cached("PRAGMA schema_version")?
+            .query_row([], |r| r.get(0))?;
+        if cookie == self.inner.schema_cookie.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let tables = schema::load_tables(conn)?;
+        *self.inner.tables.write().unwrap_or_else(|e| e.into_inner()) = tables
+            .into_iter()
+            .map(|t| (t.name.to_string(), Arc::new(t)))
+            .collect();
+        self.inner.schema_cookie.store(cookie, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The site list as the file has it, inside a write transaction:
+    /// another handle on the same file may have recorded sites since this
+    /// one cached them.
+    pub(crate) fn sites_in(&self, conn: &Connection) -> Result<Vec<SiteId>> {
+        let newest: i64 = conn
+            .prepare_cached("SELECT coalesce(max(ord), -1) FROM confluo_sites")?
+            .query_row([], |r| r.get(0))?;
+        let mut cached = self.inner.sites.write().unwrap_or_else(|e| e.into_inner());
+        if newest + 1 != cached.len() as i64 {
+            *cached = load_sites(conn)?;
+        }
+        Ok(cached.clone())
     }
 
     pub(crate) fn writer(&self) -> Result<MutexGuard<'_, Option<Connection>>> {

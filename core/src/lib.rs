@@ -50,7 +50,7 @@ pub use db::{Database, Options, Rows, Transaction};
 pub use error::{Error, Result};
 pub use hlc::{Hlc, ManualTimeSource, SystemTimeSource, TimeSource};
 pub use observe::{ChangeListener, Observation};
-pub use replication::ApplyReport;
+pub use replication::{ApplyReport, RejectedChange};
 pub use site::SiteId;
 pub use validate::{check_change, Limits};
 pub use value::Value;

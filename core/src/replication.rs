@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
@@ -31,8 +32,33 @@ pub struct ApplyReport {
     /// Changes for tables or columns this database does not have yet: kept
     /// and merged when `enable_sync` or `alter_synced_table` adds them.
     pub deferred: usize,
+    /// Changes this database cannot apply (a key of the wrong shape, a
+    /// value its schema refuses): kept aside with the reason, see
+    /// `rejected_changes`. Only changes relayed by a server are kept aside;
+    /// a peer's change set with such a change is refused whole.
+    pub rejected: usize,
     /// The local db_version that recorded the applied changes, if any.
     pub db_version: Option<u64>,
+}
+
+/// Who sent the changes being applied, which decides how they are judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sender {
+    /// Another database directly: its clocks are judged against ours (the
+    /// drift guard), and a change set with any bad change is refused whole.
+    Peer,
+    /// The sync server, which judged every clock against its own already:
+    /// clocks are taken by the HLC receive rule however slow ours is, and a
+    /// change this database cannot apply is kept aside so that it never
+    /// blocks the others.
+    Server,
+}
+
+/// A change kept aside because this database could not apply it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RejectedChange {
+    pub change: Change,
+    pub reason: String,
 }
 
 /// Turns capture off while remote changes are written, and back on after,
@@ -69,6 +95,8 @@ pub(crate) struct ApplyCtx {
     first_new_site: usize,
     sql: HashMap<(i64, u8, Vec<usize>), String>,
     pub(crate) report: ApplyReport,
+    /// The changes of the row being merged when a merge failed.
+    failed_row: Option<std::ops::Range<usize>>,
 }
 
 impl ApplyCtx {
@@ -84,6 +112,7 @@ impl ApplyCtx {
             site_ords,
             sql: HashMap::new(),
             report: ApplyReport::default(),
+            failed_row: None,
         }
     }
 
@@ -128,7 +157,8 @@ impl Database {
             self.record_existing_rows(conn, &info)?;
         }
         self.activate_pending(&tx, &info)?;
-        tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))
+        tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))?;
+        self.retry_rejected(table)
     }
 
     /// Runs `alter_sql` (an `ALTER TABLE`, or any migration of `table`) and
@@ -171,7 +201,8 @@ impl Database {
         let info = Arc::new(schema::register(conn, table, &pk, &columns)?);
         schema::install(conn, &info)?;
         self.activate_pending(&tx, &info)?;
-        tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))
+        tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))?;
+        self.retry_rejected(table)
     }
 
     /// After a commit, with the writer lock still held: the site list (new
@@ -285,54 +316,97 @@ impl Database {
     /// what was received), idempotently and in any order. A change set with
     /// any invalid change is refused whole, leaving the database unchanged.
     pub fn apply(&self, changeset: &ChangeSet) -> Result<ApplyReport> {
-        self.apply_changes(&changeset.changes, |db, tx, ctx| {
+        self.apply_changes(&changeset.changes, Sender::Peer, |db, tx, ctx| {
             db.record_received(tx, ctx, changeset)
         })
     }
 
     /// Validates and merges `changes` in one transaction, with `bookkeeping`
     /// (what was received from whom) written in the same transaction.
+    ///
+    /// From a server, a change that cannot be applied is kept aside instead:
+    /// the transaction is tried again without the row SQLite refused, so the
+    /// common case pays nothing for the rare one.
     pub(crate) fn apply_changes(
         &self,
         changes: &[Change],
-        bookkeeping: impl FnOnce(&Self, &Transaction<'_>, &mut ApplyCtx) -> Result<()>,
+        sender: Sender,
+        bookkeeping: impl Fn(&Self, &Transaction<'_>, &mut ApplyCtx) -> Result<()>,
     ) -> Result<ApplyReport> {
-        self.validate(changes)?;
-        let tx = self.transaction()?;
-        let remote = RemoteWrites::begin(&self.inner.state);
-        let mut ctx = ApplyCtx::new(
-            self.inner
-                .sites
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        );
-        ctx.report.received = changes.len();
-        self.merge_changes(&tx, &mut ctx, changes, None)
-            .map_err(schema_violation_is_bad_input)?;
-        ctx.report.db_version = lock(&self.inner.state).tx_dbv;
-        bookkeeping(self, &tx, &mut ctx)?;
-        if let Some(max) = changes.iter().map(|c| c.hlc).max() {
-            lock(&self.inner.state).hlc.observe(max);
-        }
-        drop(remote);
-        let new_sites = ctx.sites.len() > ctx.first_new_site;
-        tx.commit_then(|conn| {
-            if new_sites {
-                self.refresh_caches(conn, None)
-            } else {
-                Ok(())
+        let mut refused: Vec<Option<String>> = vec![None; changes.len()];
+        match sender {
+            Sender::Peer => self.validate(changes, sender)?,
+            Sender::Server => {
+                for (i, c) in changes.iter().enumerate() {
+                    if let Err(e) = self.validate(std::slice::from_ref(c), sender) {
+                        refused[i] = Some(e.to_string().replacen("change 0 ", "", 1));
+                    }
+                }
             }
-        })?;
-        Ok(ctx.report)
+        }
+        loop {
+            let tx = self.transaction()?;
+            let remote = RemoteWrites::begin(&self.inner.state);
+            let mut ctx = ApplyCtx::new(self.sites_in(tx.conn())?);
+            ctx.report.received = changes.len();
+            if let Err(err) = self.merge_changes(&tx, &mut ctx, changes, &refused, None) {
+                let row = ctx.failed_row.take();
+                match (sender, row) {
+                    (Sender::Server, Some(row)) if is_data_error(&err) => {
+                        // Roll back, and try again without that row.
+                        drop(remote);
+                        drop(tx);
+                        for i in row {
+                            refused[i].get_or_insert_with(|| {
+                                schema_violation_is_bad_input(Error::Sqlite {
+                                    message: err.to_string(),
+                                    code: None,
+                                })
+                                .to_string()
+                            });
+                        }
+                        continue;
+                    }
+                    _ => return Err(schema_violation_is_bad_input(err)),
+                }
+            }
+            ctx.report.db_version = lock(&self.inner.state).tx_dbv;
+            bookkeeping(self, &tx, &mut ctx)?;
+            ctx.report.rejected = keep_aside(tx.conn(), changes, &refused)?;
+            let newest = changes
+                .iter()
+                .zip(&refused)
+                .filter(|(_, r)| r.is_none())
+                .map(|(c, _)| c.hlc)
+                .max();
+            if let Some(max) = newest {
+                // The HLC receive rule: later local clocks exceed every clock
+                // seen, even one ahead of this device's wall clock.
+                lock(&self.inner.state).hlc.observe(max);
+            }
+            drop(remote);
+            let new_sites = ctx.sites.len() > ctx.first_new_site;
+            tx.commit_then(|conn| {
+                if new_sites {
+                    self.refresh_caches(conn, None)
+                } else {
+                    Ok(())
+                }
+            })?;
+            return Ok(ctx.report);
+        }
     }
 
-    /// Refuses anything a correct peer never sends, before writing a byte.
-    fn validate(&self, changes: &[Change]) -> Result<()> {
+    /// Refuses anything a correct sender never sends, before writing a byte.
+    /// Changes from a server are not judged by this device's clock.
+    fn validate(&self, changes: &[Change], sender: Sender) -> Result<()> {
         let opts = &self.inner.options;
         let limits = Limits {
             max_value_bytes: opts.max_value_bytes,
-            max_clock_drift: opts.max_clock_drift,
+            max_clock_drift: match sender {
+                Sender::Peer => opts.max_clock_drift,
+                Sender::Server => Duration::from_millis(u64::MAX),
+            },
         };
         let now = opts.time.now_ms();
         for (i, c) in changes.iter().enumerate() {
@@ -353,6 +427,77 @@ impl Database {
         Ok(())
     }
 
+    /// The changes kept aside because this database could not apply them,
+    /// with the reasons.
+    pub fn rejected_changes(&self) -> Result<Vec<RejectedChange>> {
+        self.read_snapshot(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT tbl, pk, col, cl, value, hlc, site, reason FROM confluo_rejected ORDER BY tbl, pk, col",
+            )?;
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                let col: String = r.get(2)?;
+                out.push(RejectedChange {
+                    change: Change {
+                        table: Arc::from(r.get::<_, String>(0)?),
+                        pk: unpack_values(r.get_ref(1)?.as_blob()?)?.into(),
+                        column: (!col.is_empty()).then(|| Arc::from(col)),
+                        value: r.get(4)?,
+                        hlc: Hlc(r.get::<_, i64>(5)? as u64),
+                        site: site_from(r.get_ref(6)?.as_blob()?)?,
+                        cl: r.get::<_, i64>(3)? as u64,
+                        db_version: 0,
+                        seq: 0,
+                    },
+                    reason: r.get(7)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many changes are kept aside (see `rejected_changes`).
+    pub fn rejected_count(&self) -> Result<u64> {
+        self.read_snapshot(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT count(*) FROM confluo_rejected")?
+                .query_row([], |r| r.get::<_, i64>(0))? as u64)
+        })
+    }
+
+    /// Tries the changes kept aside for `table` again (after a migration
+    /// that may let them fit); those that still do not fit stay aside.
+    fn retry_rejected(&self, table: &str) -> Result<()> {
+        let kept: Vec<Change> = self
+            .rejected_changes()?
+            .into_iter()
+            .filter(|r| &*r.change.table == table)
+            .map(|r| r.change)
+            .collect();
+        if kept.is_empty() {
+            return Ok(());
+        }
+        self.apply_changes(&kept, Sender::Server, |_, tx, _| {
+            for c in &kept {
+                tx.conn()
+                    .prepare_cached(
+                        "DELETE FROM confluo_rejected WHERE tbl = ?1 AND pk = ?2 AND col = ?3 \
+                         AND hlc = ?4 AND site = ?5",
+                    )?
+                    .execute(params![
+                        &*c.table,
+                        pack_values(&c.pk),
+                        c.column.as_deref().unwrap_or(""),
+                        c.hlc.0 as i64,
+                        &c.site.as_bytes()[..]
+                    ])?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// Merges `changes` row by row (consecutive changes of one row merge
     /// together; a row may appear again later, which is just slower).
     /// `adding` is a table being made synced in this transaction, not yet
@@ -362,6 +507,7 @@ impl Database {
         tx: &Transaction<'_>,
         ctx: &mut ApplyCtx,
         changes: &[Change],
+        refused: &[Option<String>],
         adding: Option<&Arc<TableInfo>>,
     ) -> Result<()> {
         let conn = tx.conn();
@@ -376,19 +522,39 @@ impl Database {
             {
                 end += 1;
             }
+            let row = start..end;
+            start = end;
+            // Changes kept aside are left out (rare: the row is copied).
+            let kept: Vec<Change>;
+            let (group, range) = if refused[row.clone()].iter().all(Option::is_none) {
+                (changes, row.clone())
+            } else {
+                kept = changes[row.clone()]
+                    .iter()
+                    .zip(&refused[row.clone()])
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                let n = kept.len();
+                (&kept[..], 0..n)
+            };
+            if range.is_empty() {
+                continue;
+            }
             let table = match adding {
                 Some(t) if t.name == first.table => Some(t.clone()),
                 _ => self.table(&first.table),
             };
-            match table {
-                Some(t) => self.merge_row(conn, ctx, &t, changes, start..end)?,
-                None => {
-                    for c in &changes[start..end] {
-                        self.defer(conn, ctx, c)?;
-                    }
-                }
+            let merged = match table {
+                Some(t) => self.merge_row(conn, ctx, &t, group, range),
+                None => group[range]
+                    .iter()
+                    .try_for_each(|c| self.defer(conn, ctx, c)),
+            };
+            if let Err(e) = merged {
+                ctx.failed_row = Some(row);
+                return Err(e);
             }
-            start = end;
         }
         Ok(())
     }
@@ -665,14 +831,9 @@ impl Database {
             return Ok(());
         }
         let remote = RemoteWrites::begin(&self.inner.state);
-        let mut ctx = ApplyCtx::new(
-            self.inner
-                .sites
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        );
-        self.merge_changes(tx, &mut ctx, &changes, Some(t))?;
+        let mut ctx = ApplyCtx::new(self.sites_in(conn)?);
+        let none = vec![None; changes.len()];
+        self.merge_changes(tx, &mut ctx, &changes, &none, Some(t))?;
         drop(remote);
         for c in &changes {
             conn.prepare_cached(
@@ -719,6 +880,59 @@ impl Database {
             )?;
         }
         Ok(())
+    }
+}
+
+/// Keeps aside the changes marked `refused`, each with its reason, merged
+/// with what was kept before for the same cell. Returns how many.
+fn keep_aside(conn: &Connection, changes: &[Change], refused: &[Option<String>]) -> Result<usize> {
+    let mut kept = 0;
+    for (c, reason) in changes.iter().zip(refused) {
+        let Some(reason) = reason else { continue };
+        conn.prepare_cached(
+            "INSERT INTO confluo_rejected(tbl, pk, col, cl, value, hlc, site, reason) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+             ON CONFLICT(tbl, pk, col) DO UPDATE SET cl = excluded.cl, value = excluded.value, \
+             hlc = excluded.hlc, site = excluded.site, reason = excluded.reason \
+             WHERE (excluded.cl, excluded.hlc, excluded.site) >= (cl, hlc, site)",
+        )?
+        .execute(params![
+            &*c.table,
+            pack_values(&c.pk),
+            c.column.as_deref().unwrap_or(""),
+            c.cl as i64,
+            &c.value,
+            c.hlc.0 as i64,
+            &c.site.as_bytes()[..],
+            reason,
+        ])?;
+        kept += 1;
+    }
+    Ok(kept)
+}
+
+fn site_from(bytes: &[u8]) -> Result<SiteId> {
+    SiteId::from_slice(bytes).ok_or_else(|| Error::Sqlite {
+        message: "corrupt confluo metadata: bad site id".into(),
+        code: None,
+    })
+}
+
+/// Errors that come from the data of one row not fitting this database's
+/// schema, rather than from storage.
+fn is_data_error(err: &Error) -> bool {
+    const SQLITE_TOOBIG: i32 = 18;
+    const SQLITE_CONSTRAINT: i32 = 19;
+    const SQLITE_MISMATCH: i32 = 20;
+    match err {
+        Error::Sqlite {
+            code: Some(code), ..
+        } => matches!(
+            code & 0xff,
+            SQLITE_TOOBIG | SQLITE_CONSTRAINT | SQLITE_MISMATCH
+        ),
+        Error::InvalidInput(_) => true,
+        _ => false,
     }
 }
 

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::changeset::{Change, ChangeSet};
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::replication::ApplyReport;
+use crate::replication::{ApplyReport, Sender};
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS confluo_sync(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -100,7 +100,7 @@ impl Database {
     /// Merges changes pulled from the server and moves the cursor to
     /// `cursor`, in one transaction: a crash leaves either both or neither.
     pub fn apply_from_server(&self, changes: &[Change], cursor: u64) -> Result<ApplyReport> {
-        self.apply_changes(changes, |_, tx, ctx| {
+        self.apply_changes(changes, Sender::Server, |_, tx, ctx| {
             let conn = tx.conn();
             if let Some(dbv) = ctx.report.db_version {
                 conn.prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?

@@ -868,3 +868,46 @@ fn two_handles_on_one_file_never_reuse_a_db_version() {
     );
     assert_eq!(a.db_version(), 3);
 }
+
+#[test]
+fn two_handles_on_one_file_work_like_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let a = Database::open(&path).unwrap();
+    a.execute_batch(TODO_SCHEMA).unwrap();
+    a.enable_sync("todo").unwrap();
+    let b = Database::open(&path).unwrap();
+    let c = clock();
+    let (x, y) = (todo_replica(&c), todo_replica(&c));
+    x.execute("INSERT INTO todo VALUES ('x', 'from x', 'open')", &[])
+        .unwrap();
+    y.execute("INSERT INTO todo VALUES ('y', 'from y', 'open')", &[])
+        .unwrap();
+    // A learns site x, then B learns site y: each must see the other's
+    // site list, not its own cached one.
+    pull(&a, &x);
+    pull(&b, &y);
+    pull(&a, &y);
+    pull(&b, &x);
+    assert_eq!(dump(&a, "todo"), dump(&b, "todo"));
+    assert_eq!(dump(&a, "todo").len(), 2);
+
+    // A makes a new table synced; B's writes to it are tracked.
+    a.execute_batch("CREATE TABLE tag(id TEXT PRIMARY KEY NOT NULL, name TEXT)")
+        .unwrap();
+    a.enable_sync("tag").unwrap();
+    b.execute("INSERT INTO tag VALUES ('t', 'home')", &[])
+        .unwrap();
+    assert_eq!(b.synced_tables(), vec!["todo", "tag"]);
+    let fresh = Database::open_in_memory().unwrap();
+    fresh
+        .execute_batch(&format!(
+            "{TODO_SCHEMA}; CREATE TABLE tag(id TEXT PRIMARY KEY NOT NULL, name TEXT)"
+        ))
+        .unwrap();
+    fresh.enable_sync("todo").unwrap();
+    fresh.enable_sync("tag").unwrap();
+    fresh.apply(&a.changes_since(0, None).unwrap()).unwrap();
+    assert_eq!(dump(&fresh, "tag"), vec![vec![text("t"), text("home")]]);
+    assert_eq!(dump(&fresh, "todo").len(), 2);
+}

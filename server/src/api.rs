@@ -307,13 +307,19 @@ async fn sync(
 }
 
 fn respond(app: &App, route: &'static str, result: Result<Response, ApiError>) -> Response {
-    let resp = result.unwrap_or_else(|e| {
+    let mut resp = result.unwrap_or_else(|e| {
         if e.status.is_client_error() {
             tracing::info!(route, status = e.status.as_u16(), code = e.code, message = %e.message, "request refused");
         }
         e.into_response()
     });
     app.metrics.request(route, resp.status().as_u16());
+    // The server's clock, so a device can tell that its own is wrong.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    resp.headers_mut()
+        .insert("confluo-server-time", HeaderValue::from(now_ms));
     resp
 }
 

@@ -125,6 +125,9 @@ CREATE TABLE IF NOT EXISTS rows(
 CREATE TABLE IF NOT EXISTS row_versions(
   space INTEGER NOT NULL, version INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL,
   PRIMARY KEY (space, version, tbl, pk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS space_tables(
+  space INTEGER NOT NULL, tbl TEXT NOT NULL, key_arity INTEGER NOT NULL,
+  PRIMARY KEY (space, tbl)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS staged(
   push_id TEXT NOT NULL, part INTEGER NOT NULL, space TEXT NOT NULL, body BLOB NOT NULL, created INTEGER NOT NULL,
   PRIMARY KEY (push_id, part)) WITHOUT ROWID;
@@ -530,6 +533,63 @@ impl Store for SqliteStore {
     }
 }
 
+/// The shape of each table of a space, learned from the first push that
+/// names it: a push that contradicts it is refused, since no device could
+/// apply it and every pull would carry it.
+#[derive(Default)]
+struct TableShapes {
+    key_arity: std::collections::HashMap<Arc<str>, usize>,
+}
+
+impl TableShapes {
+    fn check(&mut self, conn: &Connection, space: i64, c: &Change) -> StoreResult<()> {
+        let arity = match self.key_arity.get(&c.table) {
+            Some(&n) => n,
+            None => {
+                let known: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT key_arity FROM space_tables WHERE space = ?1 AND tbl = ?2",
+                    )?
+                    .query_row(params![space, &*c.table], |r| r.get(0))
+                    .optional()?;
+                let n = match known {
+                    Some(n) => n as usize,
+                    None => {
+                        // Rows stored before shapes were kept tell it too.
+                        let stored: Option<Vec<u8>> = conn
+                            .prepare_cached(
+                                "SELECT pk FROM rows WHERE space = ?1 AND tbl = ?2 LIMIT 1",
+                            )?
+                            .query_row(params![space, &*c.table], |r| r.get(0))
+                            .optional()?;
+                        let n = match stored {
+                            Some(pk) => confluo_core::unpack_key(&pk)
+                                .map_err(|e| StoreError::Storage(format!("stored key: {e}")))?
+                                .len(),
+                            None => c.pk.len(),
+                        };
+                        conn.prepare_cached(
+                            "INSERT INTO space_tables(space, tbl, key_arity) VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![space, &*c.table, n as i64])?;
+                        n
+                    }
+                };
+                self.key_arity.insert(c.table.clone(), n);
+                n
+            }
+        };
+        if c.pk.len() != arity {
+            return Err(StoreError::BadInput(format!(
+                "table {:?} has keys of {arity} value(s) in this space, but a change has a key of {}",
+                c.table,
+                c.pk.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Merges pushed changes row by row with the engine's merge rules.
 fn merge_into(
     conn: &Connection,
@@ -551,6 +611,7 @@ fn merge_into(
     let mut drop_version = conn.prepare_cached(
         "DELETE FROM row_versions WHERE space = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
     )?;
+    let mut shapes = TableShapes::default();
     let mut start = 0;
     while start < changes.len() {
         let first = &changes[start];
@@ -559,6 +620,7 @@ fn merge_into(
                 .iter()
                 .take_while(|c| c.table == first.table && c.pk == first.pk)
                 .count();
+        shapes.check(conn, space, first)?;
         let key = pack_key(&first.pk);
         let stored: Vec<Change> = match load
             .query_row(params![space, &*first.table, key], |r| {

@@ -209,3 +209,159 @@ fn several_devices_with_small_pages_converge_to_the_peer_to_peer_merge() {
         several_devices_converge(seed);
     }
 }
+
+#[test]
+fn a_push_that_contradicts_a_tables_key_is_refused_and_wedges_nobody() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "s", "dev-token");
+    let a = device();
+    a.execute("INSERT INTO todo(id, title) VALUES ('t1', 'milk')", &[])
+        .unwrap();
+    a.sync_now(&cfg).unwrap();
+    // A device whose `todo` is keyed by two columns.
+    let odd = Database::open_in_memory().unwrap();
+    odd.execute_batch(
+        "CREATE TABLE todo(id TEXT NOT NULL, list TEXT NOT NULL, title TEXT, PRIMARY KEY (id, list))",
+    )
+    .unwrap();
+    odd.enable_sync("todo").unwrap();
+    odd.execute("INSERT INTO todo VALUES ('t2', 'home', 'bread')", &[])
+        .unwrap();
+    let err = odd.sync_now(&cfg).unwrap_err();
+    assert!(
+        matches!(err, confluo_core::Error::InvalidInput(_))
+            && err.to_string().contains("keys of 1 value"),
+        "{err}"
+    );
+    // Everyone else goes on syncing, fresh devices included.
+    a.execute("INSERT INTO todo(id, title) VALUES ('t3', 'eggs')", &[])
+        .unwrap();
+    a.sync_now(&cfg).unwrap();
+    let fresh = device();
+    fresh.sync_now(&cfg).unwrap();
+    assert_eq!(dump(&fresh), dump(&a));
+    assert_eq!(fresh.rejected_count().unwrap(), 0);
+}
+
+#[test]
+fn a_change_a_device_cannot_apply_is_kept_aside_and_the_rest_applied() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "s", "dev-token");
+    let a = device();
+    // B refuses one title (its app's own rule); A does not.
+    let b = device();
+    b.execute_batch(
+        "CREATE TRIGGER no_bad_titles BEFORE INSERT ON todo WHEN NEW.title = 'bad' \
+         BEGIN SELECT RAISE(ABORT, 'no bad titles'); END",
+    )
+    .unwrap();
+    a.write(|tx| {
+        for (id, title) in [("t1", "good"), ("t2", "bad"), ("t3", "fine")] {
+            tx.execute(
+                "INSERT INTO todo(id, title) VALUES (?1, ?2)",
+                &[id.into(), title.into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    a.sync_now(&cfg).unwrap();
+    let report = b.sync_now(&cfg).unwrap();
+    assert_eq!(
+        report.rejected, 5,
+        "t2's marker and four columns: {report:?}"
+    );
+    let ids = |db: &Database| -> Vec<Value> {
+        db.query("SELECT id FROM todo ORDER BY id", &[])
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|mut r| r.remove(0))
+            .collect()
+    };
+    assert_eq!(ids(&b), vec![Value::from("t1"), Value::from("t3")]);
+    let rejected = b.rejected_changes().unwrap();
+    assert_eq!(rejected.len(), 5);
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r.change.pk[0] == Value::from("t2") && r.reason.contains("no bad titles")),
+        "{rejected:?}"
+    );
+    // The cursor moved on: later changes arrive as usual.
+    a.execute("UPDATE todo SET title = 'better' WHERE id = 't1'", &[])
+        .unwrap();
+    a.sync_now(&cfg).unwrap();
+    b.sync_now(&cfg).unwrap();
+    assert_eq!(
+        b.query("SELECT title FROM todo WHERE id = 't1'", &[])
+            .unwrap()
+            .rows,
+        vec![vec![Value::from("better")]]
+    );
+    // A migration that lifts the rule lets the kept changes in.
+    b.alter_synced_table("todo", "DROP TRIGGER no_bad_titles")
+        .unwrap();
+    assert_eq!(b.rejected_count().unwrap(), 0);
+    assert_eq!(dump(&b), dump(&a));
+}
+
+/// A device whose wall clock is `offset_ms` off the true time.
+fn device_with_clock(offset_ms: i64) -> (Database, Arc<confluo_core::ManualTimeSource>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let clock = Arc::new(confluo_core::ManualTimeSource::new(
+        (now + offset_ms) as u64,
+    ));
+    let db = Database::open_in_memory_with(confluo_core::Options {
+        time: clock.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    db.execute_batch(SCHEMA).unwrap();
+    db.enable_sync("todo").unwrap();
+    (db, clock)
+}
+
+#[test]
+fn devices_with_skewed_clocks_within_the_servers_limit_sync_both_ways() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "s", "dev-token");
+    let minutes = |m: i64| m * 60_000;
+    let (fast, _) = device_with_clock(minutes(35));
+    let (slow, slow_clock) = device_with_clock(minutes(-35));
+    fast.execute(
+        "INSERT INTO todo(id, title) VALUES ('t1', 'from fast')",
+        &[],
+    )
+    .unwrap();
+    fast.sync_now(&cfg).unwrap();
+    // 70 minutes ahead of the slow device's clock, relayed by a server
+    // that judged it against its own: taken.
+    let report = slow.sync_now(&cfg).unwrap();
+    assert_eq!(report.applied, 5);
+    let offset = report.clock_offset_ms.expect("the server tells its time");
+    assert!(
+        (minutes(34)..minutes(36)).contains(&offset),
+        "the slow device learns its clock is 35 minutes behind: {offset} ms"
+    );
+    // Its next edit comes after what it saw, whatever its wall clock says.
+    slow_clock.advance(1);
+    slow.execute("UPDATE todo SET title = 'from slow' WHERE id = 't1'", &[])
+        .unwrap();
+    slow.sync_now(&cfg).unwrap();
+    fast.sync_now(&cfg).unwrap();
+    assert_eq!(dump(&fast), dump(&slow));
+    assert_eq!(dump(&fast)[0][1], Value::from("from slow"));
+    // Directly between peers the drift guard still holds.
+    let (very_slow, _) = device_with_clock(minutes(-90));
+    let err = very_slow
+        .apply(&fast.changes_since(0, None).unwrap())
+        .unwrap_err();
+    assert!(
+        matches!(err, confluo_core::Error::ClockDrift { .. }),
+        "{err}"
+    );
+}
