@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::changeset::{Change, ChangeSet};
+use crate::clocks::RowClocks;
 use crate::db::Database;
 use crate::error::{Error, Result};
 use crate::replication::{ApplyReport, Sender};
@@ -142,29 +143,52 @@ impl Database {
         self.write(|tx| set(tx.conn(), "epoch", epoch))
     }
 
-    /// How many rows have local changes the server has not accepted yet.
+    /// How many rows have local changes the server has not accepted yet:
+    /// the rows the next push would send. A row whose newest change came
+    /// from the server may still hold an older unsent local change, so its
+    /// cells are looked at one by one.
     pub fn pending_changes(&self) -> Result<u64> {
         let tables = self.all_tables();
         self.read_snapshot(|conn| {
-            let pushed = get_u64(conn, "pushed")? as i64;
+            let pushed = get_u64(conn, "pushed")?;
+            let from_server: HashSet<u64> = conn
+                .prepare_cached("SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1")?
+                .query_map([pushed as i64], |r| r.get::<_, i64>(0))?
+                .map(|r| r.map(|v| v as u64))
+                .collect::<rusqlite::Result<_>>()?;
+            let unsent = |dbv: u64| dbv > pushed && !from_server.contains(&dbv);
             let mut total = 0u64;
             for t in &tables {
-                let n: i64 = conn.query_row(
-                    &format!(
-                        "SELECT count(*) FROM {} WHERE dbv > ?1 AND dbv NOT IN (SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1)",
-                        t.meta_table()
-                    ),
-                    [pushed],
-                    |r| r.get(0),
-                )?;
-                total += n as u64;
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT cl, dbv, clocks FROM {} WHERE dbv > ?1",
+                    t.meta_table()
+                ))?;
+                let mut rows = stmt.query([pushed as i64])?;
+                while let Some(r) = rows.next()? {
+                    let (cl, dbv) = (r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64);
+                    if unsent(dbv) {
+                        total += 1;
+                        continue;
+                    }
+                    // What export sends of the row: its marker, and the
+                    // cells of live columns while the row is alive.
+                    let clocks = RowClocks::decode(r.get_ref(2)?.as_blob()?, dbv)?;
+                    let live_cells = clocks.cells.iter().enumerate().filter(|(slot, _)| {
+                        cl % 2 == 1 && t.slots.get(*slot).is_some_and(Option::is_some)
+                    });
+                    if clocks.marker.iter().any(|s| unsent(s.dbv))
+                        || live_cells.filter_map(|(_, c)| *c).any(|s| unsent(s.dbv))
+                    {
+                        total += 1;
+                    }
+                }
             }
-            let pending: i64 = conn.query_row(
-                "SELECT count(*) FROM confluo_pending WHERE dbv > ?1 AND dbv NOT IN (SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1)",
-                [pushed],
-                |r| r.get(0),
-            )?;
-            Ok(total + pending as u64)
+            let mut stmt = conn.prepare_cached("SELECT dbv FROM confluo_pending WHERE dbv > ?1")?;
+            let kept = stmt
+                .query_map([pushed as i64], |r| r.get::<_, i64>(0))?
+                .filter(|r| r.as_ref().is_ok_and(|dbv| unsent(*dbv as u64)))
+                .count();
+            Ok(total + kept as u64)
         })
     }
 }

@@ -911,3 +911,37 @@ fn two_handles_on_one_file_work_like_one() {
     assert_eq!(dump(&fresh, "tag"), vec![vec![text("t"), text("home")]]);
     assert_eq!(dump(&fresh, "todo").len(), 2);
 }
+
+#[test]
+fn pending_counts_an_unsent_edit_under_a_newer_server_change() {
+    let c = clock();
+    let (a, other) = (todo_replica(&c), todo_replica(&c));
+    a.execute("INSERT INTO todo VALUES ('t1', 'milk', 'open')", &[])
+        .unwrap();
+    a.mark_pushed(a.db_version()).unwrap();
+    assert_eq!(a.pending_changes().unwrap(), 0);
+    c.advance(1);
+    a.execute("UPDATE todo SET title = 'oat milk' WHERE id = 't1'", &[])
+        .unwrap();
+    assert_eq!(a.pending_changes().unwrap(), 1);
+    // Another device's edit of the same row arrives from the server before
+    // ours went out: the row's newest change is the server's now.
+    pull(&other, &a);
+    c.advance(1);
+    other
+        .execute("UPDATE todo SET status = 'done' WHERE id = 't1'", &[])
+        .unwrap();
+    let theirs: Vec<Change> = other
+        .changes_since(0, None)
+        .unwrap()
+        .changes
+        .into_iter()
+        .filter(|ch| ch.column.as_deref() == Some("status"))
+        .collect();
+    let report = a.apply_from_server(&theirs, 1).unwrap();
+    assert_eq!(report.applied, 1);
+    assert_eq!(a.pending_changes().unwrap(), 1, "our title is still unsent");
+    let outgoing = a.changes_for_server().unwrap();
+    assert_eq!(outgoing.changes.len(), 1);
+    assert_eq!(outgoing.changes[0].value, text("oat milk"));
+}
