@@ -24,6 +24,9 @@ const UNIFORM: u8 = 0;
 const EXPLICIT: u8 = 1;
 const TOMBSTONE: u8 = 2;
 
+/// SQLite's largest possible column count.
+const MAX_SLOTS: u64 = 32767;
+
 const SAME: u8 = 0;
 const ABSENT: u8 = 1;
 const STAMP: u8 = 2;
@@ -152,7 +155,13 @@ impl RowClocks {
         };
         match format {
             UNIFORM => {
-                let n = r.len("slot count").map_err(bad)?;
+                // The count is not bounded by the blob's length (that is the
+                // point of the format), only by SQLite's column limit.
+                let n = r.varint().map_err(bad)?;
+                if n > MAX_SLOTS {
+                    return Err(corrupt("slot count"));
+                }
+                let n = n as usize;
                 Ok(RowClocks {
                     marker: Some(base),
                     cells: vec![Some(base); n],
@@ -193,6 +202,16 @@ impl RowClocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uniform_row_of_many_columns_decodes() {
+        let hlc = Hlc(99);
+        for slots in [0, 1, 12, 13, 17, 200] {
+            let clocks = RowClocks::decode(&encode_uniform(hlc, 0, slots), 5).unwrap();
+            assert_eq!(clocks.cells.len(), slots);
+            assert!(clocks.cells.iter().all(|c| c.is_some_and(|s| s.hlc == hlc)));
+        }
+    }
 
     fn s(hlc: u64, site: u32, dbv: u64) -> Option<Stamp> {
         Some(Stamp {
