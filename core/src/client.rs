@@ -362,7 +362,7 @@ impl Client {
             }
             None
         } else {
-            match self.push(&outgoing, cursor, who, report) {
+            match self.push(db, &outgoing, cursor, who, report) {
                 Ok(Reply::Page(page)) => {
                     // The server has it: only now is it marked as sent.
                     db.mark_pushed(outgoing.until)?;
@@ -390,14 +390,15 @@ impl Client {
 
     fn push(
         &self,
+        db: &Database,
         outgoing: &ChangeSet,
         cursor: u64,
         who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Reply> {
         let parts = split(outgoing, self.config.max_request_bytes);
-        let id = uuid::Uuid::new_v4().to_string();
         let n = parts.len();
+        let id = if n > 1 { db.push_id()? } else { String::new() };
         for (i, part) in parts.iter().enumerate() {
             let part_header = (n > 1).then_some((id.as_str(), i + 1, n));
             match self.post_sync(cursor, who, part, part_header, report)? {
@@ -459,31 +460,38 @@ impl Client {
     }
 }
 
-/// Splits a change set into encoded parts of at most about `max` bytes,
-/// never splitting one row's changes.
+/// Splits a change set into encoded parts of at most about `max` bytes.
+/// Parts end between rows where they can; a row too large for one part is
+/// cut between its changes (the server merges every part of a push in one
+/// transaction, so the row still lands whole).
 fn split(cs: &ChangeSet, max: usize) -> Vec<Vec<u8>> {
     let whole = cs.encode();
     if whole.len() <= max {
         return vec![whole];
     }
+    let part = |range: std::ops::Range<usize>| {
+        ChangeSet {
+            changes: cs.changes[range].to_vec(),
+            ..cs.clone_header()
+        }
+        .encode()
+    };
     let mut parts = Vec::new();
-    let mut start = 0;
-    let mut size = 0;
-    for i in 0..cs.changes.len() {
-        let c = &cs.changes[i];
-        size += c.value.payload_len() + c.pk.iter().map(|v| v.payload_len()).sum::<usize>() + 32;
+    let (mut start, mut size) = (0, 0);
+    for (i, c) in cs.changes.iter().enumerate() {
+        let cost = c.value.payload_len() + c.pk.iter().map(|v| v.payload_len()).sum::<usize>() + 32;
+        if size > 0 && size + cost > max {
+            parts.push(part(start..i));
+            (start, size) = (i, 0);
+        }
+        size += cost;
         let row_ends = cs
             .changes
             .get(i + 1)
             .is_none_or(|n| n.table != c.table || n.pk != c.pk);
         if (size >= max / 2 && row_ends) || i + 1 == cs.changes.len() {
-            let part = ChangeSet {
-                changes: cs.changes[start..=i].to_vec(),
-                ..cs.clone_header()
-            };
-            parts.push(part.encode());
-            start = i + 1;
-            size = 0;
+            parts.push(part(start..i + 1));
+            (start, size) = (i + 1, 0);
         }
     }
     parts

@@ -83,10 +83,31 @@ impl Database {
         })
     }
 
+    /// The id of the multi-request push in flight. It is kept until the
+    /// server accepts the push, so a retry after a lost answer replaces the
+    /// parts the server staged instead of adding to them.
+    pub(crate) fn push_id(&self) -> Result<String> {
+        if let Some(rusqlite::types::Value::Text(id)) =
+            self.read_snapshot(|conn| get(conn, "push_id"))?
+        {
+            return Ok(id);
+        }
+        self.write(|tx| match get(tx.conn(), "push_id")? {
+            Some(rusqlite::types::Value::Text(id)) => Ok(id),
+            _ => {
+                let id = uuid::Uuid::new_v4().to_string();
+                set(tx.conn(), "push_id", id.as_str())?;
+                Ok(id)
+            }
+        })
+    }
+
     /// Records that the server accepted every change up to `until`.
     pub fn mark_pushed(&self, until: u64) -> Result<()> {
         self.write(|tx| {
             let conn = tx.conn();
+            conn.prepare_cached("DELETE FROM confluo_sync WHERE key = 'push_id'")?
+                .execute([])?;
             if until > get_u64(conn, "pushed")? {
                 set(conn, "pushed", until as i64)?;
                 conn.execute(

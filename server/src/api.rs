@@ -370,16 +370,13 @@ async fn sync_inner(
                 }
                 // The last part: merge the staged parts and this one together.
                 let (store, sp) = (app.store.clone(), space.clone());
-                let mut parts = blocking(move || store.take_staged(&sp, &id)).await?;
-                if parts.len() + 1 != n as usize {
+                let Some(mut parts) = blocking(move || store.take_staged(&sp, &id, n)).await?
+                else {
                     return Err(ApiError::bad(
                         "invalid_push_part",
-                        format!(
-                            "push has {} of {n} parts; send them all again",
-                            parts.len() + 1
-                        ),
+                        format!("push is missing some of its {n} parts; send them all again"),
                     ));
-                }
+                };
                 parts.push(body.to_vec());
                 parts
             }

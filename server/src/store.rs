@@ -97,10 +97,17 @@ pub trait Store: Send + Sync + 'static {
     /// pushed to). The epoch is a random id given to a space when it is
     /// created, so a device can tell a wiped and regrown space from its own.
     fn space(&self, space: &str) -> StoreResult<Option<SpaceState>>;
-    /// Keeps one part of a push sent in several requests.
+    /// Keeps one part of a push sent in several requests. Sending a part
+    /// again (a retry after a lost answer) replaces it.
     fn stage(&self, space: &str, push_id: &str, part: u32, body: &[u8]) -> StoreResult<()>;
-    /// Takes the staged parts of a push, in order.
-    fn take_staged(&self, space: &str, push_id: &str) -> StoreResult<Vec<Vec<u8>>>;
+    /// Takes parts `1..last` of a push, in order, and forgets every part of
+    /// it; `None` if one of them is missing.
+    fn take_staged(
+        &self,
+        space: &str,
+        push_id: &str,
+        last: u32,
+    ) -> StoreResult<Option<Vec<Vec<u8>>>>;
     /// This server's own site id (the source of the change sets it sends).
     fn server_site(&self) -> SiteId;
 }
@@ -129,12 +136,14 @@ CREATE TABLE IF NOT EXISTS space_tables(
   space INTEGER NOT NULL, tbl TEXT NOT NULL, key_arity INTEGER NOT NULL,
   PRIMARY KEY (space, tbl)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS staged(
-  push_id TEXT NOT NULL, part INTEGER NOT NULL, space TEXT NOT NULL, body BLOB NOT NULL, created INTEGER NOT NULL,
-  PRIMARY KEY (push_id, part)) WITHOUT ROWID;
+  space TEXT NOT NULL, push_id TEXT NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL, created INTEGER NOT NULL,
+  PRIMARY KEY (space, push_id, part)) WITHOUT ROWID;
 ";
 
 /// The layout of the server's tables. 1: rows found by their newest
-/// version (an index); 2: by every version of their cells (`row_versions`).
+/// version (an index), staged parts keyed by push id alone; 2: rows found
+/// by every version of their cells (`row_versions`), staged parts keyed by
+/// space and push id.
 const FORMAT: i64 = 2;
 
 /// Brings a database of an older layout to `FORMAT`, in one transaction.
@@ -169,6 +178,17 @@ fn migrate(conn: &Connection) -> StoreResult<()> {
         }
     }
     conn.execute_batch("DROP INDEX IF EXISTS rows_by_version")?;
+    // Staged parts live an hour at most: starting the table anew with its
+    // new key only makes a device send an unfinished push again.
+    let staged_by_space: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('staged') WHERE name = 'space' AND pk = 1)",
+        [],
+        |r| r.get(0),
+    )?;
+    if !staged_by_space {
+        conn.execute_batch("DROP TABLE staged")?;
+        conn.execute_batch(SCHEMA)?;
+    }
     conn.execute(
         "INSERT OR REPLACE INTO server_meta(key, value) VALUES ('format', ?1)",
         [FORMAT],
@@ -192,7 +212,7 @@ fn cell_versions(cells: &[Change]) -> Vec<u64> {
 }
 
 /// The most bytes of unfinished multi-request pushes kept per space.
-const MAX_STAGED_BYTES: usize = 256 << 20;
+pub const MAX_STAGED_BYTES: usize = 256 << 20;
 
 /// How long parts of an unfinished multi-request push are kept.
 const STAGED_TTL: Duration = Duration::from_secs(3600);
@@ -203,6 +223,7 @@ pub struct SqliteStore {
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     site: SiteId,
+    max_staged_bytes: usize,
 }
 
 fn now_secs() -> i64 {
@@ -264,7 +285,14 @@ impl SqliteStore {
             writer: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
             site,
+            max_staged_bytes: MAX_STAGED_BYTES,
         })
+    }
+
+    /// Sets how many bytes of unfinished pushes a space may keep.
+    pub fn with_staging_cap(mut self, bytes: usize) -> Self {
+        self.max_staged_bytes = bytes;
+        self
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
@@ -496,36 +524,47 @@ impl Store for SqliteStore {
             "DELETE FROM staged WHERE created < ?1",
             [now_secs() - STAGED_TTL.as_secs() as i64],
         )?;
+        // The part this one replaces does not count against the cap.
         let staged: i64 = conn.query_row(
-            "SELECT coalesce(sum(length(body)), 0) FROM staged WHERE space = ?1",
-            [space],
+            "SELECT coalesce(sum(length(body)), 0) FROM staged \
+             WHERE space = ?1 AND NOT (push_id = ?2 AND part = ?3)",
+            params![space, push_id, part],
             |r| r.get(0),
         )?;
-        if staged as usize + body.len() > MAX_STAGED_BYTES {
+        if staged as usize + body.len() > self.max_staged_bytes {
             return Err(StoreError::BadInput(format!(
-                "more than {MAX_STAGED_BYTES} bytes of unfinished pushes are waiting for this space"
+                "more than {} bytes of unfinished pushes are waiting for this space",
+                self.max_staged_bytes
             )));
         }
         conn.execute(
-            "INSERT OR REPLACE INTO staged(push_id, part, space, body, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![push_id, part, space, body, now_secs()],
+            "INSERT OR REPLACE INTO staged(space, push_id, part, body, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![space, push_id, part, body, now_secs()],
         )?;
         Ok(())
     }
 
-    fn take_staged(&self, space: &str, push_id: &str) -> StoreResult<Vec<Vec<u8>>> {
+    fn take_staged(
+        &self,
+        space: &str,
+        push_id: &str,
+        last: u32,
+    ) -> StoreResult<Option<Vec<Vec<u8>>>> {
         let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let parts = conn
             .prepare_cached(
-                "SELECT body FROM staged WHERE push_id = ?1 AND space = ?2 ORDER BY part",
+                "SELECT part, body FROM staged WHERE space = ?1 AND push_id = ?2 AND part < ?3 ORDER BY part",
             )?
-            .query_map(params![push_id, space], |r| r.get::<_, Vec<u8>>(0))?
+            .query_map(params![space, push_id, last], |r| {
+                Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         conn.execute(
-            "DELETE FROM staged WHERE push_id = ?1 AND space = ?2",
-            params![push_id, space],
+            "DELETE FROM staged WHERE space = ?1 AND push_id = ?2",
+            params![space, push_id],
         )?;
-        Ok(parts)
+        let complete = parts.iter().map(|(i, _)| *i).eq(1..last);
+        Ok(complete.then(|| parts.into_iter().map(|(_, body)| body).collect()))
     }
 
     fn server_site(&self) -> SiteId {
@@ -897,6 +936,33 @@ mod tests {
             2,
             "only version 2's cells after cursor 1"
         );
+    }
+
+    #[test]
+    fn staged_parts_belong_to_their_space_and_a_resent_part_replaces_its_first_copy() {
+        let store = SqliteStore::open_in_memory().unwrap().with_staging_cap(250);
+        store.stage("a", "p", 1, &[1; 100]).unwrap();
+        store.stage("a", "p", 2, &[2; 100]).unwrap();
+        // The retry of a push whose answer was lost sends its parts again.
+        store.stage("a", "p", 1, &[1; 100]).unwrap();
+        store.stage("a", "p", 2, &[2; 100]).unwrap();
+        let err = store.stage("a", "q", 1, &[3; 100]).unwrap_err();
+        assert!(err.to_string().contains("unfinished pushes"), "{err}");
+        // Another space's push of the same id is its own.
+        store.stage("b", "p", 1, &[9; 10]).unwrap();
+        store.stage("a", "p", 3, &[3; 10]).unwrap();
+        assert_eq!(
+            store.take_staged("a", "p", 3).unwrap(),
+            Some(vec![vec![1; 100], vec![2; 100]]),
+            "parts 1 and 2 of a 3-part push; a stray part 3 is not one of them"
+        );
+        assert_eq!(store.take_staged("a", "p", 3).unwrap(), None, "taken once");
+        assert_eq!(
+            store.take_staged("b", "p", 3).unwrap(),
+            None,
+            "part 2 missing"
+        );
+        assert_eq!(store.take_staged("b", "p", 2).unwrap(), None, "forgotten");
     }
 
     #[test]

@@ -365,3 +365,100 @@ fn devices_with_skewed_clocks_within_the_servers_limit_sync_both_ways() {
         "{err}"
     );
 }
+
+/// A token provider that fails its calls number `from..` until `heal`.
+struct FlakyToken {
+    calls: std::sync::atomic::AtomicUsize,
+    fail_from: usize,
+    healed: std::sync::atomic::AtomicBool,
+}
+
+impl confluo_core::TokenProvider for FlakyToken {
+    fn token(&self) -> Result<String, String> {
+        use std::sync::atomic::Ordering;
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if n >= self.fail_from && !self.healed.load(Ordering::SeqCst) {
+            return Err("the network went away".into());
+        }
+        Ok("dev-token".into())
+    }
+}
+
+#[test]
+fn a_push_retried_after_a_failure_replaces_its_staged_parts() {
+    let a = device();
+    a.write(|tx| {
+        for i in 0..300 {
+            tx.execute(
+                "INSERT INTO todo(id, title, note) VALUES (?1, 'x', ?2)",
+                &[format!("t{i:04}").into(), text(60, 'n')],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    // Room for one copy of the push's parts (a little more, for the
+    // headers of each part), not for one and a half.
+    let whole = a.changes_for_server().unwrap().encode().len() * 6 / 5;
+    let store = Arc::new(
+        SqliteStore::open_in_memory()
+            .unwrap()
+            .with_staging_cap(whole),
+    );
+    let server =
+        BackgroundServer::start(store, Auth::default().with_dev_token(), Config::default())
+            .unwrap();
+    let token = Arc::new(FlakyToken {
+        calls: 0.into(),
+        fail_from: 8,
+        healed: false.into(),
+    });
+    let mut cfg = SyncConfig::with_token_provider(server.url(), "s", token.clone());
+    cfg.max_request_bytes = 2_000;
+    // Eight parts are staged, then the push breaks off.
+    let err = a.sync_now(&cfg).unwrap_err();
+    assert!(matches!(err, confluo_core::Error::Auth(_)), "{err}");
+    token
+        .healed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let report = a.sync_now(&cfg).unwrap();
+    assert_eq!(report.pushed, 1500);
+    let fresh = device();
+    fresh
+        .sync_now(&SyncConfig::new(server.url(), "s", "dev-token"))
+        .unwrap();
+    assert_eq!(dump(&fresh), dump(&a));
+}
+
+#[test]
+fn a_row_larger_than_a_request_body_still_syncs() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "s", "dev-token");
+    let columns: Vec<String> = (0..17).map(|i| format!("c{i} BLOB")).collect();
+    let schema = format!(
+        "CREATE TABLE big(id INTEGER PRIMARY KEY, {})",
+        columns.join(", ")
+    );
+    let open = || {
+        let db = Database::open_in_memory().unwrap();
+        db.execute_batch(&schema).unwrap();
+        db.enable_sync("big").unwrap();
+        db
+    };
+    let (a, b) = (open(), open());
+    // 17 MiB in one row: more than the server's 16 MiB body limit.
+    let values: Vec<Value> = std::iter::once(Value::Integer(1))
+        .chain((0..17u8).map(|i| Value::Blob(vec![i; 1 << 20])))
+        .collect();
+    let marks: Vec<String> = (1..=18).map(|i| format!("?{i}")).collect();
+    a.execute(
+        &format!("INSERT INTO big VALUES ({})", marks.join(", ")),
+        &values,
+    )
+    .unwrap();
+    a.sync_now(&cfg).unwrap();
+    assert_eq!(a.pending_changes().unwrap(), 0);
+    b.sync_now(&cfg).unwrap();
+    let got = b.query("SELECT * FROM big", &[]).unwrap();
+    assert_eq!(got.rows, vec![values]);
+}
