@@ -351,7 +351,7 @@ fn spawn_poller(
                     sleep_unless(&stop, Duration::from_millis(200));
                     continue;
                 }
-                let Ok(cursor) = db.server_cursor() else {
+                let Ok((cursor, tag)) = db.server_position() else {
                     break;
                 };
                 if reported_at == Some(cursor) {
@@ -362,7 +362,14 @@ fn spawn_poller(
                 }
                 let mut report = SyncReport::default();
                 let Ok(who) = Ident::of(&db) else { break };
-                match client.get_changes(cursor, &who, None, config.long_poll, &mut report) {
+                match client.get_changes(
+                    cursor,
+                    tag.as_deref(),
+                    &who,
+                    None,
+                    config.long_poll,
+                    &mut report,
+                ) {
                     Ok(Reply::Page(page)) => {
                         failures = 0;
                         if page.changes.until > cursor || !page.changes.changes.is_empty() {

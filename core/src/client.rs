@@ -132,6 +132,8 @@ pub(crate) struct Page {
     pub resume: Option<String>,
     /// The space's epoch, when the server named it.
     pub epoch: Option<String>,
+    /// The tag of version `until` (see PROTOCOL.md: restores are noticed).
+    pub tag: Option<String>,
 }
 
 /// Who is asking: the device's site id (its own changes are not sent back)
@@ -235,6 +237,7 @@ impl Client {
                 .map(str::to_owned)
         };
         let epoch = header("confluo-epoch");
+        let tag = header("confluo-version-tag");
         if let Some(t) = header("confluo-server-time").and_then(|t| t.parse().ok()) {
             report.server_time_ms = Some(t);
         }
@@ -260,6 +263,7 @@ impl Client {
                     more,
                     resume,
                     epoch,
+                    tag,
                 }))
             }
             202 => Ok(Reply::Staged),
@@ -271,6 +275,7 @@ impl Client {
     fn post_sync(
         &self,
         cursor: u64,
+        tag: Option<&str>,
         who: &Ident,
         body: &[u8],
         part: Option<(&str, usize, usize)>,
@@ -281,6 +286,9 @@ impl Client {
             .post(self.url("sync"))
             .query("cursor", cursor.to_string())
             .query("site", &who.site);
+        if let Some(tag) = tag {
+            req = req.query("tag", tag);
+        }
         if let Some(epoch) = &who.epoch {
             req = req.query("epoch", epoch);
         }
@@ -300,6 +308,7 @@ impl Client {
     pub fn get_changes(
         &self,
         cursor: u64,
+        tag: Option<&str>,
         who: &Ident,
         resume: Option<&str>,
         wait: Duration,
@@ -315,6 +324,9 @@ impl Client {
             .header("confluo-protocol", PROTOCOL_VERSION);
         if let Some(r) = resume {
             req = req.query("after", r);
+        }
+        if let Some(tag) = tag {
+            req = req.query("tag", tag);
         }
         if let Some(epoch) = &who.epoch {
             req = req.query("epoch", epoch);
@@ -353,7 +365,7 @@ impl Client {
 
     fn round(&self, db: &Database, who: &Ident, report: &mut SyncReport) -> Result<Round> {
         let outgoing = db.changes_for_server()?;
-        let cursor = db.server_cursor()?;
+        let (cursor, tag) = db.server_position()?;
         let first = if outgoing.is_empty() {
             // Only changes that came from the server lie between the last
             // push and now: nothing to send, but the mark moves past them.
@@ -362,7 +374,7 @@ impl Client {
             }
             None
         } else {
-            match self.push(db, &outgoing, cursor, who, report) {
+            match self.push(db, &outgoing, (cursor, tag.as_deref()), who, report) {
                 Ok(Reply::Page(page)) => {
                     // The server has it: only now is it marked as sent.
                     db.mark_pushed(outgoing.until)?;
@@ -392,7 +404,7 @@ impl Client {
         &self,
         db: &Database,
         outgoing: &ChangeSet,
-        cursor: u64,
+        (cursor, tag): (u64, Option<&str>),
         who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Reply> {
@@ -401,7 +413,7 @@ impl Client {
         let id = if n > 1 { db.push_id()? } else { String::new() };
         for (i, part) in parts.iter().enumerate() {
             let part_header = (n > 1).then_some((id.as_str(), i + 1, n));
-            match self.post_sync(cursor, who, part, part_header, report)? {
+            match self.post_sync(cursor, tag, who, part, part_header, report)? {
                 Reply::Staged if i + 1 < n => continue,
                 reply => return Ok(reply),
             }
@@ -418,7 +430,7 @@ impl Client {
         who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Round> {
-        let mut cursor = db.server_cursor()?;
+        let (mut cursor, mut tag) = db.server_position()?;
         let mut buffered: Vec<Change> = Vec::new();
         let mut next = first;
         let mut resume: Option<String> = None;
@@ -427,6 +439,7 @@ impl Client {
                 Some(p) => p,
                 None => match self.get_changes(
                     cursor,
+                    tag.as_deref(),
                     who,
                     resume.as_deref(),
                     Duration::ZERO,
@@ -447,7 +460,10 @@ impl Client {
             }
             if resume.is_none() && (page.changes.until > cursor || !buffered.is_empty()) {
                 let until = page.changes.until.max(cursor);
-                let applied = db.apply_from_server(&buffered, until)?;
+                if until > cursor {
+                    tag = page.tag.take();
+                }
+                let applied = db.apply_from_server(&buffered, until, tag.as_deref())?;
                 report.applied += applied.applied;
                 report.rejected += applied.rejected;
                 buffered.clear();

@@ -63,6 +63,17 @@ impl Database {
         self.read_snapshot(|conn| get_u64(conn, "cursor"))
     }
 
+    /// The cursor and the tag the server gave that version, read together.
+    pub(crate) fn server_position(&self) -> Result<(u64, Option<String>)> {
+        self.read_snapshot(|conn| {
+            let tag = match get(conn, "cursor_tag")? {
+                Some(rusqlite::types::Value::Text(t)) => Some(t),
+                _ => None,
+            };
+            Ok((get_u64(conn, "cursor")?, tag))
+        })
+    }
+
     /// The local db_version up to which the server has accepted our pushes.
     pub fn pushed_version(&self) -> Result<u64> {
         self.read_snapshot(|conn| get_u64(conn, "pushed"))
@@ -120,15 +131,29 @@ impl Database {
     }
 
     /// Merges changes pulled from the server and moves the cursor to
-    /// `cursor`, in one transaction: a crash leaves either both or neither.
-    pub fn apply_from_server(&self, changes: &[Change], cursor: u64) -> Result<ApplyReport> {
+    /// `cursor`, whose version the server tagged `tag`, in one transaction:
+    /// a crash leaves either both or neither.
+    pub fn apply_from_server(
+        &self,
+        changes: &[Change],
+        cursor: u64,
+        tag: Option<&str>,
+    ) -> Result<ApplyReport> {
         self.apply_changes(changes, Sender::Server, |_, tx, ctx| {
             let conn = tx.conn();
             if let Some(dbv) = ctx.report.db_version {
                 conn.prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
                     .execute([dbv as i64])?;
             }
-            set(conn, "cursor", cursor as i64)
+            set(conn, "cursor", cursor as i64)?;
+            match tag {
+                Some(tag) => set(conn, "cursor_tag", tag),
+                None => {
+                    conn.prepare_cached("DELETE FROM confluo_sync WHERE key = 'cursor_tag'")?
+                        .execute([])?;
+                    Ok(())
+                }
+            }
         })
     }
 
@@ -140,8 +165,10 @@ impl Database {
         self.write(|tx| {
             set(tx.conn(), "cursor", 0i64)?;
             set(tx.conn(), "pushed", 0i64)?;
-            tx.conn()
-                .execute("DELETE FROM confluo_sync WHERE key = 'epoch'", [])?;
+            tx.conn().execute(
+                "DELETE FROM confluo_sync WHERE key IN ('epoch', 'cursor_tag', 'push_id')",
+                [],
+            )?;
             Ok(())
         })
     }

@@ -938,7 +938,7 @@ fn pending_counts_an_unsent_edit_under_a_newer_server_change() {
         .into_iter()
         .filter(|ch| ch.column.as_deref() == Some("status"))
         .collect();
-    let report = a.apply_from_server(&theirs, 1).unwrap();
+    let report = a.apply_from_server(&theirs, 1, None).unwrap();
     assert_eq!(report.applied, 1);
     assert_eq!(a.pending_changes().unwrap(), 1, "our title is still unsent");
     let outgoing = a.changes_for_server().unwrap();

@@ -72,7 +72,9 @@ impl From<Denied> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::CursorGone { .. } | StoreError::EpochGone { .. } => {
+            StoreError::CursorGone { .. }
+            | StoreError::EpochGone { .. }
+            | StoreError::HistoryRewritten { .. } => {
                 ApiError::new(StatusCode::GONE, "cursor_gone", e.to_string())
             }
             StoreError::BadInput(m) => ApiError::bad("invalid_changes", m),
@@ -121,6 +123,8 @@ struct PullParams {
     wait: u64,
     /// The space epoch the device last saw (from `Confluo-Epoch`).
     epoch: Option<String>,
+    /// The tag of the version at `cursor` (from `Confluo-Version-Tag`).
+    tag: Option<String>,
 }
 
 fn check_protocol(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -262,6 +266,7 @@ fn push_part(headers: &HeaderMap) -> Result<Option<(String, u32, u32)>, ApiError
 
 fn page_response(app: &App, page: Page, cursor: u64, extra: &[(&'static str, String)]) -> Response {
     let resume = page.resume.as_ref().map(encode_resume);
+    let until_tag = page.until_tag.clone();
     let count = page.changes.len();
     let body = ChangeSet {
         source: app.store.server_site(),
@@ -288,6 +293,11 @@ fn page_response(app: &App, page: Page, cursor: u64, extra: &[(&'static str, Str
             "confluo-resume",
             HeaderValue::from_str(&r).expect("ascii token"),
         );
+    }
+    if let Some(tag) = until_tag {
+        if let Ok(v) = HeaderValue::from_str(&tag) {
+            h.insert("confluo-version-tag", v);
+        }
     }
     for (name, value) in extra {
         h.insert(*name, HeaderValue::from_str(value).expect("ascii header"));
@@ -458,6 +468,16 @@ async fn check_history(
             version,
         }
         .into());
+    }
+    if let (Some(known), true) = (&params.tag, params.cursor > 0) {
+        let (store, sp, cursor) = (app.store.clone(), space.to_owned(), params.cursor);
+        let tag = blocking(move || store.version_tag(&sp, cursor)).await?;
+        if tag.as_ref().is_some_and(|t| t != known) {
+            return Err(StoreError::HistoryRewritten {
+                cursor: params.cursor,
+            }
+            .into());
+        }
     }
     Ok(state)
 }

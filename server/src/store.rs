@@ -20,6 +20,11 @@ pub enum StoreError {
     /// and started again): its cursor means nothing here.
     #[error("the space's history was reset (epoch {known} is gone)")]
     EpochGone { known: String },
+    /// The version at the device's cursor is not the one it saw: the
+    /// server was restored from a backup or rewound, and made another
+    /// version of that number since. The device must pull from scratch.
+    #[error("the history at version {cursor} is not the one this device saw (the server was restored or rewound)")]
+    HistoryRewritten { cursor: u64 },
     #[error("bad input: {0}")]
     BadInput(String),
     #[error("storage: {0}")]
@@ -68,6 +73,8 @@ pub struct Resume {
 pub struct Page {
     pub changes: Vec<Change>,
     pub until: u64,
+    /// The tag of version `until` (see `Store::version_tag`).
+    pub until_tag: Option<String>,
     pub more: bool,
     pub resume: Option<Resume>,
 }
@@ -110,6 +117,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<Vec<Vec<u8>>>>;
     /// This server's own site id (the source of the change sets it sends).
     fn server_site(&self) -> SiteId;
+    /// The random tag version `version` of `space` got when it was made
+    /// (`None` for versions made before tags were kept). A device sends the
+    /// tag of its cursor: a server restored from a backup, or rewound,
+    /// has made another version of that number since, with another tag,
+    /// and answers 410 instead of silently reusing the number.
+    fn version_tag(&self, space: &str, version: u64) -> StoreResult<Option<String>>;
 }
 
 /// One row per synced row of a space: its causal length, its newest
@@ -132,6 +145,9 @@ CREATE TABLE IF NOT EXISTS rows(
 CREATE TABLE IF NOT EXISTS row_versions(
   space INTEGER NOT NULL, version INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL,
   PRIMARY KEY (space, version, tbl, pk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions(
+  space INTEGER NOT NULL, version INTEGER NOT NULL, tag TEXT NOT NULL,
+  PRIMARY KEY (space, version)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS space_tables(
   space INTEGER NOT NULL, tbl TEXT NOT NULL, key_arity INTEGER NOT NULL,
   PRIMARY KEY (space, tbl)) WITHOUT ROWID;
@@ -340,6 +356,13 @@ fn space_id(conn: &Connection, space: &str) -> StoreResult<Option<(i64, u64)>> {
         .optional()?)
 }
 
+fn tag_of(conn: &Connection, space: i64, version: u64) -> StoreResult<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT tag FROM versions WHERE space = ?1 AND version = ?2")?
+        .query_row(params![space, version as i64], |r| r.get(0))
+        .optional()?)
+}
+
 impl Store for SqliteStore {
     fn push(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
         let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -373,6 +396,14 @@ impl Store for SqliteStore {
                     "UPDATE spaces SET version = ?1 WHERE id = ?2",
                     params![version as i64, sid],
                 )?;
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO versions(space, version, tag) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![
+                    sid,
+                    version as i64,
+                    uuid::Uuid::new_v4().simple().to_string()
+                ])?;
                 outcome.version = version;
             }
             Ok(outcome)
@@ -402,6 +433,7 @@ impl Store for SqliteStore {
                 return Ok(Page {
                     changes: Vec::new(),
                     until: 0,
+                    until_tag: None,
                     more: false,
                     resume: None,
                 });
@@ -440,6 +472,7 @@ impl Store for SqliteStore {
             let mut page = Page {
                 changes: Vec::new(),
                 until: cursor,
+                until_tag: None,
                 more: false,
                 resume: None,
             };
@@ -488,6 +521,7 @@ impl Store for SqliteStore {
                 }
             }
             page.more = page.resume.is_some() || page.until < version;
+            page.until_tag = tag_of(conn, sid, page.until)?;
             // Seq numbers the changes of each version in page order.
             let mut seq = 0u32;
             let mut prev = None;
@@ -569,6 +603,13 @@ impl Store for SqliteStore {
 
     fn server_site(&self) -> SiteId {
         self.site
+    }
+
+    fn version_tag(&self, space: &str, version: u64) -> StoreResult<Option<String>> {
+        self.with_reader(|conn| match space_id(conn, space)? {
+            Some((sid, _)) => tag_of(conn, sid, version),
+            None => Ok(None),
+        })
     }
 }
 

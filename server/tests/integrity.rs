@@ -462,3 +462,64 @@ fn a_row_larger_than_a_request_body_still_syncs() {
     let got = b.query("SELECT * FROM big", &[]).unwrap();
     assert_eq!(got.rows, vec![values]);
 }
+
+#[test]
+fn a_server_restored_from_a_backup_is_noticed_and_gets_every_write_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, backup) = (dir.path().join("server.db"), dir.path().join("backup.db"));
+    let start = |path: &std::path::Path| {
+        let store = Arc::new(SqliteStore::open(path).unwrap());
+        BackgroundServer::start(store, Auth::default().with_dev_token(), Config::default()).unwrap()
+    };
+    let (a, b, c) = (device(), device(), device());
+    let first = start(&live);
+    let cfg = SyncConfig::new(first.url(), "s", "dev-token");
+    a.execute(
+        "INSERT INTO todo(id, title) VALUES ('t1', 'before the backup')",
+        &[],
+    )
+    .unwrap();
+    a.sync_now(&cfg).unwrap();
+    rusqlite::Connection::open(&live)
+        .unwrap()
+        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap();
+    // Acknowledged after the backup was taken, and seen by B.
+    a.execute(
+        "INSERT INTO todo(id, title) VALUES ('t2', 'after the backup')",
+        &[],
+    )
+    .unwrap();
+    a.sync_now(&cfg).unwrap();
+    b.sync_now(&cfg).unwrap();
+    assert_eq!(b.server_cursor().unwrap(), 2);
+    drop(first);
+
+    // The operator restores the backup; C's push reuses version 2.
+    let second = start(&backup);
+    let cfg = SyncConfig::new(second.url(), "s", "dev-token");
+    c.execute(
+        "INSERT INTO todo(id, title) VALUES ('t3', 'after the restore')",
+        &[],
+    )
+    .unwrap();
+    c.sync_now(&cfg).unwrap();
+    assert_eq!(
+        c.server_cursor().unwrap(),
+        2,
+        "the version number is reused"
+    );
+    for _ in 0..2 {
+        for d in [&a, &b, &c] {
+            d.sync_now(&cfg).unwrap();
+        }
+    }
+    let expected = peer_to_peer_merge(&[&a, &b, &c]);
+    assert_eq!(expected.len(), 3);
+    for d in [&a, &b, &c] {
+        assert_eq!(dump(d), expected);
+    }
+    let fresh = device();
+    fresh.sync_now(&cfg).unwrap();
+    assert_eq!(dump(&fresh), expected, "t2 is back on the server");
+}
