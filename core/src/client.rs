@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::callbacks::guarded;
 use crate::changeset::{Change, ChangeSet};
 use crate::db::Database;
 use crate::error::{Error, Result};
@@ -186,10 +187,10 @@ impl Client {
     }
 
     fn auth(&self) -> Result<String> {
-        let token = self
-            .config
-            .token
-            .token()
+        // A provider that panics is a failure to supply a token, not the
+        // end of the sync thread.
+        let token = guarded("the token provider", || self.config.token.token())
+            .unwrap_or_else(|| Err("the token provider panicked".into()))
             .map_err(|e| Error::Auth(format!("no token: {e}")))?;
         Ok(format!("Bearer {token}"))
     }

@@ -608,6 +608,29 @@ fn a_listener_may_use_the_database() {
 }
 
 #[test]
+fn a_panicking_listener_neither_fails_the_write_nor_silences_the_others() {
+    let db = synced(TODO_SCHEMA, "todo");
+    let _panics = db.observe(&["todo"], |_: &[String]| panic!("a listener bug"));
+    let heard = Arc::new(AtomicUsize::new(0));
+    let h = heard.clone();
+    let _counts = db.observe(&["todo"], move |_: &[String]| {
+        h.fetch_add(1, Ordering::SeqCst);
+    });
+    let written = db.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[]);
+    assert_eq!(written.unwrap(), 1, "the write committed and says so");
+    assert_eq!(dump(&db, "todo").len(), 1);
+    assert_eq!(
+        heard.load(Ordering::SeqCst),
+        1,
+        "later listeners still hear"
+    );
+    // And again: nothing was left locked or poisoned.
+    db.execute("INSERT INTO todo VALUES ('k2', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(heard.load(Ordering::SeqCst), 2);
+}
+
+#[test]
 fn readers_never_see_half_of_a_remote_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let src = synced(TODO_SCHEMA, "todo");

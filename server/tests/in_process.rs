@@ -112,6 +112,7 @@ fn a_space_is_bound_to_one_database() {
 mod background {
     use super::*;
     use confluo_core::{SyncState, SyncStatus};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
@@ -178,6 +179,38 @@ mod background {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn a_status_listener_that_panics_does_not_stop_syncing() {
+        let server = server(Config::default());
+        let mut cfg = SyncConfig::new(server.url(), "resilient", "dev-token");
+        fast(&mut cfg);
+        let a = Arc::new(device());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let sync = a
+            .start_sync(cfg.clone(), move |_: &SyncStatus| {
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("a status listener bug");
+                }
+            })
+            .unwrap();
+        wait_until("the first status", Duration::from_secs(10), || {
+            calls.load(Ordering::SeqCst) > 0
+        });
+        a.execute(
+            "INSERT INTO todo VALUES ('k', 'after the panic', 'open')",
+            &[],
+        )
+        .unwrap();
+        let b = device();
+        wait_until("the write on the server", Duration::from_secs(20), || {
+            b.sync_now(&cfg).unwrap();
+            dump(&b).len() == 1
+        });
+        assert!(calls.load(Ordering::SeqCst) > 1, "the listener still hears");
+        sync.stop();
     }
 
     #[test]
@@ -317,6 +350,27 @@ fn changes_received_from_a_peer_reach_the_server() {
     assert_eq!(r.pushed, 3);
     c.sync_now(&cfg).unwrap();
     assert_eq!(dump(&c), dump(&a));
+}
+
+#[test]
+fn a_token_provider_that_panics_is_an_auth_failure() {
+    struct Buggy;
+    impl confluo_core::TokenProvider for Buggy {
+        fn token(&self) -> Result<String, String> {
+            panic!("a token provider bug")
+        }
+    }
+    let server = server(Config::default());
+    let cfg = SyncConfig::with_token_provider(server.url(), "tokens", Arc::new(Buggy));
+    let a = device();
+    a.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    let err = a.sync_now(&cfg).unwrap_err();
+    assert!(
+        matches!(&err, confluo_core::Error::Auth(m) if m.contains("panicked")),
+        "{err}"
+    );
+    assert_eq!(a.pending_changes().unwrap(), 1, "nothing counts as sent");
 }
 
 #[test]
