@@ -37,6 +37,7 @@ mod replication;
 mod schema;
 mod server_state;
 mod site;
+mod thread_lock;
 mod validate;
 mod value;
 
