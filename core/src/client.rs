@@ -314,8 +314,17 @@ impl Client {
         self.read_page(response, report)
     }
 
-    /// Pushes, then pulls and applies until caught up.
+    /// Pushes, then pulls and applies until caught up. Syncs of one
+    /// database run one at a time: two at once would each move the cursor
+    /// and push mark under the other, and one's resync from scratch (after
+    /// a 410) would pull the history out from under the other. The long
+    /// poll does not wait for this: it only reads.
     pub fn sync(&self, db: &Database) -> Result<SyncReport> {
+        let _one_at_a_time = db.inner.sync_round.lock().ok_or_else(|| {
+            Error::invalid(
+                "this thread is already syncing this database (sync_now from a change listener?)",
+            )
+        })?;
         let started = Instant::now();
         let mut report = SyncReport::default();
         db.bind_space(&self.config.space)?;

@@ -80,6 +80,9 @@ pub(crate) struct Inner {
     /// A thread lock: a write body that calls the database instead of its
     /// transaction handle is refused instead of waiting for itself.
     pub writer: ThreadLock<Option<Connection>>,
+    /// Held for a whole sync with the server (`Client::sync`), so the syncs
+    /// of one database never interleave.
+    pub sync_round: ThreadLock<()>,
     readers: Option<ReaderPool>,
     pub state: SharedState,
     pub tables: RwLock<HashMap<String, Arc<TableInfo>>>,
@@ -229,6 +232,7 @@ impl Database {
         Ok(Database {
             inner: Inner {
                 writer: ThreadLock::new(Some(conn)),
+                sync_round: ThreadLock::new(()),
                 readers,
                 state,
                 tables: RwLock::new(

@@ -19,6 +19,23 @@ fn server(config: Config) -> BackgroundServer {
     BackgroundServer::start(store, Auth::default().with_dev_token(), config).unwrap()
 }
 
+/// Runs `f` on a thread of its own and fails the test if it has not ended
+/// within a generous deadline: what a deadlock would otherwise hang.
+fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let worker = std::thread::spawn(f);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !worker.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after 30 s: a deadlock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    worker
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 fn dump(db: &Database) -> Vec<Vec<Value>> {
     db.query("SELECT * FROM todo ORDER BY id", &[])
         .unwrap()
@@ -107,6 +124,114 @@ fn a_space_is_bound_to_one_database() {
         err.to_string().contains("syncs with space \"one\""),
         "{err}"
     );
+}
+
+#[test]
+fn concurrent_syncs_of_one_database_all_succeed_and_converge() {
+    let server = server(Config::default());
+    for space in 0..10 {
+        let cfg = SyncConfig::new(server.url(), format!("busy-{space}"), "dev-token");
+        let (a, b) = (Arc::new(device()), device());
+        // Background sync runs beside the explicit ones.
+        let mut eager = cfg.clone();
+        eager.debounce = std::time::Duration::from_millis(1);
+        let background = a
+            .start_sync(eager, |_: &confluo_core::SyncStatus| {})
+            .unwrap();
+        for round in 0..10 {
+            let key = |who: &str| Value::Text(format!("{who}-{round}"));
+            a.execute("INSERT INTO todo VALUES (?1, 'x', 'y')", &[key("a")])
+                .unwrap();
+            b.execute("INSERT INTO todo VALUES (?1, 'x', 'y')", &[key("b")])
+                .unwrap();
+            b.sync_now(&cfg).unwrap();
+            std::thread::scope(|s| {
+                let syncs: Vec<_> = (0..4).map(|_| s.spawn(|| a.sync_now(&cfg))).collect();
+                for sync in syncs {
+                    if let Err(e) = sync.join().unwrap() {
+                        panic!("space {space}, round {round}: {e}");
+                    }
+                }
+            });
+        }
+        background.stop();
+        b.sync_now(&cfg).unwrap();
+        assert_eq!(dump(&a).len(), 20);
+        assert_eq!(dump(&a), dump(&b));
+        assert_eq!(a.pending_changes().unwrap(), 0);
+    }
+}
+
+#[test]
+fn syncs_of_one_database_never_overlap() {
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+    // Every request asks for a token first. The provider holds each caller
+    // until a second caller is inside too, or a while has passed: a second
+    // sync of the database that reaches the server meanwhile overlaps.
+    #[derive(Default)]
+    struct Meeting {
+        inside: Mutex<(usize, usize)>,
+        arrived: Condvar,
+    }
+    impl confluo_core::TokenProvider for Meeting {
+        fn token(&self) -> Result<String, String> {
+            let mut inside = self.inside.lock().unwrap();
+            inside.0 += 1;
+            inside.1 = inside.1.max(inside.0);
+            self.arrived.notify_all();
+            let until = Instant::now() + Duration::from_secs(1);
+            while inside.0 < 2 && Instant::now() < until {
+                inside = self
+                    .arrived
+                    .wait_timeout(inside, until.saturating_duration_since(Instant::now()))
+                    .unwrap()
+                    .0;
+            }
+            inside.0 -= 1;
+            Ok("dev-token".into())
+        }
+    }
+    let server = server(Config::default());
+    let meeting = Arc::new(Meeting::default());
+    let cfg = SyncConfig::with_token_provider(server.url(), "one-at-a-time", meeting.clone());
+    let a = device();
+    a.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    std::thread::scope(|s| {
+        let syncs: Vec<_> = (0..2).map(|_| s.spawn(|| a.sync_now(&cfg))).collect();
+        for sync in syncs {
+            sync.join().unwrap().unwrap();
+        }
+    });
+    assert_eq!(meeting.inside.lock().unwrap().1, 1, "two syncs overlapped");
+}
+
+#[test]
+fn a_listener_that_syncs_from_inside_a_sync_is_refused_not_deadlocked() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "nested", "dev-token");
+    let (a, b) = (Arc::new(device()), device());
+    b.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    b.sync_now(&cfg).unwrap();
+    let nested: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (inner, seen, c) = (Arc::downgrade(&a), nested.clone(), cfg.clone());
+    let _watch = a.observe(&["todo"], move |_: &[String]| {
+        if let Some(a) = inner.upgrade() {
+            let r = a.sync_now(&c);
+            seen.lock().unwrap().push(format!("{r:?}"));
+        }
+    });
+    // Applying B's row calls the listener on the syncing thread.
+    let report = within_deadline({
+        let (a, cfg) = (a.clone(), cfg.clone());
+        move || a.sync_now(&cfg).unwrap()
+    });
+    assert_eq!(report.applied, 3);
+    let nested = nested.lock().unwrap();
+    assert_eq!(nested.len(), 1);
+    assert!(nested[0].contains("already syncing"), "{nested:?}");
 }
 
 mod background {
