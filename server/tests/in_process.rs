@@ -1,5 +1,6 @@
 //! Devices syncing through a server running in this process.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use confluo_core::{Database, SyncConfig, Value};
@@ -232,6 +233,136 @@ fn a_listener_that_syncs_from_inside_a_sync_is_refused_not_deadlocked() {
     let nested = nested.lock().unwrap();
     assert_eq!(nested.len(), 1);
     assert!(nested[0].contains("already syncing"), "{nested:?}");
+}
+
+/// A loopback proxy to `upstream` that passes the first request of each
+/// connection and hangs up, without a word, on the next one: what a client
+/// meets when the server dropped a keep-alive connection it reuses. Each
+/// first request waits until `gather` connections have sent theirs (10 s
+/// at most), so that many are open at once. Counts the hang-ups.
+fn hang_up_on_reused_connections(
+    upstream: std::net::SocketAddr,
+    gather: usize,
+) -> (String, Arc<AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+    #[derive(Default)]
+    struct Shared {
+        first_requests: Mutex<usize>,
+        arrived: Condvar,
+        hung_up: Arc<AtomicUsize>,
+    }
+    fn relay(
+        client: TcpStream,
+        upstream: std::net::SocketAddr,
+        gather: usize,
+        shared: &Shared,
+    ) -> std::io::Result<()> {
+        let mut server = TcpStream::connect(upstream)?;
+        let (mut from_server, mut to_client) = (server.try_clone()?, client.try_clone()?);
+        let answers = std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+        // The first request: its head, then a body of its Content-Length.
+        let mut reader = BufReader::new(client.try_clone()?);
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            if reader.read_line(&mut head)? == 0 {
+                return Ok(());
+            }
+        }
+        let length = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .map_or(0, |(_, v)| v.trim().parse().unwrap());
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        {
+            let mut n = shared.first_requests.lock().unwrap();
+            *n += 1;
+            shared.arrived.notify_all();
+            let until = Instant::now() + Duration::from_secs(10);
+            while *n < gather && Instant::now() < until {
+                let left = until.saturating_duration_since(Instant::now());
+                n = shared.arrived.wait_timeout(n, left).unwrap().0;
+            }
+        }
+        server.write_all(head.as_bytes())?;
+        server.write_all(&body)?;
+        // The next request on this connection (the answer to the first has
+        // arrived by then): counted before the client can see the hang-up.
+        if reader.read(&mut [0; 1])? > 0 {
+            shared.hung_up.fetch_add(1, Ordering::SeqCst);
+        }
+        client.shutdown(Shutdown::Both)?;
+        server.shutdown(Shutdown::Both)?;
+        let _ = answers.join();
+        Ok(())
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shared = Arc::new(Shared::default());
+    let hung_up = shared.hung_up.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let shared = shared.clone();
+            std::thread::spawn(move || relay(client, upstream, gather, &shared));
+        }
+    });
+    (url, hung_up)
+}
+
+#[test]
+fn a_request_on_a_dropped_keep_alive_connection_is_sent_again_on_a_new_one() {
+    let server = server(Config::default());
+    let (proxy, hung_up) = hang_up_on_reused_connections(server.addr, 1);
+    let via_proxy = SyncConfig::new(proxy, "reused", "dev-token");
+    let direct = SyncConfig::new(server.url(), "reused", "dev-token");
+    let (a, b) = (device(), device());
+    a.execute("INSERT INTO todo VALUES ('k1', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(a.sync_now(&via_proxy).unwrap().pushed, 3);
+    // A push on the kept connection, which the proxy hangs up on.
+    a.execute("INSERT INTO todo VALUES ('k2', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(a.sync_now(&via_proxy).unwrap().pushed, 3);
+    assert_eq!(hung_up.load(Ordering::SeqCst), 1);
+    // A pull on the kept connection, likewise.
+    b.execute("INSERT INTO todo VALUES ('k3', 'x', 'y')", &[])
+        .unwrap();
+    b.sync_now(&direct).unwrap();
+    assert_eq!(a.sync_now(&via_proxy).unwrap().pulled, 3);
+    assert_eq!(hung_up.load(Ordering::SeqCst), 2);
+    assert_eq!(dump(&a), dump(&b));
+    assert_eq!(dump(&a).len(), 3);
+}
+
+#[test]
+fn the_resend_takes_no_other_kept_connection() {
+    let server = server(Config::default());
+    let (proxy, hung_up) = hang_up_on_reused_connections(server.addr, 2);
+    let via_proxy = SyncConfig::new(proxy, "kept", "dev-token");
+    let (a, b) = (device(), device());
+    // Two syncs at once (of two databases) leave two connections kept.
+    for (db, key) in [(&a, "a"), (&b, "b")] {
+        db.execute(
+            "INSERT INTO todo VALUES (?1, 'x', 'y')",
+            &[Value::Text(key.into())],
+        )
+        .unwrap();
+    }
+    std::thread::scope(|s| {
+        for db in [&a, &b] {
+            s.spawn(|| db.sync_now(&via_proxy).unwrap());
+        }
+    });
+    // The proxy hangs up on the next request on either; the resend must
+    // not take the other.
+    a.execute("INSERT INTO todo VALUES ('a2', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(a.sync_now(&via_proxy).unwrap().pushed, 3);
+    assert_eq!(hung_up.load(Ordering::SeqCst), 1);
 }
 
 mod background {
