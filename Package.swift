@@ -34,6 +34,7 @@ let package = Package(
         // The idiomatic API apps use.
         .target(name: "Confluo", dependencies: ["ConfluoFFI"], path: "ios/Sources/Confluo",
                 exclude: notShipped, resources: privacy),
-        .testTarget(name: "ConfluoTests", dependencies: ["Confluo"], path: "ios/Tests/ConfluoTests"),
+        // The tests also implement the generated callback protocols directly.
+        .testTarget(name: "ConfluoTests", dependencies: ["Confluo", "ConfluoFFI"], path: "ios/Tests/ConfluoTests"),
     ]
 )

@@ -210,16 +210,18 @@ impl From<&core::SyncStatus> for SyncStatus {
     }
 }
 
-/// Called after each commit that changed watched tables.
+/// Called after each commit that changed watched tables. A failure (a
+/// thrown exception) is reported and ignored: the commit stands.
 #[uniffi::export(foreign)]
 pub trait ChangeListener: Send + Sync {
-    fn on_change(&self, tables: Vec<String>);
+    fn on_change(&self, tables: Vec<String>) -> Result<()>;
 }
 
-/// Called on every change of background sync's status.
+/// Called on every change of background sync's status. A failure is
+/// reported and ignored: syncing goes on.
 #[uniffi::export(foreign)]
 pub trait SyncStatusListener: Send + Sync {
-    fn on_status(&self, status: SyncStatus);
+    fn on_status(&self, status: SyncStatus) -> Result<()>;
 }
 
 /// Supplies the bearer token for each request (apps refresh tokens here).
@@ -352,7 +354,9 @@ impl Database {
     pub fn observe(&self, tables: Vec<String>, listener: Arc<dyn ChangeListener>) -> Arc<Observer> {
         let names: Vec<&str> = tables.iter().map(String::as_str).collect();
         let handle = self.inner.observe(&names, move |changed: &[String]| {
-            listener.on_change(changed.to_vec())
+            if let Err(e) = listener.on_change(changed.to_vec()) {
+                core::report_callback_failure("a change listener", &e);
+            }
         });
         Arc::new(Observer {
             handle: Mutex::new(Some(handle)),
@@ -412,11 +416,13 @@ impl Database {
         token: Arc<dyn TokenProvider>,
         listener: Arc<dyn SyncStatusListener>,
     ) -> Result<Arc<BackgroundSync>> {
-        let sync = self
-            .inner
-            .start_sync(core_config(config, token), move |s: &core::SyncStatus| {
-                listener.on_status(s.into())
-            })?;
+        let sync =
+            self.inner
+                .start_sync(core_config(config, token), move |s: &core::SyncStatus| {
+                    if let Err(e) = listener.on_status(s.into()) {
+                        core::report_callback_failure("a sync status listener", &e);
+                    }
+                })?;
         Ok(Arc::new(BackgroundSync {
             inner: Mutex::new(Some(sync)),
         }))

@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::callbacks::guarded;
 use crate::client::{Client, Ident, Reply, SyncConfig, SyncReport};
 use crate::db::Database;
 use crate::error::{Error, Result};
@@ -226,7 +227,8 @@ fn run_worker(
             clock_offset_ms,
         };
         if last_status.as_ref() != Some(&status) {
-            listener.on_status(&status);
+            // A listener that panics must not end syncing for the app.
+            guarded("a sync status listener", || listener.on_status(&status));
             last_status = Some(status);
         }
     };
@@ -345,14 +347,29 @@ fn spawn_poller(
             // and polling again at once would spin.
             let mut reported_at: Option<u64> = None;
             let mut stuck = 0u32;
+            let pause = |failures: &mut u32| {
+                sleep_unless(&stop, backoff(&config, *failures));
+                *failures = failures.saturating_add(1);
+            };
             while !stop.load(Ordering::SeqCst) {
-                let online = shared.control.lock().map(|c| c.online).unwrap_or(false);
+                let online = shared
+                    .control
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .online;
                 if !online {
                     sleep_unless(&stop, Duration::from_millis(200));
                     continue;
                 }
-                let Ok((cursor, tag)) = db.server_position() else {
-                    break;
+                // Only a closed database ends the poll; anything else (a
+                // busy file, say) is waited out like a failed request.
+                let (cursor, tag) = match db.server_position() {
+                    Ok(position) => position,
+                    Err(Error::Closed) => break,
+                    Err(_) => {
+                        pause(&mut failures);
+                        continue;
+                    }
                 };
                 if reported_at == Some(cursor) {
                     sleep_unless(&stop, backoff(&config, stuck));
@@ -360,8 +377,15 @@ fn spawn_poller(
                 } else {
                     stuck = 0;
                 }
+                let who = match Ident::of(&db) {
+                    Ok(who) => who,
+                    Err(Error::Closed) => break,
+                    Err(_) => {
+                        pause(&mut failures);
+                        continue;
+                    }
+                };
                 let mut report = SyncReport::default();
-                let Ok(who) = Ident::of(&db) else { break };
                 match client.get_changes(
                     cursor,
                     tag.as_deref(),
@@ -384,11 +408,8 @@ fn spawn_poller(
                         reported_at = Some(cursor);
                         sleep_unless(&stop, Duration::from_millis(200));
                     }
-                    Err(_) => {
-                        // The worker reports failures; the poll just waits.
-                        sleep_unless(&stop, backoff(&config, failures));
-                        failures = failures.saturating_add(1);
-                    }
+                    // The worker reports failures; the poll just waits.
+                    Err(_) => pause(&mut failures),
                 }
             }
         })

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::callbacks::guarded;
 use crate::changeset::{Change, ChangeSet};
 use crate::db::Database;
 use crate::error::{Error, Result};
@@ -199,76 +200,47 @@ impl Client {
     }
 
     fn auth(&self) -> Result<String> {
-        let token = self
-            .config
-            .token
-            .token()
+        // A provider that panics is a failure to supply a token, not the
+        // end of the sync thread.
+        let token = guarded("the token provider", || self.config.token.token())
+            .unwrap_or_else(|| Err("the token provider panicked".into()))
             .map_err(|e| Error::Auth(format!("no token: {e}")))?;
         Ok(format!("Bearer {token}"))
     }
 
-    /// Sends one request and turns the answer into a page or a typed error.
-    fn exchange(
-        &self,
-        request: ureq::RequestBuilder<ureq::typestate::WithBody>,
-        body: &[u8],
-        report: &mut SyncReport,
-    ) -> Result<Reply> {
-        let request = request
-            .header("authorization", &self.auth()?)
-            .header("confluo-protocol", PROTOCOL_VERSION)
-            .header("content-type", CHANGESET_TYPE);
-        report.bytes_sent += body.len() as u64;
-        let response = request.send(body).map_err(transport_error)?;
-        self.read_page(response, report)
-    }
-
-    fn read_page(
-        &self,
-        mut response: ureq::http::Response<ureq::Body>,
-        report: &mut SyncReport,
-    ) -> Result<Reply> {
-        let status = response.status().as_u16();
+    /// Turns a response into a page or a typed error.
+    fn read_page(&self, answer: Answer, report: &mut SyncReport) -> Result<Reply> {
+        let Answer {
+            status,
+            headers,
+            body,
+        } = answer;
         let header = |name: &str| {
-            response
-                .headers()
+            headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let epoch = header("confluo-epoch");
-        let tag = header("confluo-version-tag");
         if let Some(t) = header("confluo-server-time").and_then(|t| t.parse().ok()) {
             report.server_time_ms = Some(t);
         }
-        let (more, resume, retry_after) = (
-            header("confluo-more").as_deref() == Some("1"),
-            header("confluo-resume"),
-            header("retry-after")
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .map(Duration::from_secs),
-        );
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(1 << 30)
-            .read_to_vec()
-            .map_err(transport_error)?;
-        report.bytes_received += bytes.len() as u64;
+        report.bytes_received += body.len() as u64;
         match status {
-            200 => {
-                let changes = ChangeSet::decode(&bytes)?;
-                Ok(Reply::Page(Page {
-                    changes,
-                    more,
-                    resume,
-                    epoch,
-                    tag,
-                }))
-            }
+            200 => Ok(Reply::Page(Page {
+                changes: ChangeSet::decode(&body)?,
+                more: header("confluo-more").as_deref() == Some("1"),
+                resume: header("confluo-resume"),
+                epoch: header("confluo-epoch"),
+                tag: header("confluo-version-tag"),
+            })),
             202 => Ok(Reply::Staged),
             410 => Ok(Reply::Gone),
-            _ => Err(status_error(status, &bytes, retry_after)),
+            _ => {
+                let retry_after = header("retry-after")
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                Err(status_error(status, &body, retry_after))
+            }
         }
     }
 
@@ -281,27 +253,33 @@ impl Client {
         part: Option<(&str, usize, usize)>,
         report: &mut SyncReport,
     ) -> Result<Reply> {
-        let mut req = self
-            .agent
-            .post(self.url("sync"))
-            .query("cursor", cursor.to_string())
-            .query("site", &who.site);
-        if let Some(tag) = tag {
-            req = req.query("tag", tag);
-        }
-        if let Some(epoch) = &who.epoch {
-            req = req.query("epoch", epoch);
-        }
-        if let Some((id, i, n)) = part {
-            req = req
-                .header("confluo-push-id", id)
-                .header("confluo-push-part", format!("{i}/{n}"));
-        }
-        let req = req
-            .config()
-            .timeout_global(Some(self.config.request_timeout))
-            .build();
-        self.exchange(req, body, report)
+        let auth = self.auth()?;
+        // Safe to send twice: merging is idempotent, and a part staged
+        // twice is kept once.
+        let answer = resend_on_lost_connection(|fresh| {
+            let mut req = self
+                .agent
+                .post(self.url("sync"))
+                .query("cursor", cursor.to_string())
+                .query("site", &who.site)
+                .header("authorization", &auth)
+                .header("confluo-protocol", PROTOCOL_VERSION)
+                .header("content-type", CHANGESET_TYPE);
+            if let Some(tag) = tag {
+                req = req.query("tag", tag);
+            }
+            if let Some(epoch) = &who.epoch {
+                req = req.query("epoch", epoch);
+            }
+            if let Some((id, i, n)) = part {
+                req = req
+                    .header("confluo-push-id", id)
+                    .header("confluo-push-part", format!("{i}/{n}"));
+            }
+            report.bytes_sent += body.len() as u64;
+            receive(configure(req.config(), self.config.request_timeout, fresh).send(body)?)
+        })?;
+        self.read_page(answer, report)
     }
 
     /// A pull without a push; waits up to `wait` for news when `wait` > 0.
@@ -314,33 +292,42 @@ impl Client {
         wait: Duration,
         report: &mut SyncReport,
     ) -> Result<Reply> {
-        let mut req = self
-            .agent
-            .get(self.url("changes"))
-            .query("cursor", cursor.to_string())
-            .query("site", &who.site)
-            .query("wait", wait.as_secs().to_string())
-            .header("authorization", &self.auth()?)
-            .header("confluo-protocol", PROTOCOL_VERSION);
-        if let Some(r) = resume {
-            req = req.query("after", r);
-        }
-        if let Some(tag) = tag {
-            req = req.query("tag", tag);
-        }
-        if let Some(epoch) = &who.epoch {
-            req = req.query("epoch", epoch);
-        }
-        let req = req
-            .config()
-            .timeout_global(Some(self.config.request_timeout + wait))
-            .build();
-        let response = req.call().map_err(transport_error)?;
-        self.read_page(response, report)
+        let auth = self.auth()?;
+        let answer = resend_on_lost_connection(|fresh| {
+            let mut req = self
+                .agent
+                .get(self.url("changes"))
+                .query("cursor", cursor.to_string())
+                .query("site", &who.site)
+                .query("wait", wait.as_secs().to_string())
+                .header("authorization", &auth)
+                .header("confluo-protocol", PROTOCOL_VERSION);
+            if let Some(r) = resume {
+                req = req.query("after", r);
+            }
+            if let Some(tag) = tag {
+                req = req.query("tag", tag);
+            }
+            if let Some(epoch) = &who.epoch {
+                req = req.query("epoch", epoch);
+            }
+            let timeout = self.config.request_timeout + wait;
+            receive(configure(req.config(), timeout, fresh).call()?)
+        })?;
+        self.read_page(answer, report)
     }
 
-    /// Pushes, then pulls and applies until caught up.
+    /// Pushes, then pulls and applies until caught up. Syncs of one
+    /// database run one at a time: two at once would each move the cursor
+    /// and push mark under the other, and one's resync from scratch (after
+    /// a 410) would pull the history out from under the other. The long
+    /// poll does not wait for this: it only reads.
     pub fn sync(&self, db: &Database) -> Result<SyncReport> {
+        let _one_at_a_time = db.inner.sync_round.lock().ok_or_else(|| {
+            Error::invalid(
+                "this thread is already syncing this database (sync_now from a change listener?)",
+            )
+        })?;
         let started = Instant::now();
         let mut report = SyncReport::default();
         db.bind_space(&self.config.space)?;
@@ -523,6 +510,68 @@ impl ChangeSet {
             changes: Vec::new(),
         }
     }
+}
+
+/// A response read to its end.
+struct Answer {
+    status: u16,
+    headers: ureq::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+fn receive(mut response: ureq::http::Response<ureq::Body>) -> Result<Answer, ureq::Error> {
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()?;
+    let (parts, _) = response.into_parts();
+    Ok(Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// Sets a request's timeout; `fresh` keeps it off every pooled connection.
+fn configure<B>(
+    config: ureq::config::ConfigBuilder<ureq::typestate::RequestScope<B>>,
+    timeout: Duration,
+    fresh: bool,
+) -> ureq::RequestBuilder<B> {
+    let config = config.timeout_global(Some(timeout));
+    // No idle connection is young enough for an idle age of zero, so the
+    // pool opens a new one (and drops the idle ones: likely as stale).
+    if fresh {
+        config.max_idle_age(Duration::ZERO).build()
+    } else {
+        config.build()
+    }
+}
+
+/// Sends a request that is safe to send twice (`attempt` builds and sends
+/// it; its argument asks for a new connection). A connection that breaks
+/// under the request, typically a pooled keep-alive connection the server
+/// has closed meanwhile, gets the request once more on a new connection
+/// before the failure is reported.
+fn resend_on_lost_connection(
+    mut attempt: impl FnMut(bool) -> Result<Answer, ureq::Error>,
+) -> Result<Answer> {
+    match attempt(false) {
+        Err(e) if connection_lost(&e) => attempt(true),
+        other => other,
+    }
+    .map_err(transport_error)
+}
+
+/// The peer closed or reset the connection under the request (as opposed to
+/// refusing it, or being slow: a new connection would not help those).
+fn connection_lost(e: &ureq::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e, ureq::Error::Io(io) if matches!(
+        io.kind(),
+        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof | NotConnected
+    ))
 }
 
 fn transport_error(e: ureq::Error) -> Error {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
@@ -14,6 +14,7 @@ use crate::hlc::{Hlc, SystemTimeSource, TimeSource};
 use crate::observe::{ChangeListener, Observation, Observers};
 use crate::schema::{self, TableInfo};
 use crate::site::SiteId;
+use crate::thread_lock::{ThreadLock, ThreadLockGuard};
 use crate::value::Value;
 
 /// How a database behaves; `Options::default()` suits most apps.
@@ -76,7 +77,12 @@ impl Rows {
 }
 
 pub(crate) struct Inner {
-    pub writer: Mutex<Option<Connection>>,
+    /// A thread lock: a write body that calls the database instead of its
+    /// transaction handle is refused instead of waiting for itself.
+    pub writer: ThreadLock<Option<Connection>>,
+    /// Held for a whole sync with the server (`Client::sync`), so the syncs
+    /// of one database never interleave.
+    pub sync_round: ThreadLock<()>,
     readers: Option<ReaderPool>,
     pub state: SharedState,
     pub tables: RwLock<HashMap<String, Arc<TableInfo>>>,
@@ -234,7 +240,8 @@ impl Database {
         let readers = path.map(|p| ReaderPool::new(p, options.readers));
         Ok(Database {
             inner: Inner {
-                writer: Mutex::new(Some(conn)),
+                writer: ThreadLock::new(Some(conn)),
+                sync_round: ThreadLock::new(()),
                 readers,
                 state,
                 tables: RwLock::new(
@@ -309,7 +316,10 @@ impl Database {
     }
 
     /// Runs `f` in one write transaction: committed if it returns `Ok`,
-    /// rolled back if it returns an error.
+    /// rolled back if it returns an error. Inside `f`, run statements on
+    /// its transaction: a call on this database that needs the writer fails
+    /// with `InvalidInput` (reads of a file database go to a reader, and see
+    /// the last commit).
     pub fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let tx = self.transaction()?;
         let value = f(&tx)?;
@@ -364,8 +374,8 @@ impl Database {
         Ok(cached.clone())
     }
 
-    pub(crate) fn writer(&self) -> Result<MutexGuard<'_, Option<Connection>>> {
-        let guard = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn writer(&self) -> Result<ThreadLockGuard<'_, Option<Connection>>> {
+        let guard = self.inner.writer.lock().ok_or_else(inside_a_write)?;
         if guard.is_none() {
             return Err(Error::Closed);
         }
@@ -414,12 +424,7 @@ impl Database {
 
     /// Closes the database; later calls fail with `Error::Closed`.
     pub fn close(&self) -> Result<()> {
-        let conn = self
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let conn = self.inner.writer.lock().ok_or_else(inside_a_write)?.take();
         if let Some(pool) = &self.inner.readers {
             pool.close();
         }
@@ -530,6 +535,15 @@ impl Database {
     }
 }
 
+/// The writer is held by this very thread: a write body called the database
+/// (or something needing the writer) instead of its transaction handle.
+fn inside_a_write() -> Error {
+    Error::invalid(
+        "this thread is running a write on this database: use that write's transaction handle \
+         (the database itself would wait for the write to end, for ever)",
+    )
+}
+
 pub(crate) fn load_sites(conn: &Connection) -> Result<Vec<SiteId>> {
     let mut stmt = conn.prepare_cached("SELECT ord, site_id FROM confluo_sites ORDER BY ord")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
@@ -602,7 +616,7 @@ fn collect_rows(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<
 /// it see its own writes. Dropped without `commit`, it rolls back.
 pub struct Transaction<'db> {
     db: &'db Database,
-    conn: Option<MutexGuard<'db, Option<Connection>>>,
+    conn: Option<ThreadLockGuard<'db, Option<Connection>>>,
 }
 
 impl Transaction<'_> {

@@ -21,6 +21,7 @@
 //! ```
 
 mod background;
+mod callbacks;
 mod capture;
 mod changeset;
 mod client;
@@ -36,12 +37,14 @@ mod replication;
 mod schema;
 mod server_state;
 mod site;
+mod thread_lock;
 mod validate;
 mod value;
 
 pub use changeset::{Change, ChangeSet, FORMAT_VERSION};
 
 pub use background::{BackgroundSync, SyncState, SyncStatus, SyncStatusListener};
+pub use callbacks::report_callback_failure;
 pub use client::{StaticToken, SyncConfig, SyncReport, TokenProvider};
 /// Packs a primary key (one or more values) into bytes, and back: how keys
 /// are stored where the schema is not known (the sync server).

@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::callbacks::guarded;
+
 /// Receives the names of the watched tables a commit changed.
 pub trait ChangeListener: Send + Sync + 'static {
     fn on_change(&self, tables: &[String]);
@@ -48,7 +50,9 @@ impl Observers {
     }
 
     /// Calls each interested listener once. Listeners run outside every
-    /// lock, so they may query, write or drop their own handle.
+    /// lock, so they may query, write or drop their own handle. One that
+    /// panics is reported and skipped: the commit it hears about stands,
+    /// and the other listeners still hear about it.
     pub(crate) fn notify(&self, changed: &BTreeSet<String>) {
         let calls: Vec<(Arc<dyn ChangeListener>, Vec<String>)> = {
             let guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -66,7 +70,7 @@ impl Observers {
                 .collect()
         };
         for (listener, tables) in calls {
-            listener.on_change(&tables);
+            guarded("a change listener", || listener.on_change(&tables));
         }
     }
 

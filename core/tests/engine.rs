@@ -608,6 +608,101 @@ fn a_listener_may_use_the_database() {
 }
 
 #[test]
+fn a_panicking_listener_neither_fails_the_write_nor_silences_the_others() {
+    let db = synced(TODO_SCHEMA, "todo");
+    let _panics = db.observe(&["todo"], |_: &[String]| panic!("a listener bug"));
+    let heard = Arc::new(AtomicUsize::new(0));
+    let h = heard.clone();
+    let _counts = db.observe(&["todo"], move |_: &[String]| {
+        h.fetch_add(1, Ordering::SeqCst);
+    });
+    let written = db.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[]);
+    assert_eq!(written.unwrap(), 1, "the write committed and says so");
+    assert_eq!(dump(&db, "todo").len(), 1);
+    assert_eq!(
+        heard.load(Ordering::SeqCst),
+        1,
+        "later listeners still hear"
+    );
+    // And again: nothing was left locked or poisoned.
+    db.execute("INSERT INTO todo VALUES ('k2', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(heard.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn calling_the_database_from_its_own_write_body_is_refused_at_once() {
+    fn refused<T: std::fmt::Debug>(r: Result<T, Error>) {
+        assert!(
+            matches!(&r, Err(Error::InvalidInput(m)) if m.contains("transaction handle")),
+            "{r:?}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.db");
+    within_deadline(move || {
+        for (db, on_file) in [
+            (Database::open_in_memory().unwrap(), false),
+            (Database::open(&file).unwrap(), true),
+        ] {
+            db.execute_batch(TODO_SCHEMA).unwrap();
+            db.enable_sync("todo").unwrap();
+            db.execute("INSERT INTO todo VALUES ('a', 'x', 'y')", &[])
+                .unwrap();
+            db.write(|tx| {
+                tx.execute("INSERT INTO todo VALUES ('b', 'x', 'y')", &[])?;
+                refused(db.execute("INSERT INTO todo VALUES ('c', 'x', 'y')", &[]));
+                refused(db.execute_batch("DELETE FROM todo"));
+                refused(db.write(|_| Ok(())));
+                refused(db.transaction().map(drop));
+                refused(db.checkpoint());
+                refused(db.close());
+                if on_file {
+                    // Reads go to a reader, which sees the last commit.
+                    let n = db.query("SELECT count(*) FROM todo", &[]).unwrap();
+                    assert_eq!(n.rows[0][0], Value::Integer(1));
+                    assert_eq!(db.pending_changes().unwrap(), 1);
+                } else {
+                    // An in-memory database reads through the writer.
+                    refused(db.query("SELECT count(*) FROM todo", &[]));
+                    refused(db.pending_changes());
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(
+                dump(&db, "todo").len(),
+                2,
+                "the write body's own work committed"
+            );
+        }
+    });
+}
+
+#[test]
+fn other_threads_wait_for_a_write_body_instead_of_being_refused() {
+    let db = Arc::new(synced(TODO_SCHEMA, "todo"));
+    let d = db.clone();
+    within_deadline(move || {
+        let (started, waiting) = std::sync::mpsc::channel();
+        let other = d
+            .write(|tx| {
+                tx.execute("INSERT INTO todo VALUES ('a', 'x', 'y')", &[])?;
+                let db = d.clone();
+                let other = std::thread::spawn(move || {
+                    started.send(()).unwrap();
+                    db.execute("INSERT INTO todo VALUES ('b', 'x', 'y')", &[])
+                });
+                waiting.recv().unwrap();
+                Ok(other)
+            })
+            .unwrap();
+        assert_eq!(other.join().unwrap().unwrap(), 1);
+    });
+    assert_eq!(dump(&db, "todo").len(), 2);
+}
+
+#[test]
 fn readers_never_see_half_of_a_remote_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let src = synced(TODO_SCHEMA, "todo");

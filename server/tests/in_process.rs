@@ -1,5 +1,6 @@
 //! Devices syncing through a server running in this process.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use confluo_core::{Database, SyncConfig, Value};
@@ -17,6 +18,23 @@ fn device() -> Database {
 fn server(config: Config) -> BackgroundServer {
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
     BackgroundServer::start(store, Auth::default().with_dev_token(), config).unwrap()
+}
+
+/// Runs `f` on a thread of its own and fails the test if it has not ended
+/// within a generous deadline: what a deadlock would otherwise hang.
+fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let worker = std::thread::spawn(f);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !worker.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after 30 s: a deadlock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    worker
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 fn dump(db: &Database) -> Vec<Vec<Value>> {
@@ -109,9 +127,248 @@ fn a_space_is_bound_to_one_database() {
     );
 }
 
+#[test]
+fn concurrent_syncs_of_one_database_all_succeed_and_converge() {
+    let server = server(Config::default());
+    for space in 0..10 {
+        let cfg = SyncConfig::new(server.url(), format!("busy-{space}"), "dev-token");
+        let (a, b) = (Arc::new(device()), device());
+        // Background sync runs beside the explicit ones.
+        let mut eager = cfg.clone();
+        eager.debounce = std::time::Duration::from_millis(1);
+        let background = a
+            .start_sync(eager, |_: &confluo_core::SyncStatus| {})
+            .unwrap();
+        for round in 0..10 {
+            let key = |who: &str| Value::Text(format!("{who}-{round}"));
+            a.execute("INSERT INTO todo VALUES (?1, 'x', 'y')", &[key("a")])
+                .unwrap();
+            b.execute("INSERT INTO todo VALUES (?1, 'x', 'y')", &[key("b")])
+                .unwrap();
+            b.sync_now(&cfg).unwrap();
+            std::thread::scope(|s| {
+                let syncs: Vec<_> = (0..4).map(|_| s.spawn(|| a.sync_now(&cfg))).collect();
+                for sync in syncs {
+                    if let Err(e) = sync.join().unwrap() {
+                        panic!("space {space}, round {round}: {e}");
+                    }
+                }
+            });
+        }
+        background.stop();
+        b.sync_now(&cfg).unwrap();
+        assert_eq!(dump(&a).len(), 20);
+        assert_eq!(dump(&a), dump(&b));
+        assert_eq!(a.pending_changes().unwrap(), 0);
+    }
+}
+
+#[test]
+fn syncs_of_one_database_never_overlap() {
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+    // Every request asks for a token first. The provider holds each caller
+    // until a second caller is inside too, or a while has passed: a second
+    // sync of the database that reaches the server meanwhile overlaps.
+    #[derive(Default)]
+    struct Meeting {
+        inside: Mutex<(usize, usize)>,
+        arrived: Condvar,
+    }
+    impl confluo_core::TokenProvider for Meeting {
+        fn token(&self) -> Result<String, String> {
+            let mut inside = self.inside.lock().unwrap();
+            inside.0 += 1;
+            inside.1 = inside.1.max(inside.0);
+            self.arrived.notify_all();
+            let until = Instant::now() + Duration::from_secs(1);
+            while inside.0 < 2 && Instant::now() < until {
+                inside = self
+                    .arrived
+                    .wait_timeout(inside, until.saturating_duration_since(Instant::now()))
+                    .unwrap()
+                    .0;
+            }
+            inside.0 -= 1;
+            Ok("dev-token".into())
+        }
+    }
+    let server = server(Config::default());
+    let meeting = Arc::new(Meeting::default());
+    let cfg = SyncConfig::with_token_provider(server.url(), "one-at-a-time", meeting.clone());
+    let a = device();
+    a.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    std::thread::scope(|s| {
+        let syncs: Vec<_> = (0..2).map(|_| s.spawn(|| a.sync_now(&cfg))).collect();
+        for sync in syncs {
+            sync.join().unwrap().unwrap();
+        }
+    });
+    assert_eq!(meeting.inside.lock().unwrap().1, 1, "two syncs overlapped");
+}
+
+#[test]
+fn a_listener_that_syncs_from_inside_a_sync_is_refused_not_deadlocked() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "nested", "dev-token");
+    let (a, b) = (Arc::new(device()), device());
+    b.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    b.sync_now(&cfg).unwrap();
+    let nested: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (inner, seen, c) = (Arc::downgrade(&a), nested.clone(), cfg.clone());
+    let _watch = a.observe(&["todo"], move |_: &[String]| {
+        if let Some(a) = inner.upgrade() {
+            let r = a.sync_now(&c);
+            seen.lock().unwrap().push(format!("{r:?}"));
+        }
+    });
+    // Applying B's row calls the listener on the syncing thread.
+    let report = within_deadline({
+        let (a, cfg) = (a.clone(), cfg.clone());
+        move || a.sync_now(&cfg).unwrap()
+    });
+    assert_eq!(report.applied, 3);
+    let nested = nested.lock().unwrap();
+    assert_eq!(nested.len(), 1);
+    assert!(nested[0].contains("already syncing"), "{nested:?}");
+}
+
+/// A loopback proxy to `upstream` that passes the first request of each
+/// connection and hangs up, without a word, on the next one: what a client
+/// meets when the server dropped a keep-alive connection it reuses. Each
+/// first request waits until `gather` connections have sent theirs (10 s
+/// at most), so that many are open at once. Counts the hang-ups.
+fn hang_up_on_reused_connections(
+    upstream: std::net::SocketAddr,
+    gather: usize,
+) -> (String, Arc<AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+    #[derive(Default)]
+    struct Shared {
+        first_requests: Mutex<usize>,
+        arrived: Condvar,
+        hung_up: Arc<AtomicUsize>,
+    }
+    fn relay(
+        client: TcpStream,
+        upstream: std::net::SocketAddr,
+        gather: usize,
+        shared: &Shared,
+    ) -> std::io::Result<()> {
+        let mut server = TcpStream::connect(upstream)?;
+        let (mut from_server, mut to_client) = (server.try_clone()?, client.try_clone()?);
+        let answers = std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+        // The first request: its head, then a body of its Content-Length.
+        let mut reader = BufReader::new(client.try_clone()?);
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            if reader.read_line(&mut head)? == 0 {
+                return Ok(());
+            }
+        }
+        let length = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .map_or(0, |(_, v)| v.trim().parse().unwrap());
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        {
+            let mut n = shared.first_requests.lock().unwrap();
+            *n += 1;
+            shared.arrived.notify_all();
+            let until = Instant::now() + Duration::from_secs(10);
+            while *n < gather && Instant::now() < until {
+                let left = until.saturating_duration_since(Instant::now());
+                n = shared.arrived.wait_timeout(n, left).unwrap().0;
+            }
+        }
+        server.write_all(head.as_bytes())?;
+        server.write_all(&body)?;
+        // The next request on this connection (the answer to the first has
+        // arrived by then): counted before the client can see the hang-up.
+        if reader.read(&mut [0; 1])? > 0 {
+            shared.hung_up.fetch_add(1, Ordering::SeqCst);
+        }
+        client.shutdown(Shutdown::Both)?;
+        server.shutdown(Shutdown::Both)?;
+        let _ = answers.join();
+        Ok(())
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shared = Arc::new(Shared::default());
+    let hung_up = shared.hung_up.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let shared = shared.clone();
+            std::thread::spawn(move || relay(client, upstream, gather, &shared));
+        }
+    });
+    (url, hung_up)
+}
+
+#[test]
+fn a_request_on_a_dropped_keep_alive_connection_is_sent_again_on_a_new_one() {
+    let server = server(Config::default());
+    let (proxy, hung_up) = hang_up_on_reused_connections(server.addr, 1);
+    let via_proxy = SyncConfig::new(proxy, "reused", "dev-token");
+    let direct = SyncConfig::new(server.url(), "reused", "dev-token");
+    let (a, b) = (device(), device());
+    a.execute("INSERT INTO todo VALUES ('k1', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(a.sync_now(&via_proxy).unwrap().pushed, 3);
+    // A push on the kept connection, which the proxy hangs up on.
+    a.execute("INSERT INTO todo VALUES ('k2', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(a.sync_now(&via_proxy).unwrap().pushed, 3);
+    assert_eq!(hung_up.load(Ordering::SeqCst), 1);
+    // A pull on the kept connection, likewise.
+    b.execute("INSERT INTO todo VALUES ('k3', 'x', 'y')", &[])
+        .unwrap();
+    b.sync_now(&direct).unwrap();
+    assert_eq!(a.sync_now(&via_proxy).unwrap().pulled, 3);
+    assert_eq!(hung_up.load(Ordering::SeqCst), 2);
+    assert_eq!(dump(&a), dump(&b));
+    assert_eq!(dump(&a).len(), 3);
+}
+
+#[test]
+fn the_resend_takes_no_other_kept_connection() {
+    let server = server(Config::default());
+    let (proxy, hung_up) = hang_up_on_reused_connections(server.addr, 2);
+    let via_proxy = SyncConfig::new(proxy, "kept", "dev-token");
+    let (a, b) = (device(), device());
+    // Two syncs at once (of two databases) leave two connections kept.
+    for (db, key) in [(&a, "a"), (&b, "b")] {
+        db.execute(
+            "INSERT INTO todo VALUES (?1, 'x', 'y')",
+            &[Value::Text(key.into())],
+        )
+        .unwrap();
+    }
+    std::thread::scope(|s| {
+        for db in [&a, &b] {
+            s.spawn(|| db.sync_now(&via_proxy).unwrap());
+        }
+    });
+    // The proxy hangs up on the next request on either; the resend must
+    // not take the other.
+    a.execute("INSERT INTO todo VALUES ('a2', 'x', 'y')", &[])
+        .unwrap();
+    assert_eq!(a.sync_now(&via_proxy).unwrap().pushed, 3);
+    assert_eq!(hung_up.load(Ordering::SeqCst), 1);
+}
+
 mod background {
     use super::*;
     use confluo_core::{SyncState, SyncStatus};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
@@ -178,6 +435,38 @@ mod background {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn a_status_listener_that_panics_does_not_stop_syncing() {
+        let server = server(Config::default());
+        let mut cfg = SyncConfig::new(server.url(), "resilient", "dev-token");
+        fast(&mut cfg);
+        let a = Arc::new(device());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let sync = a
+            .start_sync(cfg.clone(), move |_: &SyncStatus| {
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("a status listener bug");
+                }
+            })
+            .unwrap();
+        wait_until("the first status", Duration::from_secs(10), || {
+            calls.load(Ordering::SeqCst) > 0
+        });
+        a.execute(
+            "INSERT INTO todo VALUES ('k', 'after the panic', 'open')",
+            &[],
+        )
+        .unwrap();
+        let b = device();
+        wait_until("the write on the server", Duration::from_secs(20), || {
+            b.sync_now(&cfg).unwrap();
+            dump(&b).len() == 1
+        });
+        assert!(calls.load(Ordering::SeqCst) > 1, "the listener still hears");
+        sync.stop();
     }
 
     #[test]
@@ -317,6 +606,27 @@ fn changes_received_from_a_peer_reach_the_server() {
     assert_eq!(r.pushed, 3);
     c.sync_now(&cfg).unwrap();
     assert_eq!(dump(&c), dump(&a));
+}
+
+#[test]
+fn a_token_provider_that_panics_is_an_auth_failure() {
+    struct Buggy;
+    impl confluo_core::TokenProvider for Buggy {
+        fn token(&self) -> Result<String, String> {
+            panic!("a token provider bug")
+        }
+    }
+    let server = server(Config::default());
+    let cfg = SyncConfig::with_token_provider(server.url(), "tokens", Arc::new(Buggy));
+    let a = device();
+    a.execute("INSERT INTO todo VALUES ('k', 'x', 'y')", &[])
+        .unwrap();
+    let err = a.sync_now(&cfg).unwrap_err();
+    assert!(
+        matches!(&err, confluo_core::Error::Auth(m) if m.contains("panicked")),
+        "{err}"
+    );
+    assert_eq!(a.pending_changes().unwrap(), 1, "nothing counts as sent");
 }
 
 #[test]

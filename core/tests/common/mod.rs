@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use confluo_core::{ApplyReport, Database, ManualTimeSource, Options, Value};
 
@@ -67,4 +68,21 @@ pub fn digest(db: &Database) -> String {
         out.push_str(&format!("{:?}\n", dump(db, name)));
     }
     out
+}
+
+/// Runs `f` on a thread of its own and fails the test if it has not ended
+/// within a generous deadline: what a deadlock would otherwise hang.
+pub fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let worker = std::thread::spawn(f);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !worker.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "still running after 30 s: a deadlock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    worker
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }

@@ -277,7 +277,7 @@ private final class TransactionRunner<T>: TransactionBody, @unchecked Sendable {
 private final class ChangeRelay: ChangeListener, @unchecked Sendable {
     let emit: @Sendable () -> Void
     init(_ emit: @escaping @Sendable () -> Void) { self.emit = emit }
-    func onChange(tables: [String]) { emit() }
+    func onChange(tables: [String]) throws { emit() }
 }
 
 private final class TokenRelay: TokenProvider, @unchecked Sendable {
@@ -295,5 +295,5 @@ private final class TokenRelay: TokenProvider, @unchecked Sendable {
 private final class StatusRelay: SyncStatusListener, @unchecked Sendable {
     let publish: (ConfluoFFI.SyncStatus) -> Void
     init(_ publish: @escaping (ConfluoFFI.SyncStatus) -> Void) { self.publish = publish }
-    func onStatus(status: ConfluoFFI.SyncStatus) { publish(status) }
+    func onStatus(status: ConfluoFFI.SyncStatus) throws { publish(status) }
 }

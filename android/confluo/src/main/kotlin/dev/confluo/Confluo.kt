@@ -49,6 +49,9 @@ class Confluo private constructor(
     private val syncLock = Mutex()
     @Volatile
     private var sync: dev.confluo.ffi.BackgroundSync? = null
+    /** The thread running a [write] body, while one runs (see [io]). */
+    @Volatile
+    private var writing: Thread? = null
 
     /** This database's site id (a UUID), created once and kept in the file. */
     val siteId: String get() = db.siteId()
@@ -68,14 +71,21 @@ class Confluo private constructor(
     /**
      * Runs [block] in one write transaction: committed when it returns,
      * rolled back when it throws (the exception is rethrown). [block] runs on
-     * the database's thread and must not suspend or keep [Transaction].
+     * the database's thread and must not suspend or keep [Transaction]. Run
+     * its statements on [Transaction]: a call on this database from [block]
+     * that needs the writer throws [ConfluoException.InvalidInput] at once.
      */
     suspend fun <T> write(block: (Transaction) -> T): T = io {
         var result: Result<T>? = null
         try {
             db.write(object : TransactionBody {
                 override fun run(tx: WriteTransaction) {
-                    result = runCatching { block(Transaction(tx)) }
+                    writing = Thread.currentThread()
+                    try {
+                        result = runCatching { block(Transaction(tx)) }
+                    } finally {
+                        writing = null
+                    }
                     result!!.exceptionOrNull()?.let { throw ConfluoException.InvalidInput(it.message ?: it.toString()) }
                 }
             })
@@ -183,7 +193,13 @@ class Confluo private constructor(
         }
     }
 
-    private suspend fun <T> io(block: () -> T): T = withContext(dispatcher) { block() }
+    /**
+     * Runs [block] on [dispatcher]; but a call from inside a [write] body stays
+     * on the body's thread, where the engine refuses what needs the writer at
+     * once (on another thread it would wait for that write for ever).
+     */
+    private suspend fun <T> io(block: () -> T): T =
+        if (writing === Thread.currentThread()) block() else withContext(dispatcher) { block() }
 
     private fun tokenProvider(token: () -> String) = object : dev.confluo.ffi.TokenProvider {
         override fun token(): String = try {

@@ -15,7 +15,9 @@ import org.junit.jupiter.api.Assertions.assertNull
 import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.Test
 import org.junit.jupiter.api.assertThrows
+import org.junit.jupiter.api.assertTimeoutPreemptively
 import java.nio.file.Files
+import java.time.Duration
 
 private const val TODO = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT)"
 
@@ -94,6 +96,52 @@ class ConfluoTest {
             db.write { tx -> kept = tx }
             assertThrows<ConfluoException> { kept!!.execute("DELETE FROM todo") }
             assertEquals(2, db.query("SELECT * FROM todo").size)
+        }
+    }
+
+    @Test
+    fun `calling the database from inside a write body fails at once instead of hanging`() {
+        // A regression would hang: the deadline turns it into a failure.
+        assertTimeoutPreemptively(Duration.ofSeconds(30)) {
+            runBlocking {
+                val dir = Files.createTempDirectory("confluo").toFile()
+                for (db in listOf(Confluo.openInMemory(), Confluo.open(dir.resolve("app.db").path))) {
+                    db.use {
+                        db.executeBatch(TODO)
+                        db.enableSync("todo")
+                        val nested = db.write { tx ->
+                            tx.execute("INSERT INTO todo VALUES ('a', 'through the transaction', 'open')")
+                            runCatching { runBlocking { db.execute("INSERT INTO todo VALUES ('b', 'beside it', 'open')") } }
+                                .exceptionOrNull()
+                        }
+                        assertTrue(nested is ConfluoException.InvalidInput, "$nested")
+                        assertTrue(nested!!.message!!.contains("transaction handle"), nested.message)
+                        assertEquals(listOf("a"), db.query("SELECT id FROM todo").map { it.string("id") })
+                    }
+                }
+                dir.deleteRecursively()
+            }
+        }
+    }
+
+    @Test
+    fun `a file database answers queries from inside a write body`() {
+        assertTimeoutPreemptively(Duration.ofSeconds(30)) {
+            runBlocking {
+                val dir = Files.createTempDirectory("confluo").toFile()
+                Confluo.open(dir.resolve("app.db").path).use { db ->
+                    db.executeBatch(TODO)
+                    db.enableSync("todo")
+                    db.execute("INSERT INTO todo VALUES ('a', 'committed', 'open')")
+                    val seen = db.write { tx ->
+                        tx.execute("INSERT INTO todo VALUES ('b', 'not yet', 'open')")
+                        // A reader's snapshot: the committed row, not the open write's.
+                        runBlocking { db.query("SELECT id FROM todo") }.map { it.string("id") }
+                    }
+                    assertEquals(listOf("a"), seen)
+                }
+                dir.deleteRecursively()
+            }
         }
     }
 
