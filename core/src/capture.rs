@@ -158,10 +158,15 @@ pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::R
     register_pure_functions(conn)?;
     let volatile = FunctionFlags::SQLITE_UTF8;
 
+    // The guard for app triggers: false while remote changes are applied,
+    // so that what a trigger derives from a write is made once, where the
+    // write was made, and syncs from there.
     let s = state.clone();
     conn.create_scalar_function("confluo_tracking", 0, volatile, move |_| {
         Ok(lock(&s).tracking)
     })?;
+    // The guard of the capture triggers: defined only on Confluo's writer.
+    conn.create_scalar_function("confluo_capturing", 0, volatile, |_| Ok(true))?;
 
     // confluo_inserted(table_id, key) / confluo_deleted(table_id, key)
     for (name, kind) in [

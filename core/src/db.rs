@@ -221,6 +221,23 @@ impl Database {
                 )?;
                 dbv = dbv.max(max as u64);
             }
+            let triggers: Option<i64> = conn
+                .query_row(
+                    "SELECT value FROM confluo_state WHERE key = 'triggers'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if triggers != Some(schema::TRIGGERS_VERSION) {
+                for t in schema::load_tables(&conn)? {
+                    schema::drop_triggers(&conn, &t)?;
+                    schema::install(&conn, &t)?;
+                }
+                conn.execute(
+                    "INSERT OR REPLACE INTO confluo_state(key, value) VALUES ('triggers', ?1)",
+                    [schema::TRIGGERS_VERSION],
+                )?;
+            }
             Ok((sites[0], Hlc(hlc as u64), dbv, sites))
         })();
         let (site_id, hlc, dbv, sites) = match setup {

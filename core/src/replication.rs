@@ -721,6 +721,7 @@ impl Database {
             conn.prepare_cached(sql)?
                 .execute(params_from_iter(pk.iter()))?;
         }
+        self.check_no_trigger_writes(t)?;
         if now_alive || was_alive {
             lock(&self.inner.state).mark_changed(&t.name);
         }
@@ -743,6 +744,37 @@ impl Database {
         ))?
         .execute(params![key, row.cl as i64, dbv as i64, clocks.encode(dbv)])?;
         Ok(())
+    }
+
+    /// After the statement that wrote one remote row: the capture triggers
+    /// report at most that row's own write. Anything more was written by an
+    /// app trigger to a synced table. Such a write is refused: recorded as
+    /// a local change it would be made again by every replica that applies
+    /// the row (a trigger that stamps the row would bounce between devices
+    /// for ever), and left unrecorded it would make this replica differ. An
+    /// app trigger that writes synced tables must be guarded with
+    /// `WHEN confluo_tracking()`, so that it runs where the write is made
+    /// and what it writes syncs from there.
+    fn check_no_trigger_writes(&self, t: &TableInfo) -> Result<()> {
+        let events = std::mem::take(&mut lock(&self.inner.state).events);
+        let own = events.iter().filter(|e| e.table == t.id).count();
+        if own <= 1 && own == events.len() {
+            return Ok(());
+        }
+        let tables = self.all_tables();
+        let mut written: Vec<&str> = events
+            .iter()
+            .filter_map(|e| tables.iter().find(|x| x.id == e.table))
+            .map(|x| &*x.name)
+            .collect();
+        written.sort_unstable();
+        written.dedup();
+        Err(Error::invalid(format!(
+            "an app trigger wrote the synced table(s) {} while a remote change to {:?} was applied; \
+             guard app triggers that write synced tables with WHEN confluo_tracking()",
+            written.join(", "),
+            &*t.name
+        )))
     }
 
     /// Keeps a change for a table or column this database does not have

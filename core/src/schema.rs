@@ -338,10 +338,18 @@ pub(crate) fn drop_triggers(conn: &Connection, t: &TableInfo) -> Result<()> {
     Ok(())
 }
 
+/// The shape of the capture triggers `install` writes; databases with
+/// triggers of an older shape get them installed again when opened.
+/// 1: guarded by `confluo_tracking()` (silent while remote changes are
+/// applied); 2: guarded by `confluo_capturing()` (always reporting).
+pub(crate) const TRIGGERS_VERSION: i64 = 2;
+
 /// Creates the metadata table and the capture triggers. Every trigger is
-/// guarded by `confluo_tracking()`, which only Confluo's connections
+/// guarded by `confluo_capturing()`, which only Confluo's connections
 /// define: a write from any other connection fails instead of going
-/// untracked. The triggers only report the write (see `capture`).
+/// untracked. The triggers only report the write (see `capture`); they
+/// report writes made while remote changes are applied too, so that a
+/// write by an app trigger then is caught (see `Database::apply`).
 pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
     let meta = t.meta_table();
     let table = quote(&t.name);
@@ -391,16 +399,16 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
     let sql = format!(
         "CREATE TABLE IF NOT EXISTS {meta}(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS {dbv_index} ON {meta}(dbv);
-         CREATE TRIGGER {ai} AFTER INSERT ON {table} WHEN confluo_tracking() BEGIN
+         CREATE TRIGGER {ai} AFTER INSERT ON {table} WHEN confluo_capturing() BEGIN
            SELECT confluo_inserted({id}, {new_key});
          END;
-         CREATE TRIGGER {au} AFTER UPDATE ON {table} WHEN confluo_tracking() AND {same_key} AND ({any_changed}) BEGIN
+         CREATE TRIGGER {au} AFTER UPDATE ON {table} WHEN confluo_capturing() AND {same_key} AND ({any_changed}) BEGIN
            SELECT confluo_updated({id}, {new_key}, {masks});
          END;
-         CREATE TRIGGER {aupk} AFTER UPDATE ON {table} WHEN confluo_tracking() AND NOT ({same_key}) BEGIN
+         CREATE TRIGGER {aupk} AFTER UPDATE ON {table} WHEN confluo_capturing() AND NOT ({same_key}) BEGIN
            SELECT confluo_deleted({id}, {old_key}), confluo_inserted({id}, {new_key});
          END;
-         CREATE TRIGGER {ad} AFTER DELETE ON {table} WHEN confluo_tracking() BEGIN
+         CREATE TRIGGER {ad} AFTER DELETE ON {table} WHEN confluo_capturing() BEGIN
            SELECT confluo_deleted({id}, {old_key});
          END;"
     );

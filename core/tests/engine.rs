@@ -176,7 +176,10 @@ fn a_write_without_confluo_functions_fails_loudly() {
         "DELETE FROM todo",
     ] {
         let err = raw.execute(sql, []).unwrap_err().to_string();
-        assert!(err.contains("confluo_tracking"), "{sql}: {err}");
+        assert!(
+            err.contains("no such function: confluo_capturing"),
+            "{sql}: {err}"
+        );
     }
     drop(raw);
     assert_eq!(
@@ -1039,4 +1042,131 @@ fn pending_counts_an_unsent_edit_under_a_newer_server_change() {
     let outgoing = a.changes_for_server().unwrap();
     assert_eq!(outgoing.changes.len(), 1);
     assert_eq!(outgoing.changes[0].value, text("oat milk"));
+}
+
+/// A replica with a synced `todo`, a synced `history` that an app trigger
+/// on `todo` writes (guarded as documented, or not), and a local-only
+/// `search` table another trigger keeps up to date.
+fn replica_with_triggers(c: &Arc<ManualTimeSource>, guarded: bool) -> Database {
+    let db = todo_replica(c);
+    let guard = if guarded {
+        "WHEN confluo_tracking()"
+    } else {
+        ""
+    };
+    db.execute_batch(&format!(
+        "CREATE TABLE history(id TEXT PRIMARY KEY NOT NULL, what TEXT);
+         CREATE TABLE search(id TEXT PRIMARY KEY NOT NULL, words TEXT);
+         CREATE TRIGGER log_insert AFTER INSERT ON todo {guard} BEGIN
+           INSERT INTO history VALUES ('added ' || NEW.id, NEW.title);
+         END;
+         CREATE TRIGGER index_insert AFTER INSERT ON todo BEGIN
+           INSERT OR REPLACE INTO search VALUES (NEW.id, lower(NEW.title));
+         END;"
+    ))
+    .unwrap();
+    db.enable_sync("history").unwrap();
+    db
+}
+
+#[test]
+fn guarded_app_triggers_run_where_the_write_is_made_and_their_writes_sync() {
+    let c = clock();
+    let (a, b) = (
+        replica_with_triggers(&c, true),
+        replica_with_triggers(&c, true),
+    );
+    a.execute("INSERT INTO todo VALUES ('t1', 'Buy Milk', 'open')", &[])
+        .unwrap();
+    pull(&b, &a);
+    assert_eq!(dump(&b, "todo"), dump(&a, "todo"));
+    // One history row, made by A's trigger and synced; B's did not fire.
+    assert_eq!(
+        dump(&b, "history"),
+        vec![vec![text("added t1"), text("Buy Milk")]]
+    );
+    assert_eq!(dump(&b, "history"), dump(&a, "history"));
+    // Unguarded triggers on local-only tables run for remote writes too.
+    assert_eq!(dump(&b, "search"), vec![vec![text("t1"), text("buy milk")]]);
+}
+
+#[test]
+fn an_unguarded_app_trigger_that_writes_a_synced_table_is_refused_during_apply() {
+    let c = clock();
+    let a = replica_with_triggers(&c, true);
+    let b = replica_with_triggers(&c, false);
+    a.execute("INSERT INTO todo VALUES ('t1', 'Buy milk', 'open')", &[])
+        .unwrap();
+    let before = digest(&b);
+    // From a peer: the change set is refused whole, nothing changes.
+    let err = b
+        .apply(&a.changes_for_peer(b.site_id(), 0).unwrap())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("guard app triggers") && err.to_string().contains("history"),
+        "{err}"
+    );
+    assert_eq!(digest(&b), before);
+    // From a server: the row is kept aside with that reason, the rest goes in.
+    let changes = a.changes_since(0, None).unwrap().changes;
+    let report = b.apply_from_server(&changes, 1, None).unwrap();
+    assert_eq!(report.rejected, 3, "t1's marker and two columns");
+    assert_eq!(
+        dump(&b, "history"),
+        vec![vec![text("added t1"), text("Buy milk")]],
+        "A's history row arrived; B's trigger wrote nothing"
+    );
+    assert!(dump(&b, "todo").is_empty());
+    let kept = b.rejected_changes().unwrap();
+    assert!(
+        kept[0].reason.contains("WHEN confluo_tracking()"),
+        "{kept:?}"
+    );
+    // Guarding the trigger lets the kept changes in.
+    b.alter_synced_table(
+        "todo",
+        "DROP TRIGGER log_insert;
+         CREATE TRIGGER log_insert AFTER INSERT ON todo WHEN confluo_tracking() BEGIN
+           INSERT INTO history VALUES ('added ' || NEW.id, NEW.title);
+         END;",
+    )
+    .unwrap();
+    assert_eq!(b.rejected_count().unwrap(), 0);
+    assert_eq!(dump(&b, "todo"), dump(&a, "todo"));
+    assert_eq!(dump(&b, "history"), dump(&a, "history"));
+}
+
+#[test]
+fn capture_triggers_of_an_older_shape_are_installed_again_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let db = Database::open(&path).unwrap();
+    db.execute_batch(TODO_SCHEMA).unwrap();
+    db.enable_sync("todo").unwrap();
+    db.close().unwrap();
+    // Back to the first trigger shape: guarded by confluo_tracking().
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "DROP TRIGGER confluo_ai_todo;
+         CREATE TRIGGER confluo_ai_todo AFTER INSERT ON todo WHEN confluo_tracking() BEGIN
+           SELECT confluo_inserted(1, NEW.id);
+         END;
+         DELETE FROM confluo_state WHERE key = 'triggers';",
+    )
+    .unwrap();
+    drop(raw);
+    let db = Database::open(&path).unwrap();
+    let sql = db
+        .query(
+            "SELECT sql FROM sqlite_schema WHERE name = 'confluo_ai_todo'",
+            &[],
+        )
+        .unwrap();
+    let Value::Text(sql) = &sql.rows[0][0] else {
+        panic!("{sql:?}")
+    };
+    assert!(sql.contains("WHEN confluo_capturing()"), "{sql}");
+    db.execute("INSERT INTO todo VALUES ('t1', 'x', 'open')", &[])
+        .unwrap();
+    assert_eq!(db.changes_since(0, None).unwrap().changes.len(), 3);
 }
