@@ -86,6 +86,8 @@ pub(crate) struct Inner {
     readers: Option<ReaderPool>,
     pub state: SharedState,
     pub tables: RwLock<HashMap<String, Arc<TableInfo>>>,
+    /// The identities of synced tables that were dropped.
+    pub dropped_tables: RwLock<Vec<Arc<str>>>,
     /// Site ids by ordinal (0 is this database).
     pub sites: RwLock<Vec<SiteId>>,
     pub observers: Arc<Observers>,
@@ -106,10 +108,11 @@ pub struct Database {
 const METADATA_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS confluo_state(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS confluo_sites(ord INTEGER PRIMARY KEY, site_id BLOB NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS confluo_tables(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS confluo_tables(
+  id INTEGER PRIMARY KEY, name TEXT NOT NULL, cid TEXT NOT NULL UNIQUE, live INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS confluo_columns(
-  tbl INTEGER NOT NULL, name TEXT NOT NULL, pk_pos INTEGER, slot INTEGER, live INTEGER NOT NULL,
-  PRIMARY KEY (tbl, name)) WITHOUT ROWID;
+  tbl INTEGER NOT NULL, cid TEXT NOT NULL, name TEXT NOT NULL, pk_pos INTEGER, slot INTEGER,
+  live INTEGER NOT NULL, PRIMARY KEY (tbl, cid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS confluo_peers(site_ord INTEGER PRIMARY KEY, seen INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS confluo_pending(
   tbl TEXT NOT NULL, pk BLOB NOT NULL, col TEXT NOT NULL, cl INTEGER NOT NULL, value,
@@ -121,7 +124,26 @@ CREATE TABLE IF NOT EXISTS confluo_rejected(
   PRIMARY KEY (tbl, pk, col)) WITHOUT ROWID;
 ";
 
-const METADATA_FORMAT: i64 = 1;
+/// The layout of Confluo's own tables. 1: tables and columns known by
+/// name; 2: by identity (`cid`, see `evolution`), names being aliases.
+const METADATA_FORMAT: i64 = 2;
+
+/// Brings metadata of layout 1 to layout 2: every table and column gets its
+/// name as its identity.
+const MIGRATE_FORMAT_1: &str = "
+CREATE TABLE confluo_tables_2(
+  id INTEGER PRIMARY KEY, name TEXT NOT NULL, cid TEXT NOT NULL UNIQUE, live INTEGER NOT NULL);
+INSERT INTO confluo_tables_2(id, name, cid, live) SELECT id, name, name, 1 FROM confluo_tables;
+DROP TABLE confluo_tables;
+ALTER TABLE confluo_tables_2 RENAME TO confluo_tables;
+CREATE TABLE confluo_columns_2(
+  tbl INTEGER NOT NULL, cid TEXT NOT NULL, name TEXT NOT NULL, pk_pos INTEGER, slot INTEGER,
+  live INTEGER NOT NULL, PRIMARY KEY (tbl, cid)) WITHOUT ROWID;
+INSERT INTO confluo_columns_2(tbl, cid, name, pk_pos, slot, live)
+  SELECT tbl, name, name, pk_pos, slot, live FROM confluo_columns;
+DROP TABLE confluo_columns;
+ALTER TABLE confluo_columns_2 RENAME TO confluo_columns;
+";
 
 impl Database {
     /// Opens (creating if needed) the database file at `path`.
@@ -180,6 +202,13 @@ impl Database {
                     conn.execute("INSERT INTO confluo_state VALUES ('hlc', 0)", [])?;
                 }
                 Some(METADATA_FORMAT) => {}
+                Some(1) => {
+                    conn.execute_batch(MIGRATE_FORMAT_1)?;
+                    conn.execute(
+                        "UPDATE confluo_state SET value = ?1 WHERE key = 'format'",
+                        [METADATA_FORMAT],
+                    )?;
+                }
                 Some(other) => {
                     return Err(Error::Sqlite {
                         message: format!(
@@ -253,6 +282,7 @@ impl Database {
         let state = Arc::new(Mutex::new(TxState::new(options.time.clone(), hlc, dbv)));
         capture::install(&mut conn, &state)?;
         let tables = schema::load_tables(&conn)?;
+        let dropped_tables = schema::load_dropped_tables(&conn)?;
         let cookie: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
         let readers = path.map(|p| ReaderPool::new(p, options.readers));
         Ok(Database {
@@ -267,6 +297,7 @@ impl Database {
                         .map(|t| (t.name.to_string(), Arc::new(t)))
                         .collect(),
                 ),
+                dropped_tables: RwLock::new(dropped_tables),
                 sites: RwLock::new(sites),
                 observers: Arc::new(Observers::default()),
                 schema_cookie: cookie.into(),
@@ -369,6 +400,11 @@ impl Database {
             return Ok(());
         }
         let tables = schema::load_tables(conn)?;
+        *self
+            .inner
+            .dropped_tables
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = schema::load_dropped_tables(conn)?;
         *self.inner.tables.write().unwrap_or_else(|e| e.into_inner()) = tables
             .into_iter()
             .map(|t| (t.name.to_string(), Arc::new(t)))
@@ -528,6 +564,27 @@ impl Database {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// The synced table whose identity is `cid` (what changes name).
+    pub(crate) fn table_by_cid(&self, cid: &str) -> Option<Arc<TableInfo>> {
+        self.inner
+            .tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|t| &*t.cid == cid)
+            .cloned()
+    }
+
+    /// Whether `cid` is the identity of a synced table that was dropped.
+    pub(crate) fn table_dropped(&self, cid: &str) -> bool {
+        self.inner
+            .dropped_tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|t| &**t == cid)
     }
 
     pub(crate) fn all_tables(&self) -> Vec<Arc<TableInfo>> {

@@ -29,6 +29,7 @@ mod clocks;
 mod codec;
 mod db;
 mod error;
+mod evolution;
 mod hlc;
 mod local;
 pub mod merge;

@@ -13,6 +13,7 @@ use crate::clocks::{encode_uniform, RowClocks, Stamp};
 use crate::codec::{pack_values, unpack_values};
 use crate::db::{load_sites, Database, Transaction};
 use crate::error::{Error, Result};
+use crate::evolution;
 use crate::hlc::Hlc;
 use crate::merge::{Cell, Outcome, RowState, Target, Version};
 use crate::schema::{self, quote, TableInfo};
@@ -151,8 +152,9 @@ impl Database {
         if let Some(t) = &existing {
             schema::drop_triggers(conn, t)?;
         }
-        let info = Arc::new(schema::register(conn, table, &pk, &columns)?);
+        let info = Arc::new(evolution::register(conn, table, &pk, &columns, &[])?);
         schema::install(conn, &info)?;
+        evolution::forget_dropped_columns(conn, &info)?;
         if existing.is_none() {
             self.record_existing_rows(conn, &info)?;
         }
@@ -162,9 +164,14 @@ impl Database {
     }
 
     /// Runs `alter_sql` (an `ALTER TABLE`, or any migration of `table`) and
-    /// re-installs the capture triggers for the table's new shape. Changes
-    /// for columns it adds that arrived earlier are merged now. All or
-    /// nothing: on any error the table and its triggers stay as they were.
+    /// re-installs the capture triggers for the table's new shape. Columns
+    /// keep their identities through renames (changes made on the old
+    /// schema land in the renamed column); a dropped column is gone for
+    /// good, and one added later with its name is a new column. Changes for
+    /// columns it adds that arrived earlier are merged now. `DROP TABLE`
+    /// stops syncing the table (a table made later with its name is a new
+    /// one). All or nothing: on any error the table and its triggers stay
+    /// as they were.
     pub fn alter_synced_table(&self, table: &str, alter_sql: &str) -> Result<()> {
         let existing = self.table(table).ok_or_else(|| {
             Error::schema(
@@ -175,11 +182,13 @@ impl Database {
         let tx = self.transaction()?;
         let conn = tx.conn();
         schema::drop_triggers(conn, &existing)?;
-        // Writes made here would not be tracked (the triggers are off), so
-        // only schema statements are allowed; data migrations go in a
-        // transaction of their own afterwards.
+        // What each statement did to the columns, so that a rename is told
+        // from a drop and an add.
+        let mut ops = Vec::new();
         {
             use fallible_iterator::FallibleIterator;
+            let mut last = evolution::column_names(conn, table)?;
+            let mut rebuilt = false;
             let mut batch = rusqlite::Batch::new(conn, alter_sql);
             while let Some(mut stmt) = batch.next()? {
                 let sql = stmt.expanded_sql().unwrap_or_default();
@@ -188,27 +197,69 @@ impl Database {
                     .next()
                     .unwrap_or("")
                     .to_ascii_uppercase();
+                // Writes made here would not be tracked (the triggers are
+                // off), so only schema statements are allowed; data
+                // migrations go in a transaction of their own afterwards.
                 if !matches!(word.as_str(), "ALTER" | "CREATE" | "DROP") {
                     return Err(Error::invalid(format!(
                         "alter_synced_table runs schema statements only (ALTER, CREATE, DROP), not {word}; \
                          write data in a transaction of its own"
                     )));
                 }
+                if evolution::renames_table(&sql, table) {
+                    return Err(Error::schema(
+                        table,
+                        vec![
+                            "a synced table cannot be renamed (its name is its identity); \
+                              make a new table, copy the rows, and drop this one"
+                                .into(),
+                        ],
+                    ));
+                }
                 stmt.raw_execute()?;
+                match evolution::column_names(conn, table)? {
+                    Some(now) => {
+                        if let Some(before) = &last {
+                            evolution::diff(before, &now, !rebuilt, &mut ops);
+                        }
+                        last = Some(now);
+                        rebuilt = false;
+                    }
+                    // Dropped, or in the middle of a rebuild.
+                    None => rebuilt = true,
+                }
             }
         }
+        if evolution::column_names(conn, table)?.is_none() {
+            evolution::retire(conn, &existing)?;
+            return tx.commit_then(|conn| {
+                self.inner
+                    .tables
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(table);
+                self.refresh_caches(conn, None)
+            });
+        }
         let (pk, columns) = schema::inspect(conn, table)?;
-        let info = Arc::new(schema::register(conn, table, &pk, &columns)?);
+        let info = Arc::new(evolution::register(conn, table, &pk, &columns, &ops)?);
         schema::install(conn, &info)?;
+        evolution::forget_dropped_columns(conn, &info)?;
         self.activate_pending(&tx, &info)?;
         tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))?;
         self.retry_rejected(table)
     }
 
     /// After a commit, with the writer lock still held: the site list (new
-    /// sites may have been recorded) and the synced table just changed.
+    /// sites may have been recorded), the dropped tables, and the synced
+    /// table just changed.
     fn refresh_caches(&self, conn: &Connection, table: Option<Arc<TableInfo>>) -> Result<()> {
         *self.inner.sites.write().unwrap_or_else(|e| e.into_inner()) = load_sites(conn)?;
+        *self
+            .inner
+            .dropped_tables
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = schema::load_dropped_tables(conn)?;
         if let Some(info) = table {
             self.cache_table(info);
         }
@@ -410,7 +461,7 @@ impl Database {
         };
         let now = opts.time.now_ms();
         for (i, c) in changes.iter().enumerate() {
-            let known = self.table(&c.table);
+            let known = self.table_by_cid(&c.table);
             if let Some(t) = &known {
                 if c.pk.len() != t.pk.len() {
                     return Err(Error::invalid(format!(
@@ -421,7 +472,11 @@ impl Database {
                     )));
                 }
             }
-            let known_column = |col: &str| known.as_ref().is_some_and(|t| t.slot_of(col).is_some());
+            let known_column = |col: &str| {
+                known
+                    .as_ref()
+                    .is_some_and(|t| t.slot_of_cid(col).is_some() || t.dropped(col))
+            };
             check_change(i, c, &limits, now, known.is_some(), known_column)?;
         }
         Ok(())
@@ -469,10 +524,13 @@ impl Database {
     /// Tries the changes kept aside for `table` again (after a migration
     /// that may let them fit); those that still do not fit stay aside.
     fn retry_rejected(&self, table: &str) -> Result<()> {
+        let Some(cid) = self.table(table).map(|t| t.cid.clone()) else {
+            return Ok(());
+        };
         let kept: Vec<Change> = self
             .rejected_changes()?
             .into_iter()
-            .filter(|r| &*r.change.table == table)
+            .filter(|r| r.change.table == cid)
             .map(|r| r.change)
             .collect();
         if kept.is_empty() {
@@ -542,11 +600,16 @@ impl Database {
                 continue;
             }
             let table = match adding {
-                Some(t) if t.name == first.table => Some(t.clone()),
-                _ => self.table(&first.table),
+                Some(t) if t.cid == first.table => Some(t.clone()),
+                _ => self.table_by_cid(&first.table),
             };
             let merged = match table {
                 Some(t) => self.merge_row(conn, ctx, &t, group, range),
+                // A dropped table's changes are stale for good.
+                None if self.table_dropped(&first.table) => {
+                    ctx.report.stale += range.len();
+                    Ok(())
+                }
                 None => group[range]
                     .iter()
                     .try_for_each(|c| self.defer(conn, ctx, c)),
@@ -613,8 +676,12 @@ impl Database {
             let c = &changes[i];
             let target = match &c.column {
                 None => Target::Marker,
-                Some(col) => match t.slot_of(col) {
+                Some(col) => match t.slot_of_cid(col) {
                     Some(slot) => Target::Column(slot),
+                    None if t.dropped(col) => {
+                        ctx.report.stale += 1;
+                        continue;
+                    }
                     None => {
                         self.defer(conn, ctx, c)?;
                         continue;
@@ -813,10 +880,10 @@ impl Database {
         let mut stmt = conn.prepare_cached(
             "SELECT pk, col, cl, value, hlc, site FROM confluo_pending WHERE tbl = ?1 ORDER BY pk, col",
         )?;
-        let table: Arc<str> = t.name.clone();
+        let table: Arc<str> = t.cid.clone();
         let mut changes = Vec::new();
         let mut last_pk: Option<(Vec<u8>, Arc<[Value]>)> = None;
-        let rows = stmt.query_map([&*t.name], |r| {
+        let rows = stmt.query_map([&*t.cid], |r| {
             Ok((
                 r.get::<_, Vec<u8>>(0)?,
                 r.get::<_, String>(1)?,
@@ -828,7 +895,7 @@ impl Database {
         })?;
         for row in rows {
             let (pk_bytes, col, cl, value, hlc, site) = row?;
-            if !col.is_empty() && t.slot_of(&col).is_none() {
+            if !col.is_empty() && t.slot_of_cid(&col).is_none() {
                 continue;
             }
             let pk = match &last_pk {
@@ -1007,6 +1074,7 @@ fn export_table(
     out: &mut Vec<Change>,
 ) -> Result<u64> {
     let meta = t.meta_table();
+    // Columns by slot: the SQL name to read, the identity to send.
     let live: Vec<(usize, Arc<str>)> = t.live_slots().map(|(s, n)| (s, n.clone())).collect();
     let cols: String = live
         .iter()
@@ -1063,7 +1131,7 @@ fn export_table(
         };
         if let Some(s) = clocks.marker.filter(fresh) {
             out.push(Change {
-                table: t.name.clone(),
+                table: t.cid.clone(),
                 pk: pk.clone(),
                 column: None,
                 value: Value::Null,
@@ -1077,12 +1145,12 @@ fn export_table(
         if cl % 2 == 0 {
             continue;
         }
-        for (i, (slot, name)) in live.iter().enumerate() {
+        for (i, (slot, _)) in live.iter().enumerate() {
             if let Some(s) = clocks.cells.get(*slot).copied().flatten().filter(fresh) {
                 out.push(Change {
-                    table: t.name.clone(),
+                    table: t.cid.clone(),
                     pk: pk.clone(),
-                    column: Some(name.clone()),
+                    column: Some(t.cids[*slot].clone()),
                     value: Value::from_ref(r.get_ref(4 + i)?),
                     hlc: s.hlc,
                     site: site_of(s.site)?,

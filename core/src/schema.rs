@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::{Error, Result};
 
@@ -29,14 +29,26 @@ fn reserved(name: &str) -> bool {
 }
 
 /// A synced table as the engine sees it.
+///
+/// Tables and columns have identities (`cid`s) besides their SQL names:
+/// changes name the identity, so a renamed column is the same column to
+/// every replica, and a column (or table) made again with the name of a
+/// dropped one is a new one. An identity is the name the column had when
+/// it was made, with `#k` appended for the k-th remake of that name (see
+/// `evolution`); for a column never renamed nor remade it is its name.
 #[derive(Debug)]
 pub(crate) struct TableInfo {
     /// Stable id, used by the triggers to report which table changed.
     pub id: i64,
+    /// The table's SQL name.
     pub name: Arc<str>,
+    /// The table's identity: the name changes carry.
+    pub cid: Arc<str>,
     pub pk: Vec<Arc<str>>,
-    /// Live columns by slot; `None` for slots of dropped columns.
+    /// Live columns' SQL names by slot; `None` for slots of dropped columns.
     pub slots: Vec<Option<Arc<str>>>,
+    /// The identity of each slot's column, dropped ones included.
+    pub cids: Vec<Arc<str>>,
 }
 
 impl TableInfo {
@@ -44,8 +56,20 @@ impl TableInfo {
         quote(&format!("confluo_rows_{}", self.name))
     }
 
-    pub fn slot_of(&self, column: &str) -> Option<usize> {
-        self.slots.iter().position(|s| s.as_deref() == Some(column))
+    /// The slot of the live column with identity `cid`.
+    pub fn slot_of_cid(&self, cid: &str) -> Option<usize> {
+        self.cids
+            .iter()
+            .position(|c| &**c == cid)
+            .filter(|&s| self.slots.get(s).is_some_and(Option::is_some))
+    }
+
+    /// Whether `cid` names a column of this table that was dropped.
+    pub fn dropped(&self, cid: &str) -> bool {
+        self.cids
+            .iter()
+            .position(|c| &**c == cid)
+            .is_some_and(|s| self.slots.get(s).is_none_or(Option::is_none))
     }
 
     pub fn live_slots(&self) -> impl Iterator<Item = (usize, &Arc<str>)> {
@@ -215,37 +239,49 @@ pub(crate) fn inspect(conn: &Connection, table: &str) -> Result<(Vec<String>, Ve
     Ok((pk_names, others))
 }
 
+/// The live synced tables.
 pub(crate) fn load_tables(conn: &Connection) -> Result<Vec<TableInfo>> {
     let mut tables = Vec::new();
-    let mut stmt = conn.prepare("SELECT id, name FROM confluo_tables ORDER BY id")?;
+    let mut stmt =
+        conn.prepare("SELECT id, name, cid FROM confluo_tables WHERE live = 1 ORDER BY id")?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut cols = conn.prepare(
-        "SELECT name, pk_pos, slot, live FROM confluo_columns WHERE tbl = ?1 ORDER BY pk_pos, slot",
+        "SELECT cid, name, pk_pos, slot, live FROM confluo_columns WHERE tbl = ?1 ORDER BY pk_pos, slot",
     )?;
-    for (id, name) in rows {
+    for (id, name, cid) in rows {
         let mut pk = Vec::new();
         let mut slots: Vec<Option<Arc<str>>> = Vec::new();
+        let mut cids: Vec<Arc<str>> = Vec::new();
         let entries = cols
             .query_map([id], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, String>(1)?,
                     r.get::<_, Option<i64>>(2)?,
-                    r.get::<_, bool>(3)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, bool>(4)?,
                 ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        for (col, pk_pos, slot, live) in entries {
+        for (col_cid, col, pk_pos, slot, live) in entries {
             match (pk_pos, slot) {
                 (Some(_), _) => pk.push(Arc::from(col)),
                 (None, Some(slot)) => {
                     let slot = slot as usize;
                     if slots.len() <= slot {
                         slots.resize(slot + 1, None);
+                        cids.resize(slot + 1, Arc::from(""));
                     }
                     slots[slot] = live.then(|| Arc::from(col));
+                    cids[slot] = Arc::from(col_cid);
                 }
                 (None, None) => {}
             }
@@ -253,78 +289,24 @@ pub(crate) fn load_tables(conn: &Connection) -> Result<Vec<TableInfo>> {
         tables.push(TableInfo {
             id,
             name: Arc::from(name),
+            cid: Arc::from(cid),
             pk,
             slots,
+            cids,
         });
     }
     Ok(tables)
 }
 
-/// Records the table's columns, keeping the slots of columns that already
-/// had one, so stored clocks keep pointing at the right column.
-pub(crate) fn register(
-    conn: &Connection,
-    table: &str,
-    pk: &[String],
-    columns: &[String],
-) -> Result<TableInfo> {
-    let id: i64 = match conn
-        .query_row(
-            "SELECT id FROM confluo_tables WHERE name = ?1",
-            [table],
-            |r| r.get(0),
-        )
-        .optional()?
-    {
-        Some(id) => {
-            let old_pk: Vec<String> = conn
-                .prepare("SELECT name FROM confluo_columns WHERE tbl = ?1 AND pk_pos IS NOT NULL ORDER BY pk_pos")?
-                .query_map([id], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            if old_pk != pk {
-                return Err(Error::schema(
-                    table,
-                    vec![format!(
-                        "the primary key changed from {old_pk:?} to {pk:?}; a synced table keeps its key"
-                    )],
-                ));
-            }
-            id
-        }
-        None => {
-            conn.execute("INSERT INTO confluo_tables(name) VALUES (?1)", [table])?;
-            let id = conn.last_insert_rowid();
-            for (i, col) in pk.iter().enumerate() {
-                conn.execute(
-                    "INSERT INTO confluo_columns(tbl, name, pk_pos, slot, live) VALUES (?1, ?2, ?3, NULL, 1)",
-                    params![id, col, i as i64],
-                )?;
-            }
-            id
-        }
-    };
-    conn.execute(
-        "UPDATE confluo_columns SET live = 0 WHERE tbl = ?1 AND pk_pos IS NULL",
-        [id],
-    )?;
-    for col in columns {
-        let updated = conn.execute(
-            "UPDATE confluo_columns SET live = 1 WHERE tbl = ?1 AND name = ?2",
-            params![id, col],
-        )?;
-        if updated == 0 {
-            conn.execute(
-                "INSERT INTO confluo_columns(tbl, name, pk_pos, slot, live) \
-                 SELECT ?1, ?2, NULL, coalesce(max(slot) + 1, 0), 1 FROM confluo_columns WHERE tbl = ?1",
-                params![id, col],
-            )?;
-        }
-    }
-    let info = load_tables(conn)?
-        .into_iter()
-        .find(|t| t.id == id)
-        .expect("table just registered");
-    Ok(info)
+/// The identities of synced tables that were dropped: changes for them
+/// are stale.
+pub(crate) fn load_dropped_tables(conn: &Connection) -> Result<Vec<Arc<str>>> {
+    let mut stmt = conn.prepare("SELECT cid FROM confluo_tables WHERE live = 0")?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .map(|r| r.map(Arc::from))
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
 }
 
 fn trigger_names(t: &TableInfo) -> [String; 4] {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::changeset::Change;
 use crate::error::{Error, Result};
+use crate::evolution::plausible_identity;
 use crate::hlc::check_drift;
 use crate::schema::plausible_name;
 use crate::value::Value;
@@ -47,11 +48,11 @@ pub fn check_change(
             c.table
         )))
     };
-    if !known_table && !plausible_name(&c.table) {
+    if !known_table && !plausible_identity(&c.table, plausible_name) {
         return bad("table name is not acceptable".into());
     }
     if let Some(col) = c.column.as_deref() {
-        if !known_column(col) && !plausible_name(col) {
+        if !known_column(col) && !plausible_identity(col, plausible_name) {
             return bad(format!("column name {col:?} is not acceptable"));
         }
     }

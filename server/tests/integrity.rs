@@ -523,3 +523,53 @@ fn a_server_restored_from_a_backup_is_noticed_and_gets_every_write_back() {
     fresh.sync_now(&cfg).unwrap();
     assert_eq!(dump(&fresh), expected, "t2 is back on the server");
 }
+
+#[test]
+fn migrations_rolled_out_at_different_times_converge_through_the_server() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "s", "dev-token");
+    let migrations = [
+        "ALTER TABLE todo RENAME COLUMN title TO task",
+        "ALTER TABLE todo DROP COLUMN note; ALTER TABLE todo ADD COLUMN note TEXT",
+    ];
+    let (a, b) = (device(), device());
+    a.execute(
+        "INSERT INTO todo(id, title, note) VALUES ('t1', 'milk', 'old note')",
+        &[],
+    )
+    .unwrap();
+    a.sync_now(&cfg).unwrap();
+    b.sync_now(&cfg).unwrap();
+    for m in migrations {
+        a.alter_synced_table("todo", m).unwrap();
+    }
+    a.execute("UPDATE todo SET note = 'new note'", &[]).unwrap();
+    a.sync_now(&cfg).unwrap();
+    // B, still on the first schema, edits the title.
+    b.execute("UPDATE todo SET title = 'oat milk'", &[])
+        .unwrap();
+    b.sync_now(&cfg).unwrap();
+    for m in migrations {
+        b.alter_synced_table("todo", m).unwrap();
+    }
+    b.sync_now(&cfg).unwrap();
+    a.sync_now(&cfg).unwrap();
+    let fresh = device();
+    for m in migrations {
+        fresh.alter_synced_table("todo", m).unwrap();
+    }
+    fresh.sync_now(&cfg).unwrap();
+    let view = |db: &Database| {
+        db.query("SELECT id, task, note FROM todo", &[])
+            .unwrap()
+            .rows
+    };
+    let expected = vec![vec![
+        Value::from("t1"),
+        Value::from("oat milk"),
+        Value::from("new note"),
+    ]];
+    for db in [&a, &b, &fresh] {
+        assert_eq!(view(db), expected);
+    }
+}

@@ -1,0 +1,403 @@
+//! Schema evolution: renames, drops and re-adds of columns, and drops of
+//! tables, rolled out to replicas at different times with writes on old and
+//! new schemas interleaved, converge; a replica synced from scratch (which
+//! runs the same migrations) sees every surviving value.
+//!
+//! The property test checks against a model that knows nothing of the
+//! engine's identities: it tracks logical columns (a rename keeps one, a
+//! drop ends one, an add starts one) and the last write to each.
+//!
+//! Cases: 200 by default; `CONFLUO_PROPTEST_CASES` raises it for soak runs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::*;
+use confluo_core::{Database, ManualTimeSource, Options, Value};
+use proptest::prelude::*;
+
+const CREATE: &str = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, name TEXT, note TEXT)";
+
+fn replica(c: &Arc<ManualTimeSource>) -> Database {
+    let db = Database::open_in_memory_with(Options {
+        time: c.clone(),
+        ..Options::default()
+    })
+    .unwrap();
+    db.execute_batch(CREATE).unwrap();
+    db.enable_sync("todo").unwrap();
+    db
+}
+
+/// Both ways, through the wire encoding.
+fn sync(a: &Database, b: &Database) {
+    pull(a, b);
+    pull(b, a);
+}
+
+fn rows(db: &Database, columns: &str) -> Vec<Vec<Value>> {
+    db.query(&format!("SELECT id, {columns} FROM todo ORDER BY id"), &[])
+        .unwrap()
+        .rows
+}
+
+#[test]
+fn a_renamed_column_keeps_its_values_for_a_replica_synced_from_scratch() {
+    let c = clock();
+    let a = replica(&c);
+    a.execute("INSERT INTO todo VALUES ('t1', 'milk', 'two litres')", &[])
+        .unwrap();
+    a.alter_synced_table("todo", "ALTER TABLE todo RENAME COLUMN name TO task")
+        .unwrap();
+    // A new install runs the same migrations, then syncs.
+    let fresh = replica(&c);
+    fresh
+        .alter_synced_table("todo", "ALTER TABLE todo RENAME COLUMN name TO task")
+        .unwrap();
+    pull(&fresh, &a);
+    assert_eq!(
+        rows(&fresh, "task, note"),
+        vec![vec![text("t1"), text("milk"), text("two litres")]]
+    );
+}
+
+#[test]
+fn edits_on_the_old_and_the_new_name_of_a_column_converge() {
+    let c = clock();
+    let (old, new) = (replica(&c), replica(&c));
+    old.execute("INSERT INTO todo VALUES ('t1', 'milk', NULL)", &[])
+        .unwrap();
+    sync(&old, &new);
+    new.alter_synced_table("todo", "ALTER TABLE todo RENAME COLUMN name TO task")
+        .unwrap();
+    c.advance(1);
+    // Still on the old schema, the other replica edits `name`.
+    old.execute("UPDATE todo SET name = 'oat milk'", &[])
+        .unwrap();
+    sync(&old, &new);
+    assert_eq!(rows(&new, "task"), vec![vec![text("t1"), text("oat milk")]]);
+    c.advance(1);
+    new.execute("UPDATE todo SET task = 'soy milk'", &[])
+        .unwrap();
+    sync(&old, &new);
+    assert_eq!(rows(&old, "name"), vec![vec![text("t1"), text("soy milk")]]);
+    old.alter_synced_table("todo", "ALTER TABLE todo RENAME COLUMN name TO task")
+        .unwrap();
+    sync(&old, &new);
+    assert_eq!(rows(&old, "task, note"), rows(&new, "task, note"));
+}
+
+#[test]
+fn a_column_dropped_and_added_again_is_a_new_column() {
+    let c = clock();
+    let (a, b) = (replica(&c), replica(&c));
+    a.execute("INSERT INTO todo VALUES ('t1', 'milk', 'old note')", &[])
+        .unwrap();
+    sync(&a, &b);
+    let remake = "ALTER TABLE todo DROP COLUMN note; ALTER TABLE todo ADD COLUMN note TEXT";
+    a.alter_synced_table("todo", remake).unwrap();
+    // B never dropped it: its old value must not come back to A.
+    sync(&a, &b);
+    assert_eq!(rows(&a, "note"), vec![vec![text("t1"), Value::Null]]);
+    assert_eq!(rows(&b, "note"), vec![vec![text("t1"), text("old note")]]);
+    c.advance(1);
+    a.execute("UPDATE todo SET note = 'new note'", &[]).unwrap();
+    // B keeps the new column's value until it has the column.
+    sync(&a, &b);
+    assert_eq!(rows(&b, "note"), vec![vec![text("t1"), text("old note")]]);
+    b.alter_synced_table("todo", remake).unwrap();
+    sync(&a, &b);
+    assert_eq!(rows(&a, "name, note"), rows(&b, "name, note"));
+    assert_eq!(rows(&b, "note"), vec![vec![text("t1"), text("new note")]]);
+    // And a replica synced from scratch agrees.
+    let fresh = replica(&c);
+    fresh.alter_synced_table("todo", remake).unwrap();
+    pull(&fresh, &b);
+    assert_eq!(rows(&fresh, "name, note"), rows(&a, "name, note"));
+}
+
+#[test]
+fn a_dropped_table_made_again_is_a_new_table() {
+    let c = clock();
+    let (a, b) = (replica(&c), replica(&c));
+    a.execute("INSERT INTO todo VALUES ('t1', 'old row', NULL)", &[])
+        .unwrap();
+    sync(&a, &b);
+    for db in [&a, &b] {
+        db.alter_synced_table("todo", "DROP TABLE todo").unwrap();
+        assert!(db.synced_tables().is_empty());
+        db.execute_batch(CREATE).unwrap();
+        db.enable_sync("todo").unwrap();
+    }
+    // The old incarnation's rows do not come back.
+    let late = replica(&c);
+    late.execute(
+        "INSERT INTO todo VALUES ('t2', 'from the old table', NULL)",
+        &[],
+    )
+    .unwrap();
+    a.execute("INSERT INTO todo VALUES ('t3', 'new row', NULL)", &[])
+        .unwrap();
+    pull(&a, &late);
+    sync(&a, &b);
+    assert_eq!(rows(&a, "name"), vec![vec![text("t3"), text("new row")]]);
+    assert_eq!(rows(&b, "name"), rows(&a, "name"));
+}
+
+#[test]
+fn a_synced_table_cannot_be_renamed() {
+    let c = clock();
+    let a = replica(&c);
+    let err = a
+        .alter_synced_table("todo", "ALTER TABLE todo RENAME TO todo_old")
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be renamed"), "{err}");
+    assert_eq!(a.synced_tables(), vec!["todo"]);
+}
+
+#[test]
+fn metadata_of_the_first_layout_gets_identities_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let db = Database::open(&path).unwrap();
+    db.execute_batch(CREATE).unwrap();
+    db.enable_sync("todo").unwrap();
+    db.execute("INSERT INTO todo VALUES ('t1', 'milk', NULL)", &[])
+        .unwrap();
+    db.close().unwrap();
+    // Back to layout 1: tables and columns by name only.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "CREATE TABLE t1(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+         INSERT INTO t1 SELECT id, name FROM confluo_tables;
+         DROP TABLE confluo_tables; ALTER TABLE t1 RENAME TO confluo_tables;
+         CREATE TABLE c1(tbl INTEGER NOT NULL, name TEXT NOT NULL, pk_pos INTEGER, slot INTEGER,
+           live INTEGER NOT NULL, PRIMARY KEY (tbl, name)) WITHOUT ROWID;
+         INSERT INTO c1 SELECT tbl, name, pk_pos, slot, live FROM confluo_columns;
+         DROP TABLE confluo_columns; ALTER TABLE c1 RENAME TO confluo_columns;
+         UPDATE confluo_state SET value = 1 WHERE key = 'format';",
+    )
+    .unwrap();
+    drop(raw);
+    let db = Database::open(&path).unwrap();
+    db.alter_synced_table("todo", "ALTER TABLE todo RENAME COLUMN name TO task")
+        .unwrap();
+    let fresh = Database::open_in_memory().unwrap();
+    fresh.execute_batch(CREATE).unwrap();
+    fresh.enable_sync("todo").unwrap();
+    fresh
+        .alter_synced_table("todo", "ALTER TABLE todo RENAME COLUMN name TO task")
+        .unwrap();
+    pull(&fresh, &db);
+    assert_eq!(rows(&fresh, "task"), vec![vec![text("t1"), text("milk")]]);
+}
+
+// ---------------------------------------------------------------------------
+// Property: random migrations, writes and exchanges against a model.
+
+const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
+const KEYS: [&str; 3] = ["k0", "k1", "k2"];
+const REPLICAS: usize = 3;
+
+/// The model's schema: live columns as (name, logical column).
+#[derive(Clone, Debug, Default)]
+struct Schema {
+    live: Vec<(String, usize)>,
+    next: usize,
+}
+
+impl Schema {
+    fn initial() -> Self {
+        Schema {
+            live: vec![("name".into(), 0), ("note".into(), 1)],
+            next: 2,
+        }
+    }
+}
+
+/// One migration step: its SQL and the schema after it.
+#[derive(Clone, Debug)]
+struct Step {
+    sql: String,
+    after: Schema,
+}
+
+/// Turns random numbers into a valid migration history.
+fn migrations(raw: &[(u8, u8, u8)]) -> Vec<Step> {
+    let mut schema = Schema::initial();
+    let mut steps = Vec::new();
+    for &(kind, x, y) in raw {
+        let unused: Vec<&str> = NAMES
+            .iter()
+            .copied()
+            .filter(|n| schema.live.iter().all(|(l, _)| l != n))
+            .collect();
+        let sql = match kind % 3 {
+            0 if !unused.is_empty() => {
+                let name = unused[x as usize % unused.len()];
+                schema.live.push((name.into(), schema.next));
+                schema.next += 1;
+                format!("ALTER TABLE todo ADD COLUMN {name} TEXT")
+            }
+            1 if !unused.is_empty() && !schema.live.is_empty() => {
+                let i = x as usize % schema.live.len();
+                let to = unused[y as usize % unused.len()];
+                let from = std::mem::replace(&mut schema.live[i].0, to.into());
+                format!("ALTER TABLE todo RENAME COLUMN {from} TO {to}")
+            }
+            2 if schema.live.len() > 1 => {
+                let (name, _) = schema.live.remove(x as usize % schema.live.len());
+                format!("ALTER TABLE todo DROP COLUMN {name}")
+            }
+            _ => continue,
+        };
+        steps.push(Step {
+            sql,
+            after: schema.clone(),
+        });
+    }
+    steps
+}
+
+#[derive(Clone, Debug)]
+enum Action {
+    Migrate(usize),
+    Write {
+        replica: usize,
+        key: usize,
+        column: usize,
+    },
+    Sync(usize, usize),
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        1 => (0..REPLICAS).prop_map(Action::Migrate),
+        3 => (0..REPLICAS, 0..KEYS.len(), 0..8usize)
+            .prop_map(|(replica, key, column)| Action::Write { replica, key, column }),
+        2 => (0..REPLICAS, 0..REPLICAS).prop_map(|(a, b)| Action::Sync(a, b)),
+    ]
+}
+
+fn cases() -> u32 {
+    std::env::var("CONFLUO_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+fn run(raw_migrations: &[(u8, u8, u8)], actions: &[Action]) -> Result<(), TestCaseError> {
+    let steps = migrations(raw_migrations);
+    let schema_at = |p: usize| -> Schema {
+        if p == 0 {
+            Schema::initial()
+        } else {
+            steps[p - 1].after.clone()
+        }
+    };
+    let c = clock();
+    let replicas: Vec<Database> = (0..REPLICAS).map(|_| replica(&c)).collect();
+    let mut position = [0usize; REPLICAS];
+    // The model: the last value written to each (key, logical column).
+    let mut last: BTreeMap<(usize, usize), String> = BTreeMap::new();
+    for (k, key) in KEYS.iter().enumerate() {
+        replicas[0]
+            .execute(
+                "INSERT INTO todo(id, name) VALUES (?1, ?2)",
+                &[text(key), text(&format!("{key} first"))],
+            )
+            .unwrap();
+        last.insert((k, 0), format!("{key} first"));
+    }
+    let migrate = |db: &Database, p: &mut usize| {
+        db.alter_synced_table("todo", &steps[*p].sql).unwrap();
+        *p += 1;
+    };
+    for (n, a) in actions.iter().enumerate() {
+        c.advance(1);
+        match *a {
+            Action::Migrate(r) if position[r] < steps.len() => {
+                migrate(&replicas[r], &mut position[r]);
+            }
+            Action::Migrate(_) => {}
+            Action::Write {
+                replica,
+                key,
+                column,
+            } => {
+                let schema = schema_at(position[replica]);
+                let (name, logical) = &schema.live[column % schema.live.len()];
+                let value = format!("v{n}");
+                let changed = replicas[replica]
+                    .execute(
+                        &format!("UPDATE todo SET {name} = ?1 WHERE id = ?2"),
+                        &[text(&value), text(KEYS[key])],
+                    )
+                    .unwrap();
+                if changed == 1 {
+                    last.insert((key, *logical), value);
+                }
+            }
+            Action::Sync(x, y) if x != y => sync(&replicas[x], &replicas[y]),
+            Action::Sync(..) => {}
+        }
+    }
+    // Everyone migrates to the end and syncs; a new install joins.
+    for (r, db) in replicas.iter().enumerate() {
+        while position[r] < steps.len() {
+            migrate(db, &mut position[r]);
+        }
+    }
+    for _ in 0..2 {
+        for x in 0..REPLICAS {
+            for y in x + 1..REPLICAS {
+                sync(&replicas[x], &replicas[y]);
+            }
+        }
+    }
+    let fresh = replica(&c);
+    let mut p = 0;
+    while p < steps.len() {
+        migrate(&fresh, &mut p);
+    }
+    pull(&fresh, &replicas[0]);
+
+    let end = schema_at(steps.len());
+    let columns: Vec<&str> = end.live.iter().map(|(n, _)| n.as_str()).collect();
+    let expected: Vec<Vec<Value>> =
+        KEYS.iter()
+            .enumerate()
+            .map(|(k, key)| {
+                std::iter::once(text(key))
+                    .chain(end.live.iter().map(|(_, logical)| {
+                        last.get(&(k, *logical)).map_or(Value::Null, |v| text(v))
+                    }))
+                    .collect()
+            })
+            .collect();
+    let history: Vec<&str> = steps.iter().map(|s| s.sql.as_str()).collect();
+    for (i, db) in replicas.iter().chain(std::iter::once(&fresh)).enumerate() {
+        prop_assert_eq!(
+            rows(db, &columns.join(", ")),
+            expected.clone(),
+            "replica {} (3 = synced from scratch) after {:?}",
+            i,
+            history
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_migrations_writes_and_exchanges_converge_to_the_model(
+        raw in prop::collection::vec((0u8..3, any::<u8>(), any::<u8>()), 1..6),
+        actions in prop::collection::vec(action(), 5..40),
+    ) {
+        run(&raw, &actions)?;
+    }
+}
