@@ -98,17 +98,17 @@ pub(crate) fn plausible_identity(s: &str, plausible_name: impl Fn(&str) -> bool)
 }
 
 /// One column as the registry keeps it.
-#[derive(Clone, Debug)]
-struct Column {
-    cid: String,
-    name: String,
-    pk_pos: Option<i64>,
-    slot: Option<i64>,
-    live: bool,
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Column {
+    pub cid: String,
+    pub name: String,
+    pub pk_pos: Option<i64>,
+    pub slot: Option<i64>,
+    pub live: bool,
 }
 
 /// Loads the columns of table `id`.
-fn load_columns(conn: &Connection, id: i64) -> Result<Vec<Column>> {
+pub(crate) fn load_columns(conn: &Connection, id: i64) -> Result<Vec<Column>> {
     let mut stmt =
         conn.prepare("SELECT cid, name, pk_pos, slot, live FROM confluo_columns WHERE tbl = ?1")?;
     let cols = stmt
@@ -249,6 +249,50 @@ pub(crate) fn register(
         }
     }
     save_columns(conn, id, &cols)?;
+    let info = load_tables(conn)?
+        .into_iter()
+        .find(|t| t.id == id)
+        .expect("table just registered");
+    Ok(info)
+}
+
+/// Records `table`, seen here for the first time, with the columns of
+/// `preset` (the registry its history gives, dropped columns included),
+/// which must match its key `pk` and its other columns `columns`.
+pub(crate) fn register_preset(
+    conn: &Connection,
+    table: &str,
+    pk: &[String],
+    columns: &[String],
+    preset: &[Column],
+) -> Result<TableInfo> {
+    let mut preset_pk: Vec<&Column> = preset.iter().filter(|c| c.pk_pos.is_some()).collect();
+    preset_pk.sort_by_key(|c| c.pk_pos);
+    let mut live: Vec<&str> = preset
+        .iter()
+        .filter(|c| c.live && c.pk_pos.is_none())
+        .map(|c| c.name.as_str())
+        .collect();
+    let mut have: Vec<&str> = columns.iter().map(String::as_str).collect();
+    live.sort_unstable();
+    have.sort_unstable();
+    if preset_pk.iter().map(|c| &c.name).ne(pk.iter()) || live != have {
+        return Err(Error::schema(
+            table,
+            vec!["its columns are not those of the step of its history they match".into()],
+        ));
+    }
+    let used: Vec<String> = conn
+        .prepare("SELECT cid FROM confluo_tables")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let cid = new_identity(table, used.iter().map(String::as_str));
+    conn.execute(
+        "INSERT INTO confluo_tables(name, cid, live) VALUES (?1, ?2, 1)",
+        params![table, cid],
+    )?;
+    let id = conn.last_insert_rowid();
+    save_columns(conn, id, preset)?;
     let info = load_tables(conn)?
         .into_iter()
         .find(|t| t.id == id)

@@ -145,6 +145,99 @@ impl Database {
     /// that arrived before it was synced. Calling it again on a synced
     /// table refreshes its triggers.
     pub fn enable_sync(&self, table: &str) -> Result<()> {
+        self.enable_sync_as(table, None)
+    }
+
+    /// Makes `table` synced and brings it to the end of its history:
+    /// `create` is the statement that first made it, `migrations` each
+    /// later change of it, in order (the same lists on every install, for
+    /// the life of the app). Whatever state the table is in (missing, made
+    /// by an older version, or made directly in its latest shape by a new
+    /// install), it ends with the columns, and the column identities, that
+    /// running the whole history gives; so replicas converge even when a
+    /// new install never ran the old migrations. Runs only the migrations
+    /// the table lacks, so it belongs in every app start.
+    pub fn enable_sync_with_history(
+        &self,
+        table: &str,
+        create: &str,
+        migrations: &[&str],
+    ) -> Result<()> {
+        // The identities the history gives, step by step, from a scratch
+        // database that runs it.
+        let scratch = Database::open_in_memory()?;
+        scratch.execute_batch(create)?;
+        scratch.enable_sync(table)?;
+        let mut steps = vec![scratch.registry(table)?];
+        for m in migrations {
+            scratch.alter_synced_table(table, m)?;
+            steps.push(scratch.registry(table)?);
+        }
+        let live = |cols: &[evolution::Column]| -> Vec<(String, String)> {
+            let mut v: Vec<(String, String)> = cols
+                .iter()
+                .filter(|c| c.live)
+                .map(|c| (c.name.clone(), c.cid.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        let at = match self.table(table) {
+            Some(_) => {
+                let here = live(&self.registry(table)?);
+                steps.iter().rposition(|s| live(s) == here).ok_or_else(|| {
+                    Error::schema(
+                        table,
+                        vec!["its columns match no step of the history given".into()],
+                    )
+                })?
+            }
+            None => match self.read_snapshot(|conn| evolution::column_names(conn, table))? {
+                None => {
+                    self.execute_batch(create)?;
+                    self.enable_sync(table)?;
+                    0
+                }
+                Some(mut names) => {
+                    // Made by the app at some step: the latest step whose
+                    // columns it has gives the identities.
+                    names.sort();
+                    let at = steps
+                        .iter()
+                        .rposition(|s| {
+                            let mut n: Vec<String> =
+                                live(s).into_iter().map(|(name, _)| name).collect();
+                            n.sort();
+                            n == names
+                        })
+                        .ok_or_else(|| {
+                            Error::schema(
+                                table,
+                                vec!["its columns match no step of the history given".into()],
+                            )
+                        })?;
+                    self.enable_sync_as(table, Some(&steps[at]))?;
+                    at
+                }
+            },
+        };
+        for m in &migrations[at..] {
+            self.alter_synced_table(table, m)?;
+        }
+        Ok(())
+    }
+
+    /// The column registry of a synced table.
+    fn registry(&self, table: &str) -> Result<Vec<evolution::Column>> {
+        let t = self
+            .table(table)
+            .ok_or_else(|| Error::schema(table, vec!["it is not a synced table".into()]))?;
+        self.read_snapshot(|conn| evolution::load_columns(conn, t.id))
+    }
+
+    /// `enable_sync`, giving a table seen for the first time the column
+    /// identities of `preset` (from its history).
+    fn enable_sync_as(&self, table: &str, preset: Option<&[evolution::Column]>) -> Result<()> {
         let existing = self.table(table);
         let tx = self.transaction()?;
         let conn = tx.conn();
@@ -152,7 +245,10 @@ impl Database {
         if let Some(t) = &existing {
             schema::drop_triggers(conn, t)?;
         }
-        let info = Arc::new(evolution::register(conn, table, &pk, &columns, &[])?);
+        let info = Arc::new(match (preset, &existing) {
+            (Some(preset), None) => evolution::register_preset(conn, table, &pk, &columns, preset)?,
+            _ => evolution::register(conn, table, &pk, &columns, &[])?,
+        });
         schema::install(conn, &info)?;
         evolution::forget_dropped_columns(conn, &info)?;
         if existing.is_none() {

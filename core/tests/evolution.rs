@@ -363,9 +363,23 @@ fn run(raw_migrations: &[(u8, u8, u8)], actions: &[Action]) -> Result<(), TestCa
         migrate(&fresh, &mut p);
     }
     pull(&fresh, &replicas[0]);
-
+    // And one whose app makes the latest shape directly.
     let end = schema_at(steps.len());
     let columns: Vec<&str> = end.live.iter().map(|(n, _)| n.as_str()).collect();
+    let direct = plain(&c);
+    let defs: Vec<String> = columns.iter().map(|n| format!("{n} TEXT")).collect();
+    direct
+        .execute_batch(&format!(
+            "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, {})",
+            defs.join(", ")
+        ))
+        .unwrap();
+    let history: Vec<&str> = steps.iter().map(|s| s.sql.as_str()).collect();
+    direct
+        .enable_sync_with_history("todo", CREATE, &history)
+        .unwrap();
+    pull(&direct, &replicas[1]);
+
     let expected: Vec<Vec<Value>> =
         KEYS.iter()
             .enumerate()
@@ -377,12 +391,11 @@ fn run(raw_migrations: &[(u8, u8, u8)], actions: &[Action]) -> Result<(), TestCa
                     .collect()
             })
             .collect();
-    let history: Vec<&str> = steps.iter().map(|s| s.sql.as_str()).collect();
-    for (i, db) in replicas.iter().chain(std::iter::once(&fresh)).enumerate() {
+    for (i, db) in replicas.iter().chain([&fresh, &direct]).enumerate() {
         prop_assert_eq!(
             rows(db, &columns.join(", ")),
             expected.clone(),
-            "replica {} (3 = synced from scratch) after {:?}",
+            "replica {} (3: synced from scratch, 4: made in the latest shape) after {:?}",
             i,
             history
         );
@@ -400,4 +413,72 @@ proptest! {
     ) {
         run(&raw, &actions)?;
     }
+}
+
+// ---------------------------------------------------------------------------
+// enable_sync_with_history: every kind of install ends on the same identities.
+
+const HISTORY: [&str; 2] = [
+    "ALTER TABLE todo RENAME COLUMN name TO task",
+    "ALTER TABLE todo DROP COLUMN note; ALTER TABLE todo ADD COLUMN note TEXT",
+];
+
+fn plain(c: &Arc<ManualTimeSource>) -> Database {
+    Database::open_in_memory_with(Options {
+        time: c.clone(),
+        ..Options::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_new_install_made_in_the_latest_shape_takes_the_identities_of_the_history() {
+    let c = clock();
+    // An install from the first version, migrated step by step.
+    let old = plain(&c);
+    old.enable_sync_with_history("todo", CREATE, &[]).unwrap();
+    old.execute("INSERT INTO todo VALUES ('t1', 'milk', 'old note')", &[])
+        .unwrap();
+    old.enable_sync_with_history("todo", CREATE, &HISTORY[..1])
+        .unwrap();
+    c.advance(1);
+    old.execute("UPDATE todo SET task = 'oat milk'", &[])
+        .unwrap();
+    // A new install whose app makes the latest shape directly.
+    let new = plain(&c);
+    new.execute_batch("CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, task TEXT, note TEXT)")
+        .unwrap();
+    new.enable_sync_with_history("todo", CREATE, &HISTORY)
+        .unwrap();
+    sync(&old, &new);
+    // The renamed column's values arrive; the dropped note's do not.
+    assert_eq!(
+        rows(&new, "task, note"),
+        vec![vec![text("t1"), text("oat milk"), Value::Null]]
+    );
+    // A missing table is made and migrated; the old install catches up.
+    let fresh = plain(&c);
+    fresh
+        .enable_sync_with_history("todo", CREATE, &HISTORY)
+        .unwrap();
+    old.enable_sync_with_history("todo", CREATE, &HISTORY)
+        .unwrap();
+    c.advance(1);
+    old.execute("UPDATE todo SET note = 'new note'", &[])
+        .unwrap();
+    sync(&old, &new);
+    sync(&fresh, &new);
+    for db in [&old, &new, &fresh] {
+        assert_eq!(
+            rows(db, "task, note"),
+            vec![vec![text("t1"), text("oat milk"), text("new note")]]
+        );
+    }
+    // Running it again changes nothing; a table off its history is refused.
+    old.enable_sync_with_history("todo", CREATE, &HISTORY)
+        .unwrap();
+    let err = old
+        .enable_sync_with_history("todo", CREATE, &HISTORY[..1])
+        .unwrap_err();
+    assert!(err.to_string().contains("match no step"), "{err}");
 }
