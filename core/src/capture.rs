@@ -154,7 +154,11 @@ pub(crate) fn register_pure_functions(conn: &Connection) -> rusqlite::Result<()>
 /// commit (`Database::flush_captured`). Writing them from the triggers
 /// would make SQLite keep a statement journal for every app statement,
 /// which costs several times the write itself.
-pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::Result<()> {
+pub(crate) fn install(
+    conn: &mut Connection,
+    state: &SharedState,
+    max_value_bytes: usize,
+) -> rusqlite::Result<()> {
     register_pure_functions(conn)?;
     let volatile = FunctionFlags::SQLITE_UTF8;
 
@@ -167,6 +171,29 @@ pub(crate) fn install(conn: &mut Connection, state: &SharedState) -> rusqlite::R
     })?;
     // The guard of the capture triggers: defined only on Confluo's writer.
     conn.create_scalar_function("confluo_capturing", 0, volatile, |_| Ok(true))?;
+
+    // confluo_fits(values...): refuses a text or blob larger than sync
+    // carries (`Options::max_value_bytes`, as a server's limit).
+    conn.create_scalar_function(
+        "confluo_fits",
+        -1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        move |ctx| {
+            for i in 0..ctx.len() {
+                let len = match ctx.get_raw(i) {
+                    ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
+                    _ => 0,
+                };
+                if len > max_value_bytes {
+                    return Err(user_err(format!(
+                        "a value of {len} bytes is larger than sync carries ({max_value_bytes} bytes, Options::max_value_bytes); \
+                         store it elsewhere (a file, or a table that is not synced) and sync a reference"
+                    )));
+                }
+            }
+            Ok(true)
+        },
+    )?;
 
     // confluo_inserted(table_id, key) / confluo_deleted(table_id, key)
     for (name, kind) in [

@@ -280,7 +280,7 @@ impl Database {
             }
         };
         let state = Arc::new(Mutex::new(TxState::new(options.time.clone(), hlc, dbv)));
-        capture::install(&mut conn, &state)?;
+        capture::install(&mut conn, &state, options.max_value_bytes)?;
         let tables = schema::load_tables(&conn)?;
         let dropped_tables = schema::load_dropped_tables(&conn)?;
         let cookie: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;

@@ -373,6 +373,22 @@ impl Database {
         if !any {
             return Ok(());
         }
+        // Values sync could not carry are refused now, as a write of them
+        // would be (`confluo_fits` raises the error).
+        let values: Vec<String> =
+            t.pk.iter()
+                .map(|c| &**c)
+                .chain(t.live_slots().map(|(_, c)| &**c))
+                .map(quote)
+                .collect();
+        conn.query_row(
+            &format!(
+                "SELECT count(*) FROM {table} WHERE NOT confluo_fits({})",
+                values.join(", ")
+            ),
+            [],
+            |_| Ok(()),
+        )?;
         self.catch_up_counters(conn)?;
         let (dbv, hlc) = {
             let mut st = lock(&self.inner.state);

@@ -323,8 +323,9 @@ pub(crate) fn drop_triggers(conn: &Connection, t: &TableInfo) -> Result<()> {
 /// The shape of the capture triggers `install` writes; databases with
 /// triggers of an older shape get them installed again when opened.
 /// 1: guarded by `confluo_tracking()` (silent while remote changes are
-/// applied); 2: guarded by `confluo_capturing()` (always reporting).
-pub(crate) const TRIGGERS_VERSION: i64 = 2;
+/// applied); 2: guarded by `confluo_capturing()` (always reporting);
+/// 3: values checked against the size sync carries (`confluo_fits`).
+pub(crate) const TRIGGERS_VERSION: i64 = 3;
 
 /// Creates the metadata table and the capture triggers. Every trigger is
 /// guarded by `confluo_capturing()`, which only Confluo's connections
@@ -378,17 +379,29 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
     } else {
         masks.join(", ")
     };
+    // Every value written must be one that sync can carry: checked as it
+    // is written, so a too-large value is refused then and there instead of
+    // being refused by the server at every push for ever.
+    let fits = {
+        let values: Vec<String> =
+            t.pk.iter()
+                .map(|c| &**c)
+                .chain(t.live_slots().map(|(_, c)| &**c))
+                .map(|c| format!("NEW.{}", quote(c)))
+                .collect();
+        format!("confluo_fits({})", values.join(", "))
+    };
     let sql = format!(
         "CREATE TABLE IF NOT EXISTS {meta}(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS {dbv_index} ON {meta}(dbv);
          CREATE TRIGGER {ai} AFTER INSERT ON {table} WHEN confluo_capturing() BEGIN
-           SELECT confluo_inserted({id}, {new_key});
+           SELECT confluo_inserted({id}, {new_key}), {fits};
          END;
          CREATE TRIGGER {au} AFTER UPDATE ON {table} WHEN confluo_capturing() AND {same_key} AND ({any_changed}) BEGIN
-           SELECT confluo_updated({id}, {new_key}, {masks});
+           SELECT confluo_updated({id}, {new_key}, {masks}), {fits};
          END;
          CREATE TRIGGER {aupk} AFTER UPDATE ON {table} WHEN confluo_capturing() AND NOT ({same_key}) BEGIN
-           SELECT confluo_deleted({id}, {old_key}), confluo_inserted({id}, {new_key});
+           SELECT confluo_deleted({id}, {old_key}), confluo_inserted({id}, {new_key}), {fits};
          END;
          CREATE TRIGGER {ad} AFTER DELETE ON {table} WHEN confluo_capturing() BEGIN
            SELECT confluo_deleted({id}, {old_key});

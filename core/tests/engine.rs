@@ -1170,3 +1170,45 @@ fn capture_triggers_of_an_older_shape_are_installed_again_at_open() {
         .unwrap();
     assert_eq!(db.changes_since(0, None).unwrap().changes.len(), 3);
 }
+
+#[test]
+fn a_value_larger_than_sync_carries_is_refused_when_written() {
+    let db = synced(TODO_SCHEMA, "todo");
+    let big = Value::Blob(vec![7; (1 << 20) + 1]);
+    let err = db
+        .execute(
+            "INSERT INTO todo VALUES ('t1', ?1, 'open')",
+            std::slice::from_ref(&big),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("larger than sync carries"),
+        "{err}"
+    );
+    assert!(dump(&db, "todo").is_empty());
+    db.execute("INSERT INTO todo VALUES ('t1', 'small', 'open')", &[])
+        .unwrap();
+    let err = db
+        .execute("UPDATE todo SET status = ?1", std::slice::from_ref(&big))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("larger than sync carries"),
+        "{err}"
+    );
+    assert_eq!(db.changes_since(0, None).unwrap().changes.len(), 3);
+    // Tables that do not sync take any size.
+    db.execute_batch("CREATE TABLE cache(id INTEGER PRIMARY KEY, data BLOB)")
+        .unwrap();
+    db.execute(
+        "INSERT INTO cache VALUES (1, ?1)",
+        std::slice::from_ref(&big),
+    )
+    .unwrap();
+    // A table with such a value already in it cannot start syncing.
+    let err = db.enable_sync("cache").unwrap_err();
+    assert!(
+        err.to_string().contains("larger than sync carries"),
+        "{err}"
+    );
+    assert_eq!(db.synced_tables(), vec!["todo"]);
+}
