@@ -138,6 +138,32 @@ pub struct ApplyReport {
     pub applied: u64,
     pub stale: u64,
     pub deferred: u64,
+    /// Changes kept aside because this database could not apply them
+    /// (see `rejected_changes`).
+    pub rejected: u64,
+}
+
+/// A change from the server this database could not apply, kept aside with
+/// the reason. `table` and `column` (None for the row itself) are identities:
+/// the name each was made with (a rename keeps it), `name#k` when made again
+/// after a drop.
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct RejectedChange {
+    pub table: String,
+    pub key: Vec<SqlValue>,
+    pub column: Option<String>,
+    pub reason: String,
+}
+
+impl From<core::RejectedChange> for RejectedChange {
+    fn from(r: core::RejectedChange) -> Self {
+        RejectedChange {
+            table: r.change.table.to_string(),
+            key: r.change.pk.iter().cloned().map(Into::into).collect(),
+            column: r.change.column.map(|c| c.to_string()),
+            reason: r.reason,
+        }
+    }
 }
 
 /// Where and how to sync. Durations in milliseconds; zero means the
@@ -159,9 +185,14 @@ pub struct SyncReport {
     pub pushed: u64,
     pub pulled: u64,
     pub applied: u64,
+    /// Received changes this database could not apply, kept aside.
+    pub rejected: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,
+    /// The server's clock minus this device's, in milliseconds, from the
+    /// last answer.
+    pub clock_offset_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, uniffi::Enum)]
@@ -183,8 +214,13 @@ pub enum SyncState {
 pub struct SyncStatus {
     pub state: SyncState,
     pub pending: u64,
+    /// Changes from the server kept aside (see `rejected_changes`).
+    pub rejected: u64,
     /// Milliseconds since the Unix epoch of the last successful sync.
     pub last_synced_ms: Option<u64>,
+    /// The server's clock minus this device's, in milliseconds, from the
+    /// last sync.
+    pub clock_offset_ms: Option<i64>,
 }
 
 impl From<&core::SyncStatus> for SyncStatus {
@@ -202,10 +238,12 @@ impl From<&core::SyncStatus> for SyncStatus {
                 },
             },
             pending: s.pending,
+            rejected: s.rejected,
             last_synced_ms: s
                 .last_synced
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| d.as_millis() as u64),
+            clock_offset_ms: s.clock_offset_ms,
         }
     }
 }
@@ -336,6 +374,20 @@ impl Database {
         Ok(self.inner.alter_synced_table(&table, &sql)?)
     }
 
+    /// Makes `table` synced and brings it to the end of its history
+    /// (`create`, then `migrations` in order), whatever state it is in.
+    pub fn enable_sync_with_history(
+        &self,
+        table: String,
+        create: String,
+        migrations: Vec<String>,
+    ) -> Result<()> {
+        let migrations: Vec<&str> = migrations.iter().map(String::as_str).collect();
+        Ok(self
+            .inner
+            .enable_sync_with_history(&table, &create, &migrations)?)
+    }
+
     pub fn site_id(&self) -> String {
         self.inner.site_id().to_string()
     }
@@ -347,6 +399,21 @@ impl Database {
     /// Rows with local changes the sync server has not accepted yet.
     pub fn pending_changes(&self) -> Result<u64> {
         Ok(self.inner.pending_changes()?)
+    }
+
+    /// The changes from the server kept aside because this database could
+    /// not apply them, with the reasons.
+    pub fn rejected_changes(&self) -> Result<Vec<RejectedChange>> {
+        Ok(self
+            .inner
+            .rejected_changes()?
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    pub fn rejected_count(&self) -> Result<u64> {
+        Ok(self.inner.rejected_count()?)
     }
 
     /// Calls `listener` after each commit that changed any of `tables`
@@ -389,6 +456,7 @@ impl Database {
             applied: report.applied as u64,
             stale: report.stale as u64,
             deferred: report.deferred as u64,
+            rejected: report.rejected as u64,
         })
     }
 
@@ -403,9 +471,11 @@ impl Database {
             pushed: r.pushed as u64,
             pulled: r.pulled as u64,
             applied: r.applied as u64,
+            rejected: r.rejected as u64,
             bytes_sent: r.bytes_sent,
             bytes_received: r.bytes_received,
             duration_ms: r.duration.as_millis() as u64,
+            clock_offset_ms: r.clock_offset_ms,
         })
     }
 

@@ -5,6 +5,10 @@ import ConfluoFFI
 /// network (retryable or not), auth, or closed.
 public typealias ConfluoError = ConfluoFFI.ConfluoError
 
+/// One SQLite value (null, integer, real, text or blob), as a rejected
+/// change's key holds them.
+public typealias SqlValue = ConfluoFFI.SqlValue
+
 /// A Confluo database: an ordinary SQLite database whose synced tables
 /// converge across devices.
 ///
@@ -81,9 +85,32 @@ public final class Confluo: @unchecked Sendable {
         try await background { try self.db.alterSyncedTable(table: table, sql: sql) }
     }
 
+    /// Makes `table` synced and brings it to the end of its history: `create`
+    /// is the statement that first made it, `migrations` every later change
+    /// of it in order (the same lists on every install). Whether the table is
+    /// missing, older, or made directly in its latest shape by a new install,
+    /// it ends with the columns (and column identities) the whole history
+    /// gives; only the migrations it lacks run, so call it at every start.
+    public func enableSyncWithHistory(_ table: String, create: String, migrations: [String]) async throws {
+        try await background {
+            try self.db.enableSyncWithHistory(table: table, create: create, migrations: migrations)
+        }
+    }
+
     /// Rows with local changes the sync server has not accepted yet.
     public func pendingChanges() async throws -> Int {
         try await background { Int(try self.db.pendingChanges()) }
+    }
+
+    /// The changes from the server kept aside because this database could
+    /// not apply them.
+    public func rejectedChanges() async throws -> [RejectedChange] {
+        try await background { try self.db.rejectedChanges().map(RejectedChange.init) }
+    }
+
+    /// How many changes are kept aside (see `rejectedChanges()`).
+    public func rejectedCount() async throws -> Int {
+        try await background { Int(try self.db.rejectedCount()) }
     }
 
     /// The result of `sql` now, and again after every commit (local or synced)

@@ -27,17 +27,25 @@ public struct SyncReport: Sendable, Equatable {
     public let pushed: Int
     public let pulled: Int
     public let applied: Int
+    /// Received changes this database could not apply, kept aside (see
+    /// `Confluo.rejectedChanges()`).
+    public let rejected: Int
     public let bytesSent: Int
     public let bytesReceived: Int
     public let duration: TimeInterval
+    /// The server's clock minus this device's, in seconds, from its last
+    /// answer; far from zero means this device's clock is wrong.
+    public let clockOffset: TimeInterval?
 
     init(_ r: ConfluoFFI.SyncReport) {
         pushed = Int(r.pushed)
         pulled = Int(r.pulled)
         applied = Int(r.applied)
+        rejected = Int(r.rejected)
         bytesSent = Int(r.bytesSent)
         bytesReceived = Int(r.bytesReceived)
         duration = TimeInterval(r.durationMs) / 1000
+        clockOffset = r.clockOffsetMs.map { TimeInterval($0) / 1000 }
     }
 }
 
@@ -60,11 +68,18 @@ public struct SyncStatus: Sendable, Equatable {
     public let pending: Int
     /// When the last sync succeeded, if ever.
     public let lastSynced: Date?
+    /// Changes from the server this database could not apply, kept aside
+    /// (see `Confluo.rejectedChanges()`).
+    public let rejected: Int
+    /// The server's clock minus this device's, in seconds, as of the last sync.
+    public let clockOffset: TimeInterval?
 
-    public init(state: SyncState, pending: Int, lastSynced: Date?) {
+    public init(state: SyncState, pending: Int, lastSynced: Date?, rejected: Int = 0, clockOffset: TimeInterval? = nil) {
         self.state = state
         self.pending = pending
         self.lastSynced = lastSynced
+        self.rejected = rejected
+        self.clockOffset = clockOffset
     }
 
     init(_ s: ConfluoFFI.SyncStatus) {
@@ -76,5 +91,27 @@ public struct SyncStatus: Sendable, Equatable {
         }
         pending = Int(s.pending)
         lastSynced = s.lastSyncedMs.map { Date(timeIntervalSince1970: TimeInterval($0) / 1000) }
+        rejected = Int(s.rejected)
+        clockOffset = s.clockOffsetMs.map { TimeInterval($0) / 1000 }
+    }
+}
+
+/// A change from the server this database could not apply (its schema or a
+/// trigger refused it), kept aside with the `reason` and tried again after
+/// each migration of its table. `table` and `column` (nil for the row
+/// itself) are identities: the name each was made with (a rename keeps it),
+/// `name#k` when made again after a drop.
+public struct RejectedChange: Sendable, Equatable {
+    public let table: String
+    /// The row's primary key.
+    public let key: [SqlValue]
+    public let column: String?
+    public let reason: String
+
+    init(_ r: ConfluoFFI.RejectedChange) {
+        table = r.table
+        key = r.key
+        column = r.column
+        reason = r.reason
     }
 }

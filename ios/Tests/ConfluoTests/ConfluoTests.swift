@@ -192,6 +192,28 @@ final class TestServer {
     }
 }
 
+/// The first status of `db`'s background sync that satisfies `predicate`;
+/// throws after `seconds` instead of waiting for ever on a quiet stream.
+private func firstStatus(of db: Confluo, _ what: String, within seconds: Double = 15,
+                         where predicate: @escaping @Sendable (SyncStatus) -> Bool) async throws -> SyncStatus {
+    try await withThrowingTaskGroup(of: SyncStatus?.self) { group in
+        group.addTask {
+            for await s in db.syncStatus where predicate(s) { return s }
+            return nil
+        }
+        group.addTask {
+            try await Task.sleep(nanoseconds: UInt64(seconds * 1_000_000_000))
+            return nil
+        }
+        let first = try await group.next() ?? nil
+        group.cancelAll()
+        guard let status = first else {
+            throw ConfluoError.InvalidInput(detail: "timed out waiting for \(what)")
+        }
+        return status
+    }
+}
+
 final class SyncTests: XCTestCase {
     private func options(_ server: TestServer, _ space: String) -> SyncOptions {
         var o = SyncOptions(serverURL: server.url, space: space)
@@ -239,6 +261,69 @@ final class SyncTests: XCTestCase {
             latest = try await updates.next()
         }
         XCTAssertEqual(latest?.compactMap { $0.string("title") }, ["remote", "local"])
+    }
+
+    func testATableANewInstallMadeInItsLatestShapeGetsTheHistorysIdentities() async throws {
+        let create = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, name TEXT)"
+        let rename = "ALTER TABLE todo RENAME COLUMN name TO task"
+        let server = try TestServer()
+        let opts = options(server, "history")
+        // An install that ran the whole history: a row written before the rename.
+        let old = try Confluo.openInMemory()
+        try await old.enableSyncWithHistory("todo", create: create, migrations: [])
+        try await old.execute("INSERT INTO todo VALUES ('t1', 'Buy milk')")
+        _ = try await old.syncNow(opts) { "dev-token" }
+        try await old.enableSyncWithHistory("todo", create: create, migrations: [rename])
+        // A new install that made the table directly in its latest shape.
+        let fresh = try Confluo.openInMemory()
+        try await fresh.executeBatch("CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, task TEXT)")
+        try await fresh.enableSyncWithHistory("todo", create: create, migrations: [rename])
+        _ = try await fresh.syncNow(opts) { "dev-token" }
+        let task = try await fresh.query("SELECT task FROM todo WHERE id = 't1'").first?.string("task")
+        XCTAssertEqual(task, "Buy milk")
+        // Calling it again at the next start changes nothing.
+        try await fresh.enableSyncWithHistory("todo", create: create, migrations: [rename])
+        let columns = try await fresh.query("SELECT * FROM todo").first?.columns
+        XCTAssertEqual(columns, ["id", "task"])
+    }
+
+    func testAChangeATriggerRefusesIsKeptAsideAndReportedAndTheClockOffsetIsKnown() async throws {
+        let server = try TestServer()
+        let opts = options(server, "refused")
+        let a = try await todoDb()
+        let b = try Confluo.openInMemory()
+        try await b.executeBatch(todo + """
+            ;
+            CREATE TRIGGER no_bad BEFORE INSERT ON todo WHEN NEW.title = 'bad'
+            BEGIN SELECT RAISE(ABORT, 'no bad titles'); END
+            """)
+        try await b.enableSync("todo")
+        try await a.execute("INSERT INTO todo VALUES ('t1', 'bad', 'open')")
+        try await a.execute("INSERT INTO todo VALUES ('t2', 'good', 'open')")
+        _ = try await a.syncNow(opts) { "dev-token" }
+        let report = try await b.syncNow(opts) { "dev-token" }
+        XCTAssertGreaterThanOrEqual(report.rejected, 1, "\(report)")
+        let offset = try XCTUnwrap(report.clockOffset, "\(report)")
+        XCTAssertLessThan(abs(offset), 60, "\(report)")
+        // The rest of the page went in.
+        let ids = try await b.query("SELECT id FROM todo").compactMap { $0.string("id") }
+        XCTAssertEqual(ids, ["t2"])
+        let kept = try await b.rejectedChanges()
+        let count = try await b.rejectedCount()
+        XCTAssertEqual(count, report.rejected)
+        XCTAssertFalse(kept.isEmpty)
+        for change in kept {
+            XCTAssertTrue(change.reason.contains("no bad titles"), "\(change)")
+            XCTAssertEqual(change.table, "todo")
+            XCTAssertEqual(change.key, [.text(value: "t1")])
+        }
+        // Background sync reports them too.
+        try await b.startSync(opts) { "dev-token" }
+        let status = try await firstStatus(of: b, "rejected changes and a clock offset") {
+            $0.rejected > 0 && $0.clockOffset != nil
+        }
+        XCTAssertEqual(status.rejected, report.rejected)
+        await b.stopSync()
     }
 
     func testBackgroundSyncGoesSyncingToIdleAndOfflineWhenTheServerStops() async throws {

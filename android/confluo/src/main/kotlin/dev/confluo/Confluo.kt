@@ -56,7 +56,7 @@ class Confluo private constructor(
     /** This database's site id (a UUID), created once and kept in the file. */
     val siteId: String get() = db.siteId()
 
-    /** Background sync's status: idle, syncing, offline or error; pending count; last sync time. */
+    /** Background sync's status: idle, syncing, offline or error; pending and rejected counts; last sync time; clock offset. */
     val syncStatus: StateFlow<SyncStatus> = status.asStateFlow()
 
     /** Runs one statement in its own transaction; returns the number of rows it changed. */
@@ -103,8 +103,25 @@ class Confluo private constructor(
     /** Runs a migration of a synced table and re-installs its change tracking. */
     suspend fun alterSyncedTable(table: String, sql: String): Unit = io { db.alterSyncedTable(table, sql) }
 
+    /**
+     * Makes [table] synced and brings it to the end of its history: [create]
+     * is the statement that first made it, [migrations] every later change of
+     * it in order (the same lists on every install). Whether the table is
+     * missing, older, or made directly in its latest shape by a new install,
+     * it ends with the columns (and column identities) the whole history
+     * gives; only the migrations it lacks run, so call it at every start.
+     */
+    suspend fun enableSyncWithHistory(table: String, create: String, migrations: List<String>): Unit =
+        io { db.enableSyncWithHistory(table, create, migrations) }
+
     /** Rows with local changes the sync server has not accepted yet. */
     suspend fun pendingChanges(): Long = io { db.pendingChanges().toLong() }
+
+    /** The changes from the server kept aside because this database could not apply them. */
+    suspend fun rejectedChanges(): List<RejectedChange> = io { db.rejectedChanges().map(RejectedChange::from) }
+
+    /** How many changes are kept aside (see [rejectedChanges]). */
+    suspend fun rejectedCount(): Long = io { db.rejectedCount().toLong() }
 
     /**
      * Emits the result of [sql] now and again after every commit (local or

@@ -24,11 +24,19 @@ data class SyncReport(
     val bytesSent: Long,
     val bytesReceived: Long,
     val durationMs: Long,
+    /** Received changes this database could not apply, kept aside (see [Confluo.rejectedChanges]). */
+    val rejected: Long = 0,
+    /**
+     * The server's clock minus this device's, in milliseconds, from its last
+     * answer; far from zero means this device's clock is wrong.
+     */
+    val clockOffsetMs: Long? = null,
 ) {
     internal companion object {
         fun from(r: dev.confluo.ffi.SyncReport) = SyncReport(
             r.pushed.toLong(), r.pulled.toLong(), r.applied.toLong(),
             r.bytesSent.toLong(), r.bytesReceived.toLong(), r.durationMs.toLong(),
+            r.rejected.toLong(), r.clockOffsetMs,
         )
     }
 }
@@ -57,6 +65,10 @@ data class SyncStatus(
     val pending: Long,
     /** When the last sync succeeded (milliseconds since the epoch), if ever. */
     val lastSyncedMs: Long?,
+    /** Changes from the server this database could not apply, kept aside (see [Confluo.rejectedChanges]). */
+    val rejected: Long = 0,
+    /** The server's clock minus this device's, in milliseconds, as of the last sync. */
+    val clockOffsetMs: Long? = null,
 ) {
     internal companion object {
         val INITIAL = SyncStatus(SyncState.Idle, 0, null)
@@ -70,6 +82,28 @@ data class SyncStatus(
             },
             s.pending.toLong(),
             s.lastSyncedMs?.toLong(),
+            s.rejected.toLong(),
+            s.clockOffsetMs,
         )
+    }
+}
+
+/**
+ * A change from the server this database could not apply (its schema or a
+ * trigger refused it), kept aside with the [reason] and tried again after
+ * each migration of its table. [table] and [column] (null for the row
+ * itself) are identities: the name each was made with (a rename keeps it),
+ * `name#k` when made again after a drop.
+ * [key] holds the row's primary key as plain values (null, Long, Double,
+ * String or ByteArray).
+ */
+data class RejectedChange(
+    val table: String,
+    val key: List<Any?>,
+    val column: String?,
+    val reason: String,
+) {
+    internal companion object {
+        fun from(r: dev.confluo.ffi.RejectedChange) = RejectedChange(r.table, r.key.map(::fromSql), r.column, r.reason)
     }
 }

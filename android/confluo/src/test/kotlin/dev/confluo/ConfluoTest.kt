@@ -220,6 +220,67 @@ class SyncTest {
     }
 
     @Test
+    fun `a table a new install made in its latest shape gets the history's identities`() = runBlocking {
+        val create = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, name TEXT)"
+        val rename = "ALTER TABLE todo RENAME COLUMN name TO task"
+        TestServer.start().use { server ->
+            Confluo.openInMemory().use { old ->
+                Confluo.openInMemory().use { fresh ->
+                    val opts = options(server, "history")
+                    // An install that ran the whole history: a row written before the rename.
+                    old.enableSyncWithHistory("todo", create, emptyList())
+                    old.execute("INSERT INTO todo VALUES ('t1', 'Buy milk')")
+                    old.syncNow(opts) { "dev-token" }
+                    old.enableSyncWithHistory("todo", create, listOf(rename))
+                    // A new install that made the table directly in its latest shape.
+                    fresh.executeBatch("CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, task TEXT)")
+                    fresh.enableSyncWithHistory("todo", create, listOf(rename))
+                    fresh.syncNow(opts) { "dev-token" }
+                    assertEquals("Buy milk", fresh.query("SELECT task FROM todo WHERE id = 't1'").single().stringOrNull("task"))
+                    // Calling it again at the next start changes nothing.
+                    fresh.enableSyncWithHistory("todo", create, listOf(rename))
+                    assertEquals(listOf("id", "task"), fresh.query("SELECT * FROM todo").single().columns)
+                }
+            }
+        }
+    }
+
+    @Test
+    fun `a change a trigger refuses is kept aside and reported, and the clock offset is known`() = runBlocking {
+        TestServer.start().use { server ->
+            todoDb().use { a ->
+                Confluo.openInMemory().use { b ->
+                    b.executeBatch(
+                        TODO + ";\n" +
+                            "CREATE TRIGGER no_bad BEFORE INSERT ON todo WHEN NEW.title = 'bad' " +
+                            "BEGIN SELECT RAISE(ABORT, 'no bad titles'); END",
+                    )
+                    b.enableSync("todo")
+                    val opts = options(server, "refused")
+                    a.execute("INSERT INTO todo VALUES ('t1', 'bad', 'open')")
+                    a.execute("INSERT INTO todo VALUES ('t2', 'good', 'open')")
+                    a.syncNow(opts) { "dev-token" }
+                    val report = b.syncNow(opts) { "dev-token" }
+                    assertTrue(report.rejected >= 1, report.toString())
+                    val offset = report.clockOffsetMs
+                    assertTrue(offset != null && kotlin.math.abs(offset) < 60_000, report.toString())
+                    // The rest of the page went in.
+                    assertEquals(listOf("t2"), b.query("SELECT id FROM todo").map { it.string("id") })
+                    val kept = b.rejectedChanges()
+                    assertEquals(report.rejected, b.rejectedCount())
+                    assertTrue(kept.isNotEmpty() && kept.all { it.reason.contains("no bad titles") }, kept.toString())
+                    assertTrue(kept.all { it.table == "todo" && it.key == listOf("t1") }, kept.toString())
+                    // Background sync reports them too.
+                    b.startSync(opts) { "dev-token" }
+                    val status = withTimeout(15_000) { b.syncStatus.filter { it.rejected > 0 && it.clockOffsetMs != null }.first() }
+                    assertEquals(report.rejected, status.rejected)
+                    b.stopSync()
+                }
+            }
+        }
+    }
+
+    @Test
     fun `background sync goes syncing to idle, and offline when the server stops`() = runBlocking {
         TestServer.start().use { server ->
             todoDb().use { db ->
