@@ -158,9 +158,9 @@ pub struct RejectedChange {
 impl From<core::RejectedChange> for RejectedChange {
     fn from(r: core::RejectedChange) -> Self {
         RejectedChange {
-            table: r.change.table.to_string(),
+            table: r.table,
             key: r.change.pk.iter().cloned().map(Into::into).collect(),
-            column: r.change.column.map(|c| c.to_string()),
+            column: r.column,
             reason: r.reason,
         }
     }

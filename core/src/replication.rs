@@ -58,7 +58,11 @@ pub(crate) enum Sender {
 /// A change kept aside because this database could not apply it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RejectedChange {
+    /// The change as it travels (table and column by identity).
     pub change: Change,
+    /// The table's and the column's names here, where they are known.
+    pub table: String,
+    pub column: Option<String>,
     pub reason: String,
 }
 
@@ -605,7 +609,16 @@ impl Database {
             let mut out = Vec::new();
             while let Some(r) = rows.next()? {
                 let col: String = r.get(2)?;
+                let table: String = r.get(0)?;
+                let here = self.table_by_cid(&table);
+                let column = (!col.is_empty()).then(|| {
+                    here.as_ref()
+                        .and_then(|t| t.slot_of_cid(&col).and_then(|s| t.slots[s].clone()))
+                        .map_or_else(|| col.clone(), |n| n.to_string())
+                });
                 out.push(RejectedChange {
+                    table: here.map_or_else(|| table.clone(), |t| t.name.to_string()),
+                    column,
                     change: Change {
                         table: Arc::from(r.get::<_, String>(0)?),
                         pk: unpack_values(r.get_ref(1)?.as_blob()?)?.into(),

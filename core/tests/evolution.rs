@@ -482,3 +482,29 @@ fn a_new_install_made_in_the_latest_shape_takes_the_identities_of_the_history() 
         .unwrap_err();
     assert!(err.to_string().contains("match no step"), "{err}");
 }
+
+#[test]
+fn changes_kept_aside_name_their_columns_as_this_database_does() {
+    let c = clock();
+    let (a, b) = (replica(&c), replica(&c));
+    b.alter_synced_table("todo", "ALTER TABLE todo RENAME COLUMN name TO task")
+        .unwrap();
+    b.execute_batch(
+        "CREATE TRIGGER no_bad BEFORE INSERT ON todo WHEN NEW.task = 'bad' \
+         BEGIN SELECT RAISE(ABORT, 'no bad tasks'); END",
+    )
+    .unwrap();
+    a.execute("INSERT INTO todo VALUES ('t1', 'bad', NULL)", &[])
+        .unwrap();
+    let changes = a.changes_since(0, None).unwrap().changes;
+    b.apply_from_server(&changes, 1, None).unwrap();
+    let kept = b.rejected_changes().unwrap();
+    let named: Vec<(&str, Option<&str>)> = kept
+        .iter()
+        .map(|r| (r.table.as_str(), r.column.as_deref()))
+        .collect();
+    assert!(named.contains(&("todo", Some("task"))), "{named:?}");
+    assert!(kept
+        .iter()
+        .any(|r| r.change.column.as_deref() == Some("name")));
+}

@@ -92,8 +92,8 @@ data class SyncStatus(
  * A change from the server this database could not apply (its schema or a
  * trigger refused it), kept aside with the [reason] and tried again after
  * each migration of its table. [table] and [column] (null for the row
- * itself) are identities: the name each was made with (a rename keeps it),
- * `name#k` when made again after a drop.
+ * itself) are their names in this database (for a column it does not have,
+ * the name the column was made with).
  * [key] holds the row's primary key as plain values (null, Long, Double,
  * String or ByteArray).
  */
