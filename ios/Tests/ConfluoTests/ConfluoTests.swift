@@ -194,11 +194,25 @@ final class TestServer {
 
 /// The first status of `db`'s background sync that satisfies `predicate`;
 /// throws after `seconds` instead of waiting for ever on a quiet stream.
+/// The states a status stream went through.
+private actor StateLog {
+    var states: [SyncState] = []
+    var described: [String] = []
+    func add(_ state: SyncState, pending: Int = 0) {
+        states.append(state)
+        described.append("\(state) (\(pending) pending)")
+    }
+}
+
 private func firstStatus(of db: Confluo, _ what: String, within seconds: Double = 15,
                          where predicate: @escaping @Sendable (SyncStatus) -> Bool) async throws -> SyncStatus {
-    try await withThrowingTaskGroup(of: SyncStatus?.self) { group in
+    let seen = StateLog()
+    let found = try await withThrowingTaskGroup(of: SyncStatus?.self) { group in
         group.addTask {
-            for await s in db.syncStatus where predicate(s) { return s }
+            for await s in db.syncStatus {
+                await seen.add(s.state, pending: s.pending)
+                if predicate(s) { return s }
+            }
             return nil
         }
         group.addTask {
@@ -207,11 +221,13 @@ private func firstStatus(of db: Confluo, _ what: String, within seconds: Double 
         }
         let first = try await group.next() ?? nil
         group.cancelAll()
-        guard let status = first else {
-            throw ConfluoError.InvalidInput(detail: "timed out waiting for \(what)")
-        }
-        return status
+        return first
     }
+    guard let status = found else {
+        let states = await seen.described
+        throw ConfluoError.InvalidInput(detail: "timed out waiting for \(what); saw \(states)")
+    }
+    return status
 }
 
 final class SyncTests: XCTestCase {
@@ -329,31 +345,32 @@ final class SyncTests: XCTestCase {
     func testBackgroundSyncGoesSyncingToIdleAndOfflineWhenTheServerStops() async throws {
         let server = try TestServer()
         let db = try await todoDb()
-        var seen: [SyncState] = []
-        var statuses = db.syncStatus.makeAsyncIterator()
+        // Every state, from before sync starts (the stream buffers).
+        let log = StateLog()
+        let stream = db.syncStatus
+        let collector = Task { for await s in stream { await log.add(s.state) } }
         try await db.startSync(options(server, "bg")) { "dev-token" }
-        func waitFor(_ what: String, _ predicate: (SyncStatus) -> Bool) async throws {
-            let deadline = Date().addingTimeInterval(15)
-            while let s = await statuses.next() {
-                seen.append(s.state)
-                if predicate(s) { return }
-                if Date() > deadline { break }
-            }
-            XCTFail("timed out waiting for \(what); saw \(seen)")
-        }
-        try await waitFor("idle") { $0.state == .idle && $0.lastSynced != nil }
+        // Each wait has a deadline that fails the test; none can hang.
+        _ = try await firstStatus(of: db, "idle") { $0.state == .idle && $0.lastSynced != nil }
+        // A wait sees the current status first: only a sync that ended
+        // after the write counts.
+        let beforeWrite = Date()
         try await db.execute("INSERT INTO todo VALUES ('k', 'x', 'y')")
-        try await waitFor("the write synced") { $0.state == .idle && $0.pending == 0 && $0.lastSynced != nil }
+        _ = try await firstStatus(of: db, "the write synced") {
+            $0.state == .idle && $0.pending == 0 && ($0.lastSynced ?? .distantPast) > beforeWrite
+        }
         server.stop()
         try await db.execute("INSERT INTO todo VALUES ('k2', 'while the server is down', 'y')")
-        try await waitFor("offline with the write pending") {
+        _ = try await firstStatus(of: db, "offline with the write pending") {
             if case .offline = $0.state { return $0.pending == 1 }
             return false
         }
         try server.start()
         db.syncSoon()
-        try await waitFor("back in sync") { $0.state == .idle && $0.pending == 0 }
+        _ = try await firstStatus(of: db, "back in sync") { $0.state == .idle && $0.pending == 0 }
         await db.stopSync()
+        collector.cancel()
+        let seen = await log.states
         XCTAssertTrue(seen.contains(.syncing), "\(seen)")
     }
 }
