@@ -661,7 +661,7 @@ impl Database {
         if kept.is_empty() {
             return Ok(());
         }
-        self.apply_changes(&kept, Sender::Server, |_, tx, _| {
+        self.apply_changes(&kept, Sender::Server, |_, tx, ctx| {
             for c in &kept {
                 tx.conn()
                     .prepare_cached(
@@ -675,6 +675,12 @@ impl Database {
                         c.hlc.0 as i64,
                         &c.site.as_bytes()[..]
                     ])?;
+            }
+            // They came from the server: never pushed back to it.
+            if let Some(dbv) = ctx.report.db_version {
+                tx.conn()
+                    .prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
+                    .execute([dbv as i64])?;
             }
             Ok(())
         })?;

@@ -304,6 +304,7 @@ fn a_change_a_device_cannot_apply_is_kept_aside_and_the_rest_applied() {
         .unwrap();
     assert_eq!(b.rejected_count().unwrap(), 0);
     assert_eq!(dump(&b), dump(&a));
+    assert_eq!(b.pending_changes().unwrap(), 0, "they came from the server");
 }
 
 /// A device whose wall clock is `offset_ms` off the true time.
