@@ -11,6 +11,11 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS todo(
     status TEXT NOT NULL DEFAULT 'open'
 )";
 
+/// Each later change of the table, in order, for ever: every install runs
+/// the same list, so columns keep their identities across renames. Append;
+/// never edit or remove an entry.
+pub const MIGRATIONS: &[&str] = &[];
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Todo {
     pub id: String,
@@ -24,10 +29,7 @@ pub struct TodoStore {
 
 impl TodoStore {
     pub fn new(db: Database) -> Result<Self> {
-        db.execute_batch(SCHEMA)?;
-        if !db.synced_tables().iter().any(|t| t == "todo") {
-            db.enable_sync("todo")?;
-        }
+        db.enable_sync_with_history("todo", SCHEMA, MIGRATIONS)?;
         Ok(TodoStore { db })
     }
 

@@ -46,10 +46,14 @@ public final class TodoRepository: Sendable {
         self.db = db
     }
 
-    /// Opens the list in `db`, creating and syncing the table on first use.
+    /// Each later change of the table, in order, for ever (every install runs
+    /// the same list, so columns keep their identities across renames).
+    /// Append; never edit or remove an entry.
+    public static let migrations: [String] = []
+
+    /// Opens the list in `db`, creating (or migrating) and syncing the table.
     public static func open(_ db: Confluo) async throws -> TodoRepository {
-        try await db.executeBatch(schema)
-        try await db.enableSync("todo")
+        try await db.enableSyncWithHistory("todo", create: schema, migrations: migrations)
         return TodoRepository(db)
     }
 

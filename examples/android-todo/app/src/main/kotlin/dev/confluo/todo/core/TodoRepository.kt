@@ -31,10 +31,16 @@ class TodoRepository private constructor(private val db: Confluo) {
                 created_at INTEGER NOT NULL DEFAULT 0
             )"""
 
-        /** Opens the list in [db], creating and syncing the table on first use. */
+        /**
+         * Each later change of the table, in order, for ever (every install
+         * runs the same list, so columns keep their identities across
+         * renames). Append; never edit or remove an entry.
+         */
+        val MIGRATIONS: List<String> = emptyList()
+
+        /** Opens the list in [db], creating (or migrating) and syncing the table. */
         suspend fun open(db: Confluo): TodoRepository {
-            db.executeBatch(SCHEMA)
-            db.enableSync("todo")
+            db.enableSyncWithHistory("todo", SCHEMA, MIGRATIONS)
             return TodoRepository(db)
         }
     }
