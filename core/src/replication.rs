@@ -224,31 +224,33 @@ impl Database {
                 }
             }
         }
+        // First all rows in one go; if a row is refused (from a server), all
+        // again with each row under a savepoint, so that a refused row is
+        // undone alone: twice the work at worst, whatever the number of
+        // refused rows.
+        let mut careful = false;
         loop {
             let tx = self.transaction()?;
             let remote = RemoteWrites::begin(&self.inner.state);
             let mut ctx = ApplyCtx::new(self.sites_in(tx.conn())?);
             ctx.report.received = changes.len();
-            if let Err(err) = self.merge_changes(&tx, &mut ctx, changes, &refused, None) {
-                let row = ctx.failed_row.take();
-                match (sender, row) {
-                    (Sender::Server, Some(row)) if is_data_error(&err) => {
-                        // Roll back, and try again without that row.
-                        drop(remote);
-                        drop(tx);
-                        for i in row {
-                            refused[i].get_or_insert_with(|| {
-                                schema_violation_is_bad_input(Error::Sqlite {
-                                    message: err.to_string(),
-                                    code: None,
-                                })
-                                .to_string()
-                            });
-                        }
-                        continue;
-                    }
-                    _ => return Err(schema_violation_is_bad_input(err)),
+            let merged = if careful {
+                self.merge_rows_guarded(&tx, &mut ctx, changes, &mut refused)
+            } else {
+                self.merge_changes(&tx, &mut ctx, changes, &refused, None)
+            };
+            if let Err(err) = merged {
+                if sender == Sender::Server
+                    && !careful
+                    && ctx.failed_row.is_some()
+                    && is_data_error(&err)
+                {
+                    drop(remote);
+                    drop(tx);
+                    careful = true;
+                    continue;
                 }
+                return Err(schema_violation_is_bad_input(err));
             }
             ctx.report.db_version = lock(&self.inner.state).tx_dbv;
             bookkeeping(self, &tx, &mut ctx)?;
@@ -275,6 +277,58 @@ impl Database {
             })?;
             return Ok(ctx.report);
         }
+    }
+
+    /// Merges `changes` row by row, each row under a savepoint: a row that
+    /// this database refuses (a data error) is undone, marked `refused`
+    /// with the reason, and the others go on.
+    fn merge_rows_guarded(
+        &self,
+        tx: &Transaction<'_>,
+        ctx: &mut ApplyCtx,
+        changes: &[Change],
+        refused: &mut [Option<String>],
+    ) -> Result<()> {
+        let conn = tx.conn();
+        let mut start = 0;
+        while start < changes.len() {
+            let first = &changes[start];
+            let end = start
+                + changes[start..]
+                    .iter()
+                    .take_while(|c| c.table == first.table && c.pk == first.pk)
+                    .count();
+            let row = start..end;
+            start = end;
+            // What the row may leave behind in memory if it is undone.
+            let (sites, report) = (ctx.sites.len(), ctx.report.clone());
+            let events = lock(&self.inner.state).events.len();
+            conn.execute_batch("SAVEPOINT confluo_row")?;
+            let merged =
+                self.merge_changes(tx, ctx, &changes[row.clone()], &refused[row.clone()], None);
+            match merged {
+                Ok(()) => conn.execute_batch("RELEASE confluo_row")?,
+                Err(err) if is_data_error(&err) => {
+                    conn.execute_batch("ROLLBACK TO confluo_row; RELEASE confluo_row")?;
+                    for s in ctx.sites.drain(sites..) {
+                        ctx.site_ords.remove(&s);
+                    }
+                    ctx.report = report;
+                    ctx.failed_row = None;
+                    lock(&self.inner.state).events.truncate(events);
+                    let reason = schema_violation_is_bad_input(Error::Sqlite {
+                        message: err.to_string(),
+                        code: None,
+                    })
+                    .to_string();
+                    for r in &mut refused[row] {
+                        r.get_or_insert_with(|| reason.clone());
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
     }
 
     /// Refuses anything a correct sender never sends, before writing a byte.
@@ -737,20 +791,19 @@ impl Database {
     }
 }
 
-/// Errors that come from the data of one row not fitting this database's
-/// schema, rather than from storage.
+/// Whether an error came from the data of one row (a constraint, a type,
+/// a trigger or function of the app that refused it) rather than from
+/// storage: only storage failures stop a whole apply from a server.
 fn is_data_error(err: &Error) -> bool {
-    const SQLITE_TOOBIG: i32 = 18;
-    const SQLITE_CONSTRAINT: i32 = 19;
-    const SQLITE_MISMATCH: i32 = 20;
+    // SQLite's primary codes for failures of the database itself.
+    const STORAGE: [i32; 14] = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26];
     match err {
         Error::Sqlite {
             code: Some(code), ..
-        } => matches!(
-            code & 0xff,
-            SQLITE_TOOBIG | SQLITE_CONSTRAINT | SQLITE_MISMATCH
-        ),
-        Error::InvalidInput(_) => true,
+        } => !STORAGE.contains(&(code & 0xff)),
+        // Confluo's own metadata failing, without a code.
+        Error::Sqlite { code: None, .. } => false,
+        Error::InvalidInput(_) | Error::MalformedChangeSet(_) => true,
         _ => false,
     }
 }

@@ -1212,3 +1212,45 @@ fn a_value_larger_than_sync_carries_is_refused_when_written() {
     );
     assert_eq!(db.synced_tables(), vec!["todo"]);
 }
+
+#[test]
+fn any_error_of_one_row_from_the_server_keeps_that_row_aside_and_the_rest_goes_in() {
+    let c = clock();
+    let (a, b) = (todo_replica(&c), todo_replica(&c));
+    // B's local-only search index parses titles as JSON; some are not.
+    b.execute_batch(
+        "CREATE TABLE idx(id TEXT PRIMARY KEY, t TEXT);
+         CREATE TRIGGER todo_idx AFTER INSERT ON todo BEGIN
+           INSERT OR REPLACE INTO idx VALUES (NEW.id, json_extract(NEW.title, '$.t'));
+         END;",
+    )
+    .unwrap();
+    a.write(|tx| {
+        for i in 0..200 {
+            let title = if i % 3 == 0 { "not json" } else { "{\"t\": 1}" };
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, ?2, 'open')",
+                &[format!("t{i:03}").into(), title.into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let changes = a.changes_since(0, None).unwrap().changes;
+    let report = b.apply_from_server(&changes, 7, None).unwrap();
+    assert_eq!(b.server_cursor().unwrap(), 7);
+    assert_eq!(report.rejected, 67 * 3, "{report:?}");
+    assert_eq!(report.applied, 133 * 3, "{report:?}");
+    assert_eq!(dump(&b, "todo").len(), 133);
+    assert_eq!(dump(&b, "idx").len(), 133);
+    let kept = b.rejected_changes().unwrap();
+    assert!(
+        kept.iter().all(|r| r.reason.contains("malformed JSON")),
+        "{:?}",
+        kept[0]
+    );
+    // Nothing of the refused rows was recorded, nor is pending.
+    assert_eq!(b.pending_changes().unwrap(), 0);
+    let exported = b.changes_since(0, None).unwrap().changes;
+    assert_eq!(exported.len(), 133 * 3);
+}
