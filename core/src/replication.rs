@@ -235,7 +235,7 @@ impl Database {
             let mut ctx = ApplyCtx::new(self.sites_in(tx.conn())?);
             ctx.report.received = changes.len();
             let merged = if careful {
-                self.merge_rows_guarded(&tx, &mut ctx, changes, &mut refused)
+                self.merge_rows_guarded(&tx, &mut ctx, changes, &mut refused, None)
             } else {
                 self.merge_changes(&tx, &mut ctx, changes, &refused, None)
             };
@@ -288,6 +288,7 @@ impl Database {
         ctx: &mut ApplyCtx,
         changes: &[Change],
         refused: &mut [Option<String>],
+        adding: Option<&Arc<TableInfo>>,
     ) -> Result<()> {
         let conn = tx.conn();
         let mut start = 0;
@@ -304,8 +305,13 @@ impl Database {
             let (sites, report) = (ctx.sites.len(), ctx.report.clone());
             let events = lock(&self.inner.state).events.len();
             conn.execute_batch("SAVEPOINT confluo_row")?;
-            let merged =
-                self.merge_changes(tx, ctx, &changes[row.clone()], &refused[row.clone()], None);
+            let merged = self.merge_changes(
+                tx,
+                ctx,
+                &changes[row.clone()],
+                &refused[row.clone()],
+                adding,
+            );
             match merged {
                 Ok(()) => conn.execute_batch("RELEASE confluo_row")?,
                 Err(err) if is_data_error(&err) => {
@@ -740,9 +746,13 @@ impl Database {
         }
         let remote = RemoteWrites::begin(&self.inner.state);
         let mut ctx = ApplyCtx::new(self.sites_in(conn)?);
-        let none = vec![None; changes.len()];
-        self.merge_changes(tx, &mut ctx, &changes, &none, Some(t))?;
+        // A kept change this database refuses is kept aside, as it would
+        // have been had it arrived after the migration: the migration
+        // itself never fails for it.
+        let mut refused = vec![None; changes.len()];
+        self.merge_rows_guarded(tx, &mut ctx, &changes, &mut refused, Some(t))?;
         drop(remote);
+        keep_aside(conn, &changes, &refused)?;
         for c in &changes {
             conn.prepare_cached(
                 "DELETE FROM confluo_pending WHERE tbl = ?1 AND pk = ?2 AND col = ?3",

@@ -508,3 +508,41 @@ fn changes_kept_aside_name_their_columns_as_this_database_does() {
         .iter()
         .any(|r| r.change.column.as_deref() == Some("name")));
 }
+
+#[test]
+fn a_kept_change_the_app_refuses_does_not_fail_the_migration_that_adds_its_column() {
+    let c = clock();
+    let (a, b) = (replica(&c), replica(&c));
+    a.execute("INSERT INTO todo VALUES ('t1', 'milk', NULL)", &[])
+        .unwrap();
+    a.execute("INSERT INTO todo VALUES ('t2', 'bread', NULL)", &[])
+        .unwrap();
+    sync(&a, &b);
+    a.alter_synced_table("todo", "ALTER TABLE todo ADD COLUMN due TEXT")
+        .unwrap();
+    c.advance(1);
+    a.execute("UPDATE todo SET due = 'monday' WHERE id = 't1'", &[])
+        .unwrap();
+    a.execute("UPDATE todo SET due = 'friday' WHERE id = 't2'", &[])
+        .unwrap();
+    let changes = a.changes_since(0, None).unwrap().changes;
+    assert_eq!(b.apply_from_server(&changes, 1, None).unwrap().deferred, 2);
+    // B's migration adds `due`, and a trigger that refuses mondays.
+    b.alter_synced_table(
+        "todo",
+        "ALTER TABLE todo ADD COLUMN due TEXT;
+         CREATE TRIGGER no_monday BEFORE UPDATE ON todo WHEN NEW.due = 'monday'
+         BEGIN SELECT RAISE(ABORT, 'not on mondays'); END;",
+    )
+    .unwrap();
+    assert_eq!(
+        rows(&b, "due"),
+        vec![
+            vec![text("t1"), Value::Null],
+            vec![text("t2"), text("friday")]
+        ]
+    );
+    let kept = b.rejected_changes().unwrap();
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].reason.contains("not on mondays"), "{kept:?}");
+}
