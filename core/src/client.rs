@@ -135,6 +135,8 @@ pub(crate) struct Page {
     pub epoch: Option<String>,
     /// The tag of version `until` (see PROTOCOL.md: restores are noticed).
     pub tag: Option<String>,
+    /// For a push: the version it reached, and that version's tag.
+    pub push: Option<(u64, String)>,
 }
 
 /// Who is asking: the device's site id (its own changes are not sent back)
@@ -143,6 +145,10 @@ pub(crate) struct Page {
 pub(crate) struct Ident {
     pub site: String,
     pub epoch: Option<String>,
+    /// Where our last accepted push landed on the server, and that
+    /// version's tag: a server restored to before it answers 410 even
+    /// while our cursor is still behind it.
+    pub pushed: Option<(u64, String)>,
 }
 
 impl Ident {
@@ -150,6 +156,7 @@ impl Ident {
         Ok(Ident {
             site: db.site_id().to_string(),
             epoch: db.server_epoch()?,
+            pushed: db.pushed_to()?,
         })
     }
 }
@@ -232,6 +239,9 @@ impl Client {
                 resume: header("confluo-resume"),
                 epoch: header("confluo-epoch"),
                 tag: header("confluo-version-tag"),
+                push: header("confluo-server-version")
+                    .and_then(|v| v.parse().ok())
+                    .zip(header("confluo-push-tag")),
             })),
             202 => Ok(Reply::Staged),
             410 => Ok(Reply::Gone),
@@ -270,6 +280,11 @@ impl Client {
             }
             if let Some(epoch) = &who.epoch {
                 req = req.query("epoch", epoch);
+            }
+            if let Some((at, tag)) = who.pushed.as_ref().filter(|(at, _)| *at > cursor) {
+                req = req
+                    .query("pushed_at", at.to_string())
+                    .query("pushed_tag", tag);
             }
             if let Some((id, i, n)) = part {
                 req = req
@@ -310,6 +325,11 @@ impl Client {
             }
             if let Some(epoch) = &who.epoch {
                 req = req.query("epoch", epoch);
+            }
+            if let Some((at, tag)) = who.pushed.as_ref().filter(|(at, _)| *at > cursor) {
+                req = req
+                    .query("pushed_at", at.to_string())
+                    .query("pushed_tag", tag);
             }
             let timeout = self.config.request_timeout + wait;
             receive(configure(req.config(), timeout, fresh).call()?)
@@ -364,7 +384,7 @@ impl Client {
             match self.push(db, &outgoing, (cursor, tag.as_deref()), who, report) {
                 Ok(Reply::Page(page)) => {
                     // The server has it: only now is it marked as sent.
-                    db.mark_pushed(outgoing.until)?;
+                    db.mark_pushed_to(outgoing.until, page.push.as_ref())?;
                     report.pushed += outgoing.changes.len();
                     Some(page)
                 }

@@ -113,21 +113,46 @@ impl Database {
         })
     }
 
+    /// Where our last accepted push landed on the server, and that
+    /// version's tag.
+    pub(crate) fn pushed_to(&self) -> Result<Option<(u64, String)>> {
+        self.read_snapshot(|conn| {
+            Ok(match get(conn, "pushed_tag")? {
+                Some(rusqlite::types::Value::Text(tag)) => Some((get_u64(conn, "pushed_at")?, tag)),
+                _ => None,
+            })
+        })
+    }
+
+    /// Records that the server accepted every change up to `until`, into
+    /// its version `at` (with that version's tag), in one transaction.
+    pub(crate) fn mark_pushed_to(&self, until: u64, at: Option<&(u64, String)>) -> Result<()> {
+        self.write(|tx| {
+            if let Some((version, tag)) = at {
+                set(tx.conn(), "pushed_at", *version as i64)?;
+                set(tx.conn(), "pushed_tag", tag.as_str())?;
+            }
+            self.record_pushed(tx, until)
+        })
+    }
+
     /// Records that the server accepted every change up to `until`.
     pub fn mark_pushed(&self, until: u64) -> Result<()> {
-        self.write(|tx| {
-            let conn = tx.conn();
-            conn.prepare_cached("DELETE FROM confluo_sync WHERE key = 'push_id'")?
-                .execute([])?;
-            if until > get_u64(conn, "pushed")? {
-                set(conn, "pushed", until as i64)?;
-                conn.execute(
-                    "DELETE FROM confluo_server_dbvs WHERE dbv <= ?1",
-                    [until as i64],
-                )?;
-            }
-            Ok(())
-        })
+        self.write(|tx| self.record_pushed(tx, until))
+    }
+
+    fn record_pushed(&self, tx: &crate::db::Transaction<'_>, until: u64) -> Result<()> {
+        let conn = tx.conn();
+        conn.prepare_cached("DELETE FROM confluo_sync WHERE key = 'push_id'")?
+            .execute([])?;
+        if until > get_u64(conn, "pushed")? {
+            set(conn, "pushed", until as i64)?;
+            conn.execute(
+                "DELETE FROM confluo_server_dbvs WHERE dbv <= ?1",
+                [until as i64],
+            )?;
+        }
+        Ok(())
     }
 
     /// Merges changes pulled from the server and moves the cursor to
@@ -166,7 +191,7 @@ impl Database {
             set(tx.conn(), "cursor", 0i64)?;
             set(tx.conn(), "pushed", 0i64)?;
             tx.conn().execute(
-                "DELETE FROM confluo_sync WHERE key IN ('epoch', 'cursor_tag', 'push_id')",
+                "DELETE FROM confluo_sync WHERE key IN ('epoch', 'cursor_tag', 'push_id', 'pushed_at', 'pushed_tag')",
                 [],
             )?;
             Ok(())

@@ -125,6 +125,10 @@ struct PullParams {
     epoch: Option<String>,
     /// The tag of the version at `cursor` (from `Confluo-Version-Tag`).
     tag: Option<String>,
+    /// The version the device's last accepted push reached, and its tag
+    /// (from `Confluo-Push-Tag`), while its cursor is still behind it.
+    pushed_at: Option<u64>,
+    pushed_tag: Option<String>,
 }
 
 fn check_protocol(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -409,6 +413,9 @@ async fn sync_inner(
             "push merged"
         );
         extra.push(("confluo-server-version", outcome.version.to_string()));
+        if let Some(tag) = outcome.tag {
+            extra.push(("confluo-push-tag", tag));
+        }
         extra.push(("confluo-applied", outcome.applied.to_string()));
     }
     pull_page(app, &space, &params, resume, exclude, state, extra).await
@@ -469,14 +476,28 @@ async fn check_history(
         }
         .into());
     }
-    if let (Some(known), true) = (&params.tag, params.cursor > 0) {
-        let (store, sp, cursor) = (app.store.clone(), space.to_owned(), params.cursor);
-        let tag = blocking(move || store.version_tag(&sp, cursor)).await?;
-        if tag.as_ref().is_some_and(|t| t != known) {
-            return Err(StoreError::HistoryRewritten {
-                cursor: params.cursor,
+    // The versions the device knows by their tags: its cursor, and where
+    // its last accepted push landed (a restore between the two would lose
+    // that push without a word).
+    let claims = [
+        (params.cursor, &params.tag),
+        (params.pushed_at.unwrap_or(0), &params.pushed_tag),
+    ];
+    for (at, known) in claims {
+        let Some(known) = known.clone().filter(|_| at > 0) else {
+            continue;
+        };
+        if at > version {
+            return Err(StoreError::CursorGone {
+                cursor: at,
+                version,
             }
             .into());
+        }
+        let (store, sp) = (app.store.clone(), space.to_owned());
+        let tag = blocking(move || store.version_tag(&sp, at)).await?;
+        if tag.is_some_and(|t| t != known) {
+            return Err(StoreError::HistoryRewritten { cursor: at }.into());
         }
     }
     Ok(state)

@@ -53,6 +53,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub struct PushOutcome {
     /// The space's version after the push (unchanged if nothing won).
     pub version: u64,
+    /// That version's tag (see `Store::version_tag`).
+    pub tag: Option<String>,
     pub applied: usize,
     pub stale: usize,
 }
@@ -384,6 +386,7 @@ impl Store for SqliteStore {
             let version = current + 1;
             let mut outcome = PushOutcome {
                 version: current,
+                tag: None,
                 applied: 0,
                 stale: 0,
             };
@@ -406,6 +409,7 @@ impl Store for SqliteStore {
                 ])?;
                 outcome.version = version;
             }
+            outcome.tag = tag_of(&conn, sid, outcome.version)?;
             Ok(outcome)
         })();
         match &result {

@@ -574,3 +574,93 @@ fn migrations_rolled_out_at_different_times_converge_through_the_server() {
         assert_eq!(view(db), expected);
     }
 }
+
+/// A token provider that answers `ok` times, then fails.
+struct FailsAfter {
+    ok: usize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl confluo_core::TokenProvider for FailsAfter {
+    fn token(&self) -> Result<String, String> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n < self.ok {
+            Ok("dev-token".into())
+        } else {
+            Err("offline".into())
+        }
+    }
+}
+
+#[test]
+fn a_restore_to_before_an_accepted_push_is_noticed_while_the_cursor_is_behind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, backup) = (dir.path().join("server.db"), dir.path().join("backup.db"));
+    let config = || Config {
+        page_bytes: 2_000,
+        ..Config::default()
+    };
+    let start = |path: &std::path::Path| {
+        let store = Arc::new(SqliteStore::open(path).unwrap());
+        BackgroundServer::start(store, Auth::default().with_dev_token(), config()).unwrap()
+    };
+    let first = start(&live);
+    let cfg = SyncConfig::new(first.url(), "s", "dev-token");
+    let (a, b) = (device(), device());
+    a.execute("INSERT INTO todo(id, title) VALUES ('a0', 'x')", &[])
+        .unwrap();
+    a.sync_now(&cfg).unwrap();
+    // B's writes: more than a page for A to pull later.
+    for v in 0..2 {
+        b.write(|tx| {
+            for i in 0..40 {
+                tx.execute(
+                    "INSERT INTO todo(id, title) VALUES (?1, ?2)",
+                    &[format!("b{v}-{i:02}").into(), text(100, 'y')],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        b.sync_now(&cfg).unwrap();
+    }
+    rusqlite::Connection::open(&live)
+        .unwrap()
+        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap();
+    // A's push is accepted; the pull after it breaks off, so A's cursor
+    // stays behind the version its push made.
+    a.execute(
+        "INSERT INTO todo(id, title) VALUES ('a1', 'acknowledged')",
+        &[],
+    )
+    .unwrap();
+    let flaky = SyncConfig::with_token_provider(
+        first.url(),
+        "s",
+        Arc::new(FailsAfter {
+            ok: 1,
+            calls: 0.into(),
+        }),
+    );
+    assert!(a.sync_now(&flaky).is_err());
+    assert_eq!(a.pending_changes().unwrap(), 0, "the push was accepted");
+    drop(first);
+    let second = start(&backup);
+    let cfg = SyncConfig::new(second.url(), "s", "dev-token");
+    for _ in 0..2 {
+        a.sync_now(&cfg).unwrap();
+        b.sync_now(&cfg).unwrap();
+    }
+    let fresh = device();
+    fresh.sync_now(&cfg).unwrap();
+    assert_eq!(
+        fresh
+            .query("SELECT title FROM todo WHERE id = 'a1'", &[])
+            .unwrap()
+            .rows,
+        vec![vec![Value::from("acknowledged")]],
+        "the acknowledged write came back to the restored server"
+    );
+    assert_eq!(dump(&fresh), dump(&a));
+}
