@@ -109,7 +109,8 @@ const METADATA_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS confluo_state(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS confluo_sites(ord INTEGER PRIMARY KEY, site_id BLOB NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS confluo_tables(
-  id INTEGER PRIMARY KEY, name TEXT NOT NULL, cid TEXT NOT NULL UNIQUE, live INTEGER NOT NULL);
+  id INTEGER PRIMARY KEY, name TEXT NOT NULL, cid TEXT NOT NULL UNIQUE, live INTEGER NOT NULL,
+  steps INTEGER, provisional INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS confluo_columns(
   tbl INTEGER NOT NULL, cid TEXT NOT NULL, name TEXT NOT NULL, pk_pos INTEGER, slot INTEGER,
   live INTEGER NOT NULL, PRIMARY KEY (tbl, cid)) WITHOUT ROWID;
@@ -129,11 +130,15 @@ CREATE TABLE IF NOT EXISTS confluo_rejected(
 const METADATA_FORMAT: i64 = 2;
 
 /// Brings metadata of layout 1 to layout 2: every table and column gets its
-/// name as its identity.
+/// name as its identity, provisionally: layout 1 recorded a rename as a
+/// drop and an add, so the identities are right only for tables never
+/// migrated; `enable_sync_with_history` puts them right from the history.
 const MIGRATE_FORMAT_1: &str = "
 CREATE TABLE confluo_tables_2(
-  id INTEGER PRIMARY KEY, name TEXT NOT NULL, cid TEXT NOT NULL UNIQUE, live INTEGER NOT NULL);
-INSERT INTO confluo_tables_2(id, name, cid, live) SELECT id, name, name, 1 FROM confluo_tables;
+  id INTEGER PRIMARY KEY, name TEXT NOT NULL, cid TEXT NOT NULL UNIQUE, live INTEGER NOT NULL,
+  steps INTEGER, provisional INTEGER NOT NULL DEFAULT 0);
+INSERT INTO confluo_tables_2(id, name, cid, live, provisional)
+  SELECT id, name, name, 1, 1 FROM confluo_tables;
 DROP TABLE confluo_tables;
 ALTER TABLE confluo_tables_2 RENAME TO confluo_tables;
 CREATE TABLE confluo_columns_2(

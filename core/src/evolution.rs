@@ -256,7 +256,111 @@ pub(crate) fn register(
     Ok(info)
 }
 
-/// Records `table`, seen here for the first time, with the columns of
+/// A synced table's identities at one step of its history.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Registry {
+    pub cid: String,
+    pub columns: Vec<Column>,
+}
+
+impl Registry {
+    /// The live columns as (name, identity), sorted.
+    pub fn live(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .columns
+            .iter()
+            .filter(|c| c.live)
+            .map(|c| (c.name.clone(), c.cid.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The live columns' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.live().into_iter().map(|(name, _)| name).collect()
+    }
+}
+
+/// The registry of live table `id`, with what the table row records: how
+/// many steps of a history it has run (`None`: unknown), and whether its
+/// identities are provisional (from metadata of layout 1).
+pub(crate) fn load_registry(conn: &Connection, id: i64) -> Result<(Registry, Option<usize>, bool)> {
+    let (cid, steps, provisional): (String, Option<i64>, bool) = conn.query_row(
+        "SELECT cid, steps, provisional FROM confluo_tables WHERE id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let columns = load_columns(conn, id)?;
+    Ok((
+        Registry { cid, columns },
+        steps.map(|s| s as usize),
+        provisional,
+    ))
+}
+
+/// Records that live table `id` has run `steps` steps of its history (and
+/// that its identities are the history's).
+pub(crate) fn set_steps(conn: &Connection, id: i64, steps: Option<usize>) -> Result<()> {
+    conn.execute(
+        "UPDATE confluo_tables SET steps = ?2, provisional = 0 WHERE id = ?1",
+        params![id, steps.map(|s| s as i64)],
+    )?;
+    Ok(())
+}
+
+/// Gives table `t`, whose identities are provisional, those of `step` (the
+/// step of its history its columns match): each live column takes the
+/// identity its name has there, and the step's dropped identities are
+/// recorded as dropped. Returns the slots whose identity changed.
+pub(crate) fn rekey(conn: &Connection, t: &TableInfo, step: &Registry) -> Result<Vec<usize>> {
+    let mut cols = load_columns(conn, t.id)?;
+    let mut changed = Vec::new();
+    for c in cols.iter_mut().filter(|c| c.live && c.pk_pos.is_none()) {
+        let Some(target) = step
+            .columns
+            .iter()
+            .find(|s| s.live && s.pk_pos.is_none() && s.name == c.name)
+        else {
+            continue;
+        };
+        if c.cid != target.cid {
+            c.cid = target.cid.clone();
+            changed.extend(c.slot.map(|s| s as usize));
+        }
+    }
+    // Identities now taken by a live column that a retired local entry
+    // (layout 1 kept retired names) also holds: the retired one goes.
+    let live: Vec<String> = cols
+        .iter()
+        .filter(|c| c.live)
+        .map(|c| c.cid.clone())
+        .collect();
+    cols.retain(|c| c.live || !live.contains(&c.cid));
+    let mut next = cols
+        .iter()
+        .filter_map(|c| c.slot)
+        .max()
+        .map_or(0, |s| s + 1);
+    for dropped in step.columns.iter().filter(|s| !s.live) {
+        if !cols.iter().any(|c| c.cid == dropped.cid) {
+            cols.push(Column {
+                slot: Some(next),
+                live: false,
+                ..dropped.clone()
+            });
+            next += 1;
+        }
+    }
+    save_columns(conn, t.id, &cols)?;
+    conn.execute(
+        "UPDATE confluo_tables SET cid = ?2 WHERE id = ?1",
+        params![t.id, step.cid],
+    )?;
+    Ok(changed)
+}
+
+/// Records `table`, seen here for the first time, with the identities of
 /// `preset` (the registry its history gives, dropped columns included),
 /// which must match its key `pk` and its other columns `columns`.
 pub(crate) fn register_preset(
@@ -264,8 +368,10 @@ pub(crate) fn register_preset(
     table: &str,
     pk: &[String],
     columns: &[String],
-    preset: &[Column],
+    preset: &Registry,
 ) -> Result<TableInfo> {
+    let cid = preset.cid.as_str();
+    let preset = &preset.columns[..];
     let mut preset_pk: Vec<&Column> = preset.iter().filter(|c| c.pk_pos.is_some()).collect();
     preset_pk.sort_by_key(|c| c.pk_pos);
     let mut live: Vec<&str> = preset
@@ -282,11 +388,19 @@ pub(crate) fn register_preset(
             vec!["its columns are not those of the step of its history they match".into()],
         ));
     }
-    let used: Vec<String> = conn
-        .prepare("SELECT cid FROM confluo_tables")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    let cid = new_identity(table, used.iter().map(String::as_str));
+    let taken: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM confluo_tables WHERE cid = ?1)",
+        [cid],
+        |r| r.get(0),
+    )?;
+    if taken {
+        return Err(Error::schema(
+            table,
+            vec![format!(
+                "its history makes it table {cid:?}, which this database had and dropped"
+            )],
+        ));
+    }
     conn.execute(
         "INSERT INTO confluo_tables(name, cid, live) VALUES (?1, ?2, 1)",
         params![table, cid],

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection};
 
 use crate::capture::{lock, LOCAL_SITE};
-use crate::clocks::encode_uniform;
+use crate::clocks::{encode_uniform, RowClocks};
 use crate::db::{load_sites, Database};
 use crate::error::{Error, Result};
 use crate::evolution;
@@ -38,34 +38,31 @@ impl Database {
         create: &str,
         migrations: &[&str],
     ) -> Result<()> {
-        // The identities the history gives, step by step, from a scratch
-        // database that runs it.
-        let scratch = Database::open_in_memory()?;
-        scratch.execute_batch(create)?;
-        scratch.enable_sync(table)?;
-        let mut steps = vec![scratch.registry(table)?];
-        for m in migrations {
-            scratch.alter_synced_table(table, m)?;
-            steps.push(scratch.registry(table)?);
-        }
-        let live = |cols: &[evolution::Column]| -> Vec<(String, String)> {
-            let mut v: Vec<(String, String)> = cols
-                .iter()
-                .filter(|c| c.live)
-                .map(|c| (c.name.clone(), c.cid.clone()))
-                .collect();
-            v.sort();
-            v
+        let steps = history(table, create, migrations)?;
+        let no_match = || {
+            Error::schema(
+                table,
+                vec!["its columns match no step of the history given".into()],
+            )
         };
+        // The latest step whose live column names are `names`.
+        let by_names = |names: &[String]| steps.iter().rposition(|s| s.names() == names);
         let at = match self.table(table) {
-            Some(_) => {
-                let here = live(&self.registry(table)?);
-                steps.iter().rposition(|s| live(s) == here).ok_or_else(|| {
-                    Error::schema(
-                        table,
-                        vec!["its columns match no step of the history given".into()],
-                    )
-                })?
+            Some(t) => {
+                let (here, recorded, provisional) =
+                    self.read_snapshot(|conn| evolution::load_registry(conn, t.id))?;
+                if provisional {
+                    let at = by_names(&here.names()).ok_or_else(no_match)?;
+                    self.adopt_identities(table, &steps[at])?;
+                    at
+                } else {
+                    let same =
+                        |s: &evolution::Registry| s.cid == here.cid && s.live() == here.live();
+                    match recorded.filter(|&n| steps.get(n).is_some_and(same)) {
+                        Some(n) => n,
+                        None => steps.iter().rposition(same).ok_or_else(no_match)?,
+                    }
+                }
             }
             None => match self.read_snapshot(|conn| evolution::column_names(conn, table))? {
                 None => {
@@ -73,24 +70,11 @@ impl Database {
                     self.enable_sync(table)?;
                     0
                 }
+                // Made by the app at some step: the latest step whose
+                // columns it has gives the identities.
                 Some(mut names) => {
-                    // Made by the app at some step: the latest step whose
-                    // columns it has gives the identities.
                     names.sort();
-                    let at = steps
-                        .iter()
-                        .rposition(|s| {
-                            let mut n: Vec<String> =
-                                live(s).into_iter().map(|(name, _)| name).collect();
-                            n.sort();
-                            n == names
-                        })
-                        .ok_or_else(|| {
-                            Error::schema(
-                                table,
-                                vec!["its columns match no step of the history given".into()],
-                            )
-                        })?;
+                    let at = by_names(&names).ok_or_else(no_match)?;
                     self.enable_sync_as(table, Some(&steps[at]))?;
                     at
                 }
@@ -99,20 +83,78 @@ impl Database {
         for m in &migrations[at..] {
             self.alter_synced_table(table, m)?;
         }
+        let t = self
+            .table(table)
+            .ok_or_else(|| Error::schema(table, vec!["its history drops it".into()]))?;
+        self.write(|tx| evolution::set_steps(tx.conn(), t.id, Some(migrations.len())))
+    }
+
+    /// Gives a table whose identities are provisional (from metadata of
+    /// the first layout) those of `step`, and sends the values of every
+    /// column whose identity changed again, under the right one.
+    fn adopt_identities(&self, table: &str, step: &evolution::Registry) -> Result<()> {
+        let t = self
+            .table(table)
+            .ok_or_else(|| Error::schema(table, vec!["it is not a synced table".into()]))?;
+        let tx = self.transaction()?;
+        let conn = tx.conn();
+        let changed = evolution::rekey(conn, &t, step)?;
+        evolution::set_steps(conn, t.id, None)?;
+        let info = Arc::new(
+            schema::load_tables(conn)?
+                .into_iter()
+                .find(|x| x.id == t.id)
+                .expect("table just rekeyed"),
+        );
+        self.restamp(conn, &info, &changed)?;
+        tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))
+    }
+
+    /// Gives every cell of `slots` this transaction's db_version (keeping
+    /// its clock), so the next export sends those values again.
+    fn restamp(&self, conn: &Connection, t: &TableInfo, slots: &[usize]) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        self.catch_up_counters(conn)?;
+        let dbv = lock(&self.inner.state).db_version();
+        let meta = t.meta_table();
+        let rows: Vec<(rusqlite::types::Value, i64, Vec<u8>)> = conn
+            .prepare(&format!(
+                "SELECT pk, dbv, clocks FROM {meta} WHERE cl % 2 = 1"
+            ))?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut write = conn.prepare(&format!(
+            "UPDATE {meta} SET dbv = ?2, clocks = ?3 WHERE pk = ?1"
+        ))?;
+        for (pk, row_dbv, blob) in rows {
+            let mut clocks = RowClocks::decode(&blob, row_dbv as u64)?;
+            let mut touched = false;
+            for &slot in slots {
+                if let Some(Some(stamp)) = clocks.cells.get_mut(slot) {
+                    stamp.dbv = dbv;
+                    touched = true;
+                }
+            }
+            if touched {
+                write.execute(params![pk, dbv as i64, clocks.encode(dbv)])?;
+            }
+        }
         Ok(())
     }
 
     /// The column registry of a synced table.
-    fn registry(&self, table: &str) -> Result<Vec<evolution::Column>> {
+    fn registry(&self, table: &str) -> Result<evolution::Registry> {
         let t = self
             .table(table)
             .ok_or_else(|| Error::schema(table, vec!["it is not a synced table".into()]))?;
-        self.read_snapshot(|conn| evolution::load_columns(conn, t.id))
+        self.read_snapshot(|conn| Ok(evolution::load_registry(conn, t.id)?.0))
     }
 
     /// `enable_sync`, giving a table seen for the first time the column
     /// identities of `preset` (from its history).
-    fn enable_sync_as(&self, table: &str, preset: Option<&[evolution::Column]>) -> Result<()> {
+    fn enable_sync_as(&self, table: &str, preset: Option<&evolution::Registry>) -> Result<()> {
         let existing = self.table(table);
         let tx = self.transaction()?;
         let conn = tx.conn();
@@ -140,9 +182,10 @@ impl Database {
     /// schema land in the renamed column); a dropped column is gone for
     /// good, and one added later with its name is a new column. Changes for
     /// columns it adds that arrived earlier are merged now. `DROP TABLE`
-    /// stops syncing the table (a table made later with its name is a new
-    /// one). All or nothing: on any error the table and its triggers stay
-    /// as they were.
+    /// stops syncing the table, and a table made again with its name (here
+    /// or later) is a new table: what was written to the old one stays with
+    /// it. All or nothing: on any error the table and its triggers stay as
+    /// they were.
     pub fn alter_synced_table(&self, table: &str, alter_sql: &str) -> Result<()> {
         let existing = self.table(table).ok_or_else(|| {
             Error::schema(
@@ -156,6 +199,9 @@ impl Database {
         // What each statement did to the columns, so that a rename is told
         // from a drop and an add.
         let mut ops = Vec::new();
+        // Whether the table was gone at some point: made again, it is a new
+        // table (its rows did not survive: no data is written here).
+        let mut remade = false;
         {
             use fallible_iterator::FallibleIterator;
             let mut last = evolution::column_names(conn, table)?;
@@ -197,7 +243,10 @@ impl Database {
                         rebuilt = false;
                     }
                     // Dropped, or in the middle of a rebuild.
-                    None => rebuilt = true,
+                    None => {
+                        rebuilt = true;
+                        remade = true;
+                    }
                 }
             }
         }
@@ -213,9 +262,22 @@ impl Database {
             });
         }
         let (pk, columns) = schema::inspect(conn, table)?;
+        if remade {
+            evolution::retire(conn, &existing)?;
+            ops.clear();
+        }
         let info = Arc::new(evolution::register(conn, table, &pk, &columns, &ops)?);
+        // How many steps of a history the table has run is unknown now,
+        // until `enable_sync_with_history` says it again.
+        conn.execute(
+            "UPDATE confluo_tables SET steps = NULL WHERE id = ?1",
+            [info.id],
+        )?;
         schema::install(conn, &info)?;
         evolution::forget_dropped_columns(conn, &info)?;
+        if remade {
+            self.record_existing_rows(conn, &info)?;
+        }
         self.activate_pending(&tx, &info)?;
         tx.commit_then(|conn| self.refresh_caches(conn, Some(info)))?;
         self.retry_rejected(table)
@@ -293,4 +355,18 @@ impl Database {
             .unwrap_or_else(|e| e.into_inner())
             .insert(info.name.to_string(), info);
     }
+}
+
+/// The identities `table` has after each step of its history (`create`,
+/// then each migration), from a scratch database that runs it.
+fn history(table: &str, create: &str, migrations: &[&str]) -> Result<Vec<evolution::Registry>> {
+    let scratch = Database::open_in_memory()?;
+    scratch.execute_batch(create)?;
+    scratch.enable_sync(table)?;
+    let mut steps = vec![scratch.registry(table)?];
+    for m in migrations {
+        scratch.alter_synced_table(table, m)?;
+        steps.push(scratch.registry(table)?);
+    }
+    Ok(steps)
 }

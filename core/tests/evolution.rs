@@ -546,3 +546,210 @@ fn a_kept_change_the_app_refuses_does_not_fail_the_migration_that_adds_its_colum
     assert_eq!(kept.len(), 1);
     assert!(kept[0].reason.contains("not on mondays"), "{kept:?}");
 }
+
+/// Metadata of layout 1 for a replica that renamed `name` to `task` under
+/// layout 1 (which recorded a rename as a drop and an add).
+fn layout1_replica_that_renamed(path: &std::path::Path) {
+    let db = Database::open(path).unwrap();
+    db.execute_batch(CREATE).unwrap();
+    db.enable_sync("todo").unwrap();
+    db.execute("INSERT INTO todo VALUES ('t1', 'milk', NULL)", &[])
+        .unwrap();
+    db.close().unwrap();
+    let raw = rusqlite::Connection::open(path).unwrap();
+    raw.execute_batch(
+        "CREATE TABLE t1(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+         INSERT INTO t1 SELECT id, name FROM confluo_tables;
+         DROP TABLE confluo_tables; ALTER TABLE t1 RENAME TO confluo_tables;
+         CREATE TABLE c1(tbl INTEGER NOT NULL, name TEXT NOT NULL, pk_pos INTEGER, slot INTEGER,
+           live INTEGER NOT NULL, PRIMARY KEY (tbl, name)) WITHOUT ROWID;
+         INSERT INTO c1 SELECT tbl, name, pk_pos, slot, live FROM confluo_columns;
+         DROP TABLE confluo_columns; ALTER TABLE c1 RENAME TO confluo_columns;
+         UPDATE confluo_state SET value = 1 WHERE key = 'format';
+         DELETE FROM confluo_state WHERE key = 'triggers';
+         DROP TRIGGER confluo_ai_todo; DROP TRIGGER confluo_au_todo;
+         DROP TRIGGER confluo_aupk_todo; DROP TRIGGER confluo_ad_todo;
+         ALTER TABLE todo RENAME COLUMN name TO task;
+         UPDATE confluo_columns SET live = 0 WHERE name = 'name';
+         INSERT INTO confluo_columns(tbl, name, pk_pos, slot, live)
+           SELECT tbl, 'task', NULL, 2, 1 FROM confluo_columns WHERE name = 'id';",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_table_renamed_under_layout_1_takes_its_identities_from_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    layout1_replica_that_renamed(&path);
+    let rename = ["ALTER TABLE todo RENAME COLUMN name TO task"];
+    // The app starts: the history gives the table its identities.
+    let old = Database::open(&path).unwrap();
+    old.enable_sync_with_history("todo", CREATE, &rename)
+        .unwrap();
+    old.execute("UPDATE todo SET task = 'oat milk' WHERE id = 't1'", &[])
+        .unwrap();
+    let fresh = Database::open_in_memory().unwrap();
+    fresh
+        .enable_sync_with_history("todo", CREATE, &rename)
+        .unwrap();
+    fresh
+        .execute("INSERT INTO todo VALUES ('t2', 'bread', NULL)", &[])
+        .unwrap();
+    exchange(&old, &fresh);
+    assert_eq!(
+        rows(&fresh, "task"),
+        vec![
+            vec![text("t1"), text("oat milk")],
+            vec![text("t2"), text("bread")]
+        ]
+    );
+    assert_eq!(rows(&old, "task, note"), rows(&fresh, "task, note"));
+    // Later starts change nothing.
+    old.enable_sync_with_history("todo", CREATE, &rename)
+        .unwrap();
+    assert_eq!(rows(&old, "task, note"), rows(&fresh, "task, note"));
+}
+
+#[test]
+fn a_column_remade_under_layout_1_keeps_what_was_written_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let remake = "ALTER TABLE todo DROP COLUMN note; ALTER TABLE todo ADD COLUMN note TEXT";
+    {
+        let db = Database::open(&path).unwrap();
+        db.execute_batch(CREATE).unwrap();
+        db.enable_sync("todo").unwrap();
+        db.close().unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute_batch(&format!(
+            "CREATE TABLE t1(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+             INSERT INTO t1 SELECT id, name FROM confluo_tables;
+             DROP TABLE confluo_tables; ALTER TABLE t1 RENAME TO confluo_tables;
+             CREATE TABLE c1(tbl INTEGER NOT NULL, name TEXT NOT NULL, pk_pos INTEGER, slot INTEGER,
+               live INTEGER NOT NULL, PRIMARY KEY (tbl, name)) WITHOUT ROWID;
+             INSERT INTO c1 SELECT tbl, name, pk_pos, slot, live FROM confluo_columns;
+             DROP TABLE confluo_columns; ALTER TABLE c1 RENAME TO confluo_columns;
+             UPDATE confluo_state SET value = 1 WHERE key = 'format';
+             DELETE FROM confluo_state WHERE key = 'triggers';
+             DROP TRIGGER confluo_ai_todo; DROP TRIGGER confluo_au_todo;
+             DROP TRIGGER confluo_aupk_todo; DROP TRIGGER confluo_ad_todo;
+             {remake};"
+        ))
+        .unwrap();
+    }
+    let db = Database::open(&path).unwrap();
+    db.execute(
+        "INSERT INTO todo VALUES ('t1', 'milk', 'written after the remake')",
+        &[],
+    )
+    .unwrap();
+    db.enable_sync_with_history("todo", CREATE, &[remake])
+        .unwrap();
+    assert_eq!(
+        rows(&db, "note"),
+        vec![vec![text("t1"), text("written after the remake")]]
+    );
+    // And it goes out under the remade column's identity.
+    let fresh = Database::open_in_memory().unwrap();
+    fresh
+        .enable_sync_with_history("todo", CREATE, &[remake])
+        .unwrap();
+    pull(&fresh, &db);
+    assert_eq!(rows(&fresh, "name, note"), rows(&db, "name, note"));
+}
+
+#[test]
+fn a_table_dropped_and_made_again_in_the_history_is_a_new_table_everywhere() {
+    let c = clock();
+    let remake =
+        "DROP TABLE todo; CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, name TEXT, note TEXT)";
+    let a = plain(&c);
+    a.enable_sync_with_history("todo", CREATE, &[]).unwrap();
+    a.execute("INSERT INTO todo VALUES ('t1', 'old row', NULL)", &[])
+        .unwrap();
+    let lagging = plain(&c);
+    lagging
+        .enable_sync_with_history("todo", CREATE, &[])
+        .unwrap();
+    sync(&a, &lagging);
+    a.enable_sync_with_history("todo", CREATE, &[remake])
+        .unwrap();
+    assert!(
+        rows(&a, "name").is_empty(),
+        "the old rows went with the table"
+    );
+    c.advance(1);
+    a.execute("INSERT INTO todo VALUES ('t2', 'new row', NULL)", &[])
+        .unwrap();
+    // A new install made in the latest shape, and one that runs it all.
+    let direct = plain(&c);
+    direct.execute_batch(CREATE).unwrap();
+    direct
+        .enable_sync_with_history("todo", CREATE, &[remake])
+        .unwrap();
+    let fresh = plain(&c);
+    fresh
+        .enable_sync_with_history("todo", CREATE, &[remake])
+        .unwrap();
+    c.advance(1);
+    lagging
+        .execute("UPDATE todo SET name = 'edited on the old table'", &[])
+        .unwrap();
+    for db in [&direct, &fresh, &lagging] {
+        sync(&a, db);
+    }
+    lagging
+        .enable_sync_with_history("todo", CREATE, &[remake])
+        .unwrap();
+    for db in [&direct, &fresh, &lagging] {
+        sync(&a, db);
+    }
+    for db in [&direct, &fresh, &lagging] {
+        assert_eq!(rows(db, "name"), vec![vec![text("t2"), text("new row")]]);
+    }
+}
+
+#[test]
+fn a_rebuild_in_a_migration_makes_a_new_table_on_every_replica() {
+    let c = clock();
+    let (a, b) = (replica(&c), replica(&c));
+    a.execute("INSERT INTO todo VALUES ('t1', 'milk', NULL)", &[])
+        .unwrap();
+    sync(&a, &b);
+    let rebuild = "CREATE TABLE todo_new(id TEXT PRIMARY KEY NOT NULL, name TEXT, note TEXT); \
+                   DROP TABLE todo; ALTER TABLE todo_new RENAME TO todo";
+    for db in [&a, &b] {
+        db.alter_synced_table("todo", rebuild).unwrap();
+    }
+    c.advance(1);
+    b.execute("INSERT INTO todo VALUES ('t2', 'bread', NULL)", &[])
+        .unwrap();
+    sync(&a, &b);
+    assert_eq!(rows(&a, "name"), vec![vec![text("t2"), text("bread")]]);
+    assert_eq!(rows(&a, "name, note"), rows(&b, "name, note"));
+    // Nothing of the rows that went with the old table comes back.
+    let fresh = replica(&c);
+    fresh.alter_synced_table("todo", rebuild).unwrap();
+    pull(&fresh, &a);
+    assert_eq!(rows(&fresh, "name, note"), rows(&a, "name, note"));
+}
+
+#[test]
+fn every_step_of_a_history_runs_once_even_those_that_change_no_column() {
+    let db = Database::open_in_memory().unwrap();
+    let add = "ALTER TABLE todo ADD COLUMN due INTEGER";
+    db.enable_sync_with_history("todo", CREATE, &[add]).unwrap();
+    db.enable_sync_with_history("todo", CREATE, &[add, "CREATE INDEX todo_due ON todo(due)"])
+        .unwrap();
+    let index = db
+        .query(
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND name = 'todo_due'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(index.rows.len(), 1, "the index step ran");
+    // Once: a start after that runs nothing again.
+    db.enable_sync_with_history("todo", CREATE, &[add, "CREATE INDEX todo_due ON todo(due)"])
+        .unwrap();
+}
