@@ -418,6 +418,34 @@ impl Database {
         Ok(())
     }
 
+    /// Records the schema cookie the cached tables match.
+    pub(crate) fn note_schema_cookie(&self, conn: &Connection) -> Result<()> {
+        let cookie: i64 = conn
+            .prepare_cached("PRAGMA schema_version")?
+            .query_row([], |r| r.get(0))?;
+        self.inner
+            .schema_cookie
+            .store(cookie, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The synced tables as `conn`'s snapshot has them: the cached ones,
+    /// unless the file's schema changed since they were loaded (another
+    /// handle or process migrated a table), then those of the snapshot.
+    pub(crate) fn tables_in(&self, conn: &Connection) -> Result<Vec<Arc<TableInfo>>> {
+        use std::sync::atomic::Ordering;
+        let cookie: i64 = conn
+            .prepare_cached("PRAGMA schema_version")?
+            .query_row([], |r| r.get(0))?;
+        if cookie == self.inner.schema_cookie.load(Ordering::Relaxed) {
+            return Ok(self.all_tables());
+        }
+        Ok(schema::load_tables(conn)?
+            .into_iter()
+            .map(Arc::new)
+            .collect())
+    }
+
     /// The site list as the file has it, inside a write transaction:
     /// another handle on the same file may have recorded sites since this
     /// one cached them.

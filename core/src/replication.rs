@@ -161,9 +161,9 @@ impl Database {
         recipient: Option<SiteId>,
         skip: impl FnOnce(&Connection) -> Result<Option<std::collections::HashSet<u64>>>,
     ) -> Result<ChangeSet> {
-        let tables = self.all_tables();
         let source = self.site_id();
         self.read_snapshot(|conn| {
+            let tables = self.tables_in(conn)?;
             let sites = load_sites(conn)?;
             let exclude =
                 recipient.and_then(|r| sites.iter().position(|s| *s == r).map(|p| p as u32));

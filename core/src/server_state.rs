@@ -221,8 +221,8 @@ impl Database {
     /// from the server may still hold an older unsent local change, so its
     /// cells are looked at one by one.
     pub fn pending_changes(&self) -> Result<u64> {
-        let tables = self.all_tables();
         self.read_snapshot(|conn| {
+            let tables = self.tables_in(conn)?;
             let pushed = get_u64(conn, "pushed")?;
             let from_server: HashSet<u64> = conn
                 .prepare_cached("SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1")?

@@ -300,7 +300,9 @@ impl Database {
         if let Some(info) = table {
             self.cache_table(info);
         }
-        Ok(())
+        // Nobody else could write since this transaction began: the cache is
+        // the file's schema as of now.
+        self.note_schema_cookie(conn)
     }
 
     /// Rows already in a table when it becomes synced are changes too: one

@@ -1254,3 +1254,24 @@ fn any_error_of_one_row_from_the_server_keeps_that_row_aside_and_the_rest_goes_i
     let exported = b.changes_since(0, None).unwrap().changes;
     assert_eq!(exported.len(), 133 * 3);
 }
+
+#[test]
+fn a_second_handle_exports_with_the_schema_another_handle_migrated_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("two.db");
+    let h1 = Database::open(&path).unwrap();
+    h1.execute_batch(TODO_SCHEMA).unwrap();
+    h1.enable_sync("todo").unwrap();
+    h1.execute("INSERT INTO todo VALUES ('t1', 'milk', 'open')", &[])
+        .unwrap();
+    let h2 = Database::open(&path).unwrap();
+    h1.alter_synced_table("todo", "ALTER TABLE todo RENAME COLUMN title TO task")
+        .unwrap();
+    // H2 has not written since: its reads still see the migration.
+    let exported = h2.changes_since(0, None).unwrap().changes;
+    assert_eq!(exported.len(), 3);
+    assert!(exported
+        .iter()
+        .any(|c| c.column.as_deref() == Some("title") && c.value == text("milk")));
+    assert_eq!(h2.pending_changes().unwrap(), 1);
+}
