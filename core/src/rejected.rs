@@ -80,11 +80,27 @@ impl Database {
         let Some(cid) = self.table(table).map(|t| t.cid.clone()) else {
             return Ok(());
         };
+        self.retry_rejected_where(|c| c.table == cid)
+    }
+
+    /// Tries again the changes kept aside for rows that `applied` just
+    /// changed: a row refused whole may have come in through a later change
+    /// of one of its cells, and its other cells must follow.
+    pub(crate) fn retry_rejected_rows(&self, applied: &[Change]) -> Result<()> {
+        if self.rejected_count()? == 0 {
+            return Ok(());
+        }
+        let rows: std::collections::HashSet<(&str, &[crate::value::Value])> =
+            applied.iter().map(|c| (&*c.table, &*c.pk)).collect();
+        self.retry_rejected_where(|c| rows.contains(&(&*c.table, &*c.pk)))
+    }
+
+    fn retry_rejected_where(&self, wanted: impl Fn(&Change) -> bool) -> Result<()> {
         let kept: Vec<Change> = self
             .rejected_changes()?
             .into_iter()
-            .filter(|r| r.change.table == cid)
             .map(|r| r.change)
+            .filter(|c| wanted(c))
             .collect();
         if kept.is_empty() {
             return Ok(());

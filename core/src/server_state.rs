@@ -164,7 +164,7 @@ impl Database {
         cursor: u64,
         tag: Option<&str>,
     ) -> Result<ApplyReport> {
-        self.apply_changes(changes, Sender::Server, |_, tx, ctx| {
+        let report = self.apply_changes(changes, Sender::Server, |_, tx, ctx| {
             let conn = tx.conn();
             if let Some(dbv) = ctx.report.db_version {
                 conn.prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
@@ -179,7 +179,11 @@ impl Database {
                     Ok(())
                 }
             }
-        })
+        })?;
+        if report.applied > 0 {
+            self.retry_rejected_rows(changes)?;
+        }
+        Ok(report)
     }
 
     /// Starts over with a server that lost (or dropped) the history our

@@ -1275,3 +1275,29 @@ fn a_second_handle_exports_with_the_schema_another_handle_migrated_to() {
         .any(|c| c.column.as_deref() == Some("title") && c.value == text("milk")));
     assert_eq!(h2.pending_changes().unwrap(), 1);
 }
+
+#[test]
+fn a_row_kept_aside_that_comes_in_later_brings_its_other_cells() {
+    let c = clock();
+    let (a, b) = (todo_replica(&c), todo_replica(&c));
+    b.execute_batch(
+        "CREATE TRIGGER no_bad BEFORE INSERT ON todo WHEN NEW.title = 'bad' \
+         BEGIN SELECT RAISE(ABORT, 'no bad titles'); END",
+    )
+    .unwrap();
+    a.execute("INSERT INTO todo VALUES ('t1', 'bad', 'important')", &[])
+        .unwrap();
+    let first = a.changes_since(0, None).unwrap();
+    b.apply_from_server(&first.changes, 1, None).unwrap();
+    assert_eq!(b.rejected_count().unwrap(), 3);
+    c.advance(1);
+    a.execute("UPDATE todo SET title = 'good'", &[]).unwrap();
+    let later = a.changes_since(first.until, None).unwrap();
+    b.apply_from_server(&later.changes, 2, None).unwrap();
+    assert_eq!(dump(&b, "todo"), dump(&a, "todo"));
+    assert_eq!(
+        b.rejected_count().unwrap(),
+        0,
+        "the stale title is gone too"
+    );
+}
