@@ -417,7 +417,16 @@ impl Client {
     ) -> Result<Reply> {
         let parts = split(outgoing, self.config.max_request_bytes);
         let n = parts.len();
-        let id = if n > 1 { db.push_id()? } else { String::new() };
+        // The same changes go under the same id, however often they are
+        // sent again (and whichever handle on this file sends them), so a
+        // retry replaces what the server staged; other changes, another id.
+        let site: String = db
+            .site_id()
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let id = format!("{site}-{}-{}", outgoing.since, outgoing.until);
         for (i, part) in parts.iter().enumerate() {
             let part_header = (n > 1).then_some((id.as_str(), i + 1, n));
             match self.post_sync(cursor, tag, who, part, part_header, report)? {

@@ -94,25 +94,6 @@ impl Database {
         })
     }
 
-    /// The id of the multi-request push in flight. It is kept until the
-    /// server accepts the push, so a retry after a lost answer replaces the
-    /// parts the server staged instead of adding to them.
-    pub(crate) fn push_id(&self) -> Result<String> {
-        if let Some(rusqlite::types::Value::Text(id)) =
-            self.read_snapshot(|conn| get(conn, "push_id"))?
-        {
-            return Ok(id);
-        }
-        self.write(|tx| match get(tx.conn(), "push_id")? {
-            Some(rusqlite::types::Value::Text(id)) => Ok(id),
-            _ => {
-                let id = uuid::Uuid::new_v4().to_string();
-                set(tx.conn(), "push_id", id.as_str())?;
-                Ok(id)
-            }
-        })
-    }
-
     /// Where our last accepted push landed on the server, and that
     /// version's tag.
     pub(crate) fn pushed_to(&self) -> Result<Option<(u64, String)>> {
@@ -143,8 +124,6 @@ impl Database {
 
     fn record_pushed(&self, tx: &crate::db::Transaction<'_>, until: u64) -> Result<()> {
         let conn = tx.conn();
-        conn.prepare_cached("DELETE FROM confluo_sync WHERE key = 'push_id'")?
-            .execute([])?;
         if until > get_u64(conn, "pushed")? {
             set(conn, "pushed", until as i64)?;
             conn.execute(
@@ -195,7 +174,7 @@ impl Database {
             set(tx.conn(), "cursor", 0i64)?;
             set(tx.conn(), "pushed", 0i64)?;
             tx.conn().execute(
-                "DELETE FROM confluo_sync WHERE key IN ('epoch', 'cursor_tag', 'push_id', 'pushed_at', 'pushed_tag')",
+                "DELETE FROM confluo_sync WHERE key IN ('epoch', 'cursor_tag', 'pushed_at', 'pushed_tag')",
                 [],
             )?;
             Ok(())

@@ -375,7 +375,7 @@ async fn sync_inner(
             Some((id, i, n)) => {
                 if i < n {
                     let (store, sp, bytes) = (app.store.clone(), space.clone(), body.to_vec());
-                    blocking(move || store.stage(&sp, &id, i, &bytes)).await?;
+                    blocking(move || store.stage(&sp, source, &id, i, &bytes)).await?;
                     return Ok((
                         StatusCode::ACCEPTED,
                         Json(serde_json::json!({"staged": i, "of": n})),

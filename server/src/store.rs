@@ -106,9 +106,18 @@ pub trait Store: Send + Sync + 'static {
     /// pushed to). The epoch is a random id given to a space when it is
     /// created, so a device can tell a wiped and regrown space from its own.
     fn space(&self, space: &str) -> StoreResult<Option<SpaceState>>;
-    /// Keeps one part of a push sent in several requests. Sending a part
-    /// again (a retry after a lost answer) replaces it.
-    fn stage(&self, space: &str, push_id: &str, part: u32, body: &[u8]) -> StoreResult<()>;
+    /// Keeps one part of a push sent in several requests by device `site`.
+    /// Sending a part again (a retry after a lost answer) replaces it; a
+    /// device has one unfinished push per space at most, so the parts of
+    /// its other pushes there are dropped.
+    fn stage(
+        &self,
+        space: &str,
+        site: SiteId,
+        push_id: &str,
+        part: u32,
+        body: &[u8],
+    ) -> StoreResult<()>;
     /// Takes parts `1..last` of a push, in order, and forgets every part of
     /// it; `None` if one of them is missing.
     fn take_staged(
@@ -154,7 +163,8 @@ CREATE TABLE IF NOT EXISTS space_tables(
   space INTEGER NOT NULL, tbl TEXT NOT NULL, key_arity INTEGER NOT NULL,
   PRIMARY KEY (space, tbl)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS staged(
-  space TEXT NOT NULL, push_id TEXT NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL, created INTEGER NOT NULL,
+  space TEXT NOT NULL, push_id TEXT NOT NULL, part INTEGER NOT NULL, site BLOB NOT NULL,
+  body BLOB NOT NULL, created INTEGER NOT NULL,
   PRIMARY KEY (space, push_id, part)) WITHOUT ROWID;
 ";
 
@@ -199,7 +209,7 @@ fn migrate(conn: &Connection) -> StoreResult<()> {
     // Staged parts live an hour at most: starting the table anew with its
     // new key only makes a device send an unfinished push again.
     let staged_by_space: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('staged') WHERE name = 'space' AND pk = 1)",
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('staged') WHERE name = 'site')",
         [],
         |r| r.get(0),
     )?;
@@ -556,11 +566,22 @@ impl Store for SqliteStore {
         })
     }
 
-    fn stage(&self, space: &str, push_id: &str, part: u32, body: &[u8]) -> StoreResult<()> {
+    fn stage(
+        &self,
+        space: &str,
+        site: SiteId,
+        push_id: &str,
+        part: u32,
+        body: &[u8],
+    ) -> StoreResult<()> {
         let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         conn.execute(
             "DELETE FROM staged WHERE created < ?1",
             [now_secs() - STAGED_TTL.as_secs() as i64],
+        )?;
+        conn.execute(
+            "DELETE FROM staged WHERE space = ?1 AND site = ?2 AND push_id <> ?3",
+            params![space, &site.as_bytes()[..], push_id],
         )?;
         // The part this one replaces does not count against the cap.
         let staged: i64 = conn.query_row(
@@ -576,8 +597,9 @@ impl Store for SqliteStore {
             )));
         }
         conn.execute(
-            "INSERT OR REPLACE INTO staged(space, push_id, part, body, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![space, push_id, part, body, now_secs()],
+            "INSERT OR REPLACE INTO staged(space, push_id, part, site, body, created) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![space, push_id, part, &site.as_bytes()[..], body, now_secs()],
         )?;
         Ok(())
     }
@@ -986,16 +1008,17 @@ mod tests {
     #[test]
     fn staged_parts_belong_to_their_space_and_a_resent_part_replaces_its_first_copy() {
         let store = SqliteStore::open_in_memory().unwrap().with_staging_cap(250);
-        store.stage("a", "p", 1, &[1; 100]).unwrap();
-        store.stage("a", "p", 2, &[2; 100]).unwrap();
+        let (x, y) = (SiteId::from_bytes([1; 16]), SiteId::from_bytes([2; 16]));
+        store.stage("a", x, "p", 1, &[1; 100]).unwrap();
+        store.stage("a", x, "p", 2, &[2; 100]).unwrap();
         // The retry of a push whose answer was lost sends its parts again.
-        store.stage("a", "p", 1, &[1; 100]).unwrap();
-        store.stage("a", "p", 2, &[2; 100]).unwrap();
-        let err = store.stage("a", "q", 1, &[3; 100]).unwrap_err();
+        store.stage("a", x, "p", 1, &[1; 100]).unwrap();
+        store.stage("a", x, "p", 2, &[2; 100]).unwrap();
+        let err = store.stage("a", y, "q", 1, &[3; 100]).unwrap_err();
         assert!(err.to_string().contains("unfinished pushes"), "{err}");
         // Another space's push of the same id is its own.
-        store.stage("b", "p", 1, &[9; 10]).unwrap();
-        store.stage("a", "p", 3, &[3; 10]).unwrap();
+        store.stage("b", x, "p", 1, &[9; 10]).unwrap();
+        store.stage("a", x, "p", 3, &[3; 10]).unwrap();
         assert_eq!(
             store.take_staged("a", "p", 3).unwrap(),
             Some(vec![vec![1; 100], vec![2; 100]]),
@@ -1008,6 +1031,15 @@ mod tests {
             "part 2 missing"
         );
         assert_eq!(store.take_staged("b", "p", 2).unwrap(), None, "forgotten");
+        // A device's new push drops the parts of its unfinished one.
+        store.stage("a", x, "p", 1, &[1; 100]).unwrap();
+        store.stage("a", x, "r", 1, &[4; 100]).unwrap();
+        store.stage("a", y, "q", 1, &[3; 100]).unwrap();
+        assert_eq!(store.take_staged("a", "p", 2).unwrap(), None);
+        assert_eq!(
+            store.take_staged("a", "r", 2).unwrap(),
+            Some(vec![vec![4; 100]])
+        );
     }
 
     #[test]
