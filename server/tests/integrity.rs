@@ -664,3 +664,141 @@ fn a_restore_to_before_an_accepted_push_is_noticed_while_the_cursor_is_behind_it
     );
     assert_eq!(dump(&fresh), dump(&a));
 }
+
+/// Random migrations (add, rename, drop, remake of columns, remake of the
+/// table) rolled out at random times, with upserts and deletes on old and
+/// new schemas, through a server with tiny pages: every device, and a new
+/// install that runs the history, ends the same.
+#[test]
+fn random_migrations_and_writes_through_a_server_with_tiny_pages_converge() {
+    const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
+    let base = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, name TEXT, note TEXT)";
+    for seed in 0..40u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut live: Vec<String> = vec!["name".into(), "note".into()];
+        let mut steps: Vec<String> = Vec::new();
+        let mut shapes = vec![live.clone()];
+        for _ in 0..rng.random_range(1..6) {
+            let unused: Vec<&str> = NAMES
+                .iter()
+                .copied()
+                .filter(|n| !live.iter().any(|l| l == n))
+                .collect();
+            let sql = match rng.random_range(0..5) {
+                0 if !unused.is_empty() => {
+                    let n = unused[rng.random_range(0..unused.len())];
+                    live.push(n.into());
+                    format!("ALTER TABLE todo ADD COLUMN {n} TEXT")
+                }
+                1 if !unused.is_empty() => {
+                    let i = rng.random_range(0..live.len());
+                    let to = unused[rng.random_range(0..unused.len())];
+                    let from = std::mem::replace(&mut live[i], to.into());
+                    format!("ALTER TABLE todo RENAME COLUMN {from} TO {to}")
+                }
+                2 if live.len() > 1 => {
+                    let n = live.remove(rng.random_range(0..live.len()));
+                    format!("ALTER TABLE todo DROP COLUMN {n}")
+                }
+                3 if live.len() > 1 => {
+                    let n = live.remove(rng.random_range(0..live.len()));
+                    live.push(n.clone());
+                    format!(
+                        "ALTER TABLE todo DROP COLUMN {n}; ALTER TABLE todo ADD COLUMN {n} TEXT"
+                    )
+                }
+                4 => {
+                    let defs: Vec<String> = live.iter().map(|n| format!("{n} TEXT")).collect();
+                    format!(
+                        "DROP TABLE todo; CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, {})",
+                        defs.join(", ")
+                    )
+                }
+                _ => continue,
+            };
+            steps.push(sql);
+            shapes.push(live.clone());
+        }
+        let server = server(Config {
+            page_bytes: 300,
+            ..Config::default()
+        });
+        let cfg = SyncConfig::new(server.url(), "s", "dev-token");
+        let open = || {
+            let db = Database::open_in_memory().unwrap();
+            db.enable_sync_with_history("todo", base, &[]).unwrap();
+            db
+        };
+        let devices: Vec<Database> = (0..3).map(|_| open()).collect();
+        let mut at = [0usize; 3];
+        for _ in 0..rng.random_range(5..60) {
+            let d = rng.random_range(0..3);
+            match rng.random_range(0..7) {
+                0 if at[d] < steps.len() => {
+                    devices[d]
+                        .alter_synced_table("todo", &steps[at[d]])
+                        .unwrap();
+                    at[d] += 1;
+                }
+                1..=3 => {
+                    let columns = &shapes[at[d]];
+                    let name = &columns[rng.random_range(0..columns.len())];
+                    let key = format!("k{}", rng.random_range(0..4));
+                    devices[d]
+                        .execute(
+                            &format!(
+                                "INSERT INTO todo(id, {name}) VALUES (?1, ?2) \
+                                 ON CONFLICT(id) DO UPDATE SET {name} = excluded.{name}"
+                            ),
+                            &[key.into(), text(rng.random_range(1..200), 'x')],
+                        )
+                        .unwrap();
+                }
+                4 => {
+                    let key = format!("k{}", rng.random_range(0..4));
+                    devices[d]
+                        .execute("DELETE FROM todo WHERE id = ?1", &[key.into()])
+                        .unwrap();
+                }
+                _ => {
+                    devices[d]
+                        .sync_now(&cfg)
+                        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                }
+            }
+        }
+        for (d, db) in devices.iter().enumerate() {
+            while at[d] < steps.len() {
+                db.alter_synced_table("todo", &steps[at[d]]).unwrap();
+                at[d] += 1;
+            }
+        }
+        for _ in 0..2 {
+            for db in &devices {
+                db.sync_now(&cfg).unwrap();
+            }
+        }
+        let history: Vec<&str> = steps.iter().map(String::as_str).collect();
+        let fresh = Database::open_in_memory().unwrap();
+        fresh
+            .enable_sync_with_history("todo", base, &history)
+            .unwrap();
+        fresh.sync_now(&cfg).unwrap();
+        let end = shapes.last().unwrap();
+        let view = |db: &Database| {
+            db.query(
+                &format!("SELECT id, {} FROM todo ORDER BY id", end.join(", ")),
+                &[],
+            )
+            .unwrap()
+            .rows
+        };
+        let expected = view(&devices[0]);
+        for (i, db) in devices.iter().chain([&fresh]).enumerate() {
+            assert!(
+                view(db) == expected,
+                "seed {seed}: device {i} (3: a new install) differs after {steps:?}"
+            );
+        }
+    }
+}
