@@ -93,6 +93,23 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// What a connection past the connection cap gets: `/healthz`, and a 503
+/// with Retry-After for anything else.
+pub fn overflow_router() -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async {
+            ApiError {
+                retry_after: Some(Duration::from_secs(1)),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the server has as many connections as it serves; retry",
+                )
+            }
+        })
+}
+
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -206,15 +223,34 @@ fn decode_resume(s: &str) -> Result<Resume, ApiError> {
     })
 }
 
-/// Reads the body, refusing one over the limit with 413 (as JSON).
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
+/// Reads the body, refusing one over the limit with 413, and one that does
+/// not arrive in time (its length at the minimum rate, plus a base) with
+/// 408, both as JSON.
+async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = app.config.max_body_bytes;
+    let length = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(limit)
+        .min(limit);
+    let deadline = app.config.body_deadline(length);
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("request bodies are limited to {limit} bytes; split the push into parts"),
-        )
-    })
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "too_slow",
+            format!(
+                "the request body did not arrive within {} s",
+                deadline.as_secs()
+            ),
+        )),
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -348,7 +384,7 @@ async fn sync_inner(
     // can make the server buffer a large body; write access once we know
     // there is something to write.
     admit(app, &space, &headers)?;
-    let body = read_body(body, app.config.max_body_bytes).await?;
+    let body = read_body(app, &headers, body).await?;
     if !body.is_empty() {
         app.auth.check(auth_header(&headers), &space, true)?;
     }

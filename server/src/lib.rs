@@ -28,6 +28,18 @@ pub struct Config {
     pub page_bytes: usize,
     /// The longest a long poll waits.
     pub max_wait: Duration,
+    /// How long a client may take to send a request's headers, and how
+    /// long a kept-alive connection may sit idle between requests.
+    pub header_timeout: Duration,
+    /// A request body must arrive within `body_timeout` plus its length at
+    /// `min_body_rate` bytes per second: a body that trickles is cut off.
+    pub body_timeout: Duration,
+    pub min_body_rate: usize,
+    /// Connections served at once; past it, new connections get only
+    /// `/healthz` (and a 503 for anything else) until some close.
+    pub max_connections: usize,
+    /// On shutdown, how long requests in flight may take to finish.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Config {
@@ -37,7 +49,19 @@ impl Default for Config {
             limits: Limits::default(),
             page_bytes: 4 << 20,
             max_wait: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            min_body_rate: 32 << 10,
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(5),
         }
+    }
+}
+
+impl Config {
+    /// The deadline for reading a body of `len` bytes.
+    pub fn body_deadline(&self, len: usize) -> Duration {
+        self.body_timeout + Duration::from_secs((len / self.min_body_rate.max(1)) as u64)
     }
 }
 
@@ -87,21 +111,91 @@ impl App {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then finishes
-/// the requests in flight (long polls return at once).
+/// Connections past `max_connections` that are still answered (with
+/// `/healthz` or a 503) rather than closed at once.
+const OVERFLOW_CONNECTIONS: usize = 64;
+
+/// Serves `app` on `listener` until `shutdown` completes, then lets the
+/// requests in flight finish (long polls return at once) for at most
+/// `shutdown_grace`, and ends the rest.
+///
+/// Every connection has a header-read timeout (which is also its idle
+/// timeout between requests), so clients that open connections and send
+/// nothing, or send half a request, cannot hold them; connections are
+/// capped, and past the cap a new one is still answered for `/healthz`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
     let router = api::router(app.clone());
-    let app2 = app.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            app2.begin_shutdown();
-        })
-        .await
+    let overflow_router = api::overflow_router();
+    let slots = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections));
+    let overflow = Arc::new(tokio::sync::Semaphore::new(OVERFLOW_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = |header_timeout: Duration, keep_alive: bool| {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .keep_alive(keep_alive);
+        b.http1_only()
+    };
+    let served = builder(app.config.header_timeout, true);
+    let refused = builder(Duration::from_secs(2), false);
+    tokio::pin!(shutdown);
+    let mut accept_errors = 0u64;
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, say: wait for some to close
+                    // instead of spinning, and say so now and then.
+                    if accept_errors % 100 == 0 {
+                        tracing::warn!(error = %e, "accept failed");
+                    }
+                    accept_errors += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let io = TokioIo::new(stream);
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            let conn = served.serve_connection(io, TowerToHyperService::new(router.clone()));
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(permit);
+            });
+        } else if let Ok(permit) = overflow.clone().try_acquire_owned() {
+            app.metrics
+                .overflow
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let conn =
+                refused.serve_connection(io, TowerToHyperService::new(overflow_router.clone()));
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(permit);
+            });
+        }
+        // Else the connection is dropped: closed at once.
+    }
+    app.begin_shutdown();
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(app.config.shutdown_grace) => {
+            tracing::warn!("requests still running after the shutdown grace period were ended");
+        }
+    }
+    Ok(())
 }
 
 /// A server running on its own thread and runtime: for the demo and tests.

@@ -29,6 +29,23 @@ struct Args {
     /// Largest single value, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_value_bytes: usize,
+    /// Seconds a client may take to send a request's headers; also how
+    /// long a kept-alive connection may sit idle.
+    #[arg(long, default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// A request body must arrive within this many seconds plus its length
+    /// at --min-body-rate.
+    #[arg(long, default_value_t = 10)]
+    body_timeout_secs: u64,
+    /// Slowest accepted body upload, in bytes per second.
+    #[arg(long, default_value_t = 32 << 10)]
+    min_body_rate: usize,
+    /// Connections served at once; past it only /healthz is answered.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds requests in flight may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 5)]
+    shutdown_grace_secs: u64,
 }
 
 /// A parent may start us with SIGTERM and SIGINT blocked (the mask is
@@ -82,12 +99,18 @@ async fn run() -> anyhow::Result<()> {
     let store =
         SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
     let defaults = Config::default();
+    let secs = std::time::Duration::from_secs;
     let config = Config {
         max_body_bytes: args.max_body_bytes,
         limits: confluo_core::Limits {
             max_value_bytes: args.max_value_bytes,
             ..defaults.limits
         },
+        header_timeout: secs(args.header_timeout_secs.max(1)),
+        body_timeout: secs(args.body_timeout_secs.max(1)),
+        min_body_rate: args.min_body_rate.max(1),
+        max_connections: args.max_connections.max(1),
+        shutdown_grace: secs(args.shutdown_grace_secs),
         ..defaults
     };
     let app = App::new(Arc::new(store), auth, config);

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub long_polls: AtomicI64,
+    /// Connections past the connection cap (answered for `/healthz` only).
+    pub overflow: AtomicU64,
 }
 
 impl Metrics {
@@ -66,6 +68,11 @@ impl Metrics {
                 "confluo_response_body_bytes_total",
                 "Bytes of change-set responses.",
                 &self.bytes_out,
+            ),
+            (
+                "confluo_overflow_connections_total",
+                "Connections past the connection cap, answered only for /healthz.",
+                &self.overflow,
             ),
         ];
         for (name, help, v) in counters {

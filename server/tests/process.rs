@@ -879,3 +879,170 @@ fn dev_mode_is_refused_off_loopback() {
         .unwrap();
     assert!(!out.status.success(), "no --auth and no --dev");
 }
+
+// ---------------------------------------------------------------------------
+// Overload: connections and requests that stall cannot hold the server.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+fn connect(server: &Server) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s
+}
+
+/// Reads until the server closes the connection or answers; `Ok(text)` with
+/// what it said (empty when it just closed), `Err` if it did neither before
+/// the socket's read timeout.
+fn read_until_closed(mut s: TcpStream) -> Result<String, std::io::Error> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(String::from_utf8_lossy(&out).into_owned()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(String::from_utf8_lossy(&out).into_owned())
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One request on a connection of its own, answered with its status line.
+fn raw_status(server: &Server, request: &str) -> String {
+    let mut s = connect(server);
+    s.write_all(request.as_bytes()).unwrap();
+    let reply = read_until_closed(s).expect("an answer");
+    reply.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn idle_and_half_sent_connections_are_closed_by_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev", "--header-timeout-secs", "1"]);
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut s = connect(&server);
+        if i % 2 == 1 {
+            s.write_all(b"POST /v1/spaces/s/sync HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+        }
+        held.push(s);
+    }
+    for (i, s) in held.into_iter().enumerate() {
+        read_until_closed(s)
+            .unwrap_or_else(|e| panic!("connection {i} was still open after 15 s: {e}"));
+    }
+    assert_eq!(healthz(&server.url()), 200);
+}
+
+#[test]
+fn a_body_that_trickles_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--dev",
+            "--body-timeout-secs",
+            "1",
+            "--min-body-rate",
+            "100000",
+        ],
+    );
+    let mut s = connect(&server);
+    s.write_all(
+        format!(
+            "POST /v1/spaces/s/sync HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEV}\r\n\
+             Confluo-Protocol: 1\r\nContent-Type: {CHANGESET_TYPE}\r\nContent-Length: 5000\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        // One byte every 300 ms: 25 minutes for the whole body.
+        for _ in 0..50 {
+            if writer.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let reply = read_until_closed(s).expect("the server answered or closed within 15 s");
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("too_slow"), "{reply}");
+    trickle.join().unwrap();
+}
+
+#[test]
+fn past_the_connection_cap_healthz_is_still_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--dev",
+            "--max-connections",
+            "4",
+            "--header-timeout-secs",
+            "30",
+        ],
+    );
+    let pull = format!(
+        "GET /v1/spaces/s/changes?cursor=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEV}\r\n\
+         Confluo-Protocol: 1\r\nConnection: close\r\n\r\n"
+    );
+    let health = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let held: Vec<TcpStream> = (0..4).map(|_| connect(&server)).collect();
+    // Once the server holds the four, others get /healthz and 503 only.
+    wait_until("a refused pull", Duration::from_secs(10), || {
+        raw_status(&server, &pull).starts_with("HTTP/1.1 503")
+    });
+    assert!(raw_status(&server, health).starts_with("HTTP/1.1 200"));
+    drop(held);
+    wait_until("a served pull", Duration::from_secs(10), || {
+        raw_status(&server, &pull).starts_with("HTTP/1.1 200")
+    });
+}
+
+#[test]
+fn sigterm_ends_stalled_requests_within_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        dir.path(),
+        &[
+            "--dev",
+            "--shutdown-grace-secs",
+            "1",
+            "--body-timeout-secs",
+            "600",
+        ],
+    );
+    // A push whose body never comes.
+    let mut s = connect(&server);
+    s.write_all(
+        format!(
+            "POST /v1/spaces/s/sync HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEV}\r\n\
+             Confluo-Protocol: 1\r\nContent-Type: {CHANGESET_TYPE}\r\nContent-Length: 5000\r\n\r\nxx"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(s);
+}
