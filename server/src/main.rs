@@ -109,7 +109,7 @@ async fn run() -> anyhow::Result<()> {
         header_timeout: secs(args.header_timeout_secs.max(1)),
         body_timeout: secs(args.body_timeout_secs.max(1)),
         min_body_rate: args.min_body_rate.max(1),
-        max_connections: args.max_connections.max(1),
+        max_connections: connection_cap(args.max_connections),
         shutdown_grace: secs(args.shutdown_grace_secs),
         ..defaults
     };
@@ -121,6 +121,33 @@ async fn run() -> anyhow::Result<()> {
     serve(listener, app, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connections that fit in the process's file descriptor limit, leaving
+/// room for the database, the connections past the cap that still get
+/// `/healthz`, and the rest of the process: more would make `accept` fail
+/// and leave `/healthz` unanswered.
+fn connection_cap(wanted: usize) -> usize {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            let fits = (limit.rlim_cur as usize).saturating_sub(128).max(1);
+            if fits < wanted {
+                tracing::warn!(
+                    wanted,
+                    serving = fits,
+                    "the file descriptor limit (ulimit -n) caps the connections served at once"
+                );
+                return fits;
+            }
+        }
+    }
+    wanted.max(1)
 }
 
 async fn shutdown_signal() {

@@ -1046,3 +1046,41 @@ fn sigterm_ends_stalled_requests_within_the_grace_period() {
     }
     drop(s);
 }
+
+#[test]
+fn healthz_answers_while_idle_connections_reach_the_file_descriptor_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("server.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 256 && exec \"$0\" --dev --listen 127.0.0.1:{port} --db \"$1\" --header-timeout-secs 60"
+        ))
+        .arg(BIN)
+        .arg(dir.path().join("server.db"))
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let healthy = || {
+        agent(Duration::from_secs(2))
+            .get(format!("{base}/healthz"))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+    };
+    wait_until("the server to start", Duration::from_secs(30), healthy);
+    // More idle connections than the process has file descriptors.
+    let held: Vec<TcpStream> = (0..300)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(held.len() >= 256, "{} connections", held.len());
+    wait_until("/healthz to answer", Duration::from_secs(10), healthy);
+    drop(held);
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("file descriptor limit"), "{log}");
+}
