@@ -352,8 +352,57 @@ async fn sync(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let counted = Counted::new(&app, "sync");
     let result = sync_inner(&app, space, params, headers, body).await;
-    respond(&app, "sync", result)
+    counted.respond(result)
+}
+
+/// One up on a gauge while it lives.
+struct Gauge<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a std::sync::atomic::AtomicI64) -> Self {
+        g.fetch_add(1, Ordering::Relaxed);
+        Gauge(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request on its way to `requests_total`: counted with its status when
+/// answered, and as 499 (nginx's "client closed request") when the client
+/// hung up first and the request was dropped.
+struct Counted<'a> {
+    app: &'a App,
+    route: &'static str,
+    answered: bool,
+}
+
+impl<'a> Counted<'a> {
+    fn new(app: &'a App, route: &'static str) -> Self {
+        Counted {
+            app,
+            route,
+            answered: false,
+        }
+    }
+
+    fn respond(mut self, result: Result<Response, ApiError>) -> Response {
+        self.answered = true;
+        respond(self.app, self.route, result)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.app.metrics.request(self.route, 499);
+        }
+    }
 }
 
 fn respond(app: &App, route: &'static str, result: Result<Response, ApiError>) -> Response {
@@ -566,8 +615,9 @@ async fn changes(
     Query(params): Query<PullParams>,
     headers: HeaderMap,
 ) -> Response {
+    let counted = Counted::new(&app, "changes");
     let result = changes_inner(&app, space, params, headers).await;
-    respond(&app, "changes", result)
+    counted.respond(result)
 }
 
 async fn changes_inner(
@@ -590,14 +640,15 @@ async fn changes_inner(
             .await?
             .map_or(0, |s| s.version);
         if version == params.cursor {
-            app.metrics.long_polls.fetch_add(1, Ordering::Relaxed);
+            // Counted down when the wait ends, or when the client hangs up
+            // and the request is dropped.
+            let _waiting = Gauge::up(&app.metrics.long_polls);
             let mut shutdown = app.shutdown.clone();
             tokio::select! {
                 _ = rx.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }
-            app.metrics.long_polls.fetch_sub(1, Ordering::Relaxed);
         }
     }
     pull_page(app, &space, &params, resume, exclude, state, extra).await

@@ -1084,3 +1084,43 @@ fn healthz_answers_while_idle_connections_reach_the_file_descriptor_limit() {
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     assert!(log.contains("file descriptor limit"), "{log}");
 }
+
+#[test]
+fn long_polls_whose_clients_hang_up_leave_the_gauge_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    let metrics = || {
+        agent(Duration::from_secs(5))
+            .get(format!("{}/metrics", server.url()))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default()
+    };
+    let polls: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut s = connect(&server);
+            s.write_all(
+                format!(
+                    "GET /v1/spaces/s/changes?cursor=0&wait=60 HTTP/1.1\r\nHost: x\r\n\
+                     Authorization: Bearer {DEV}\r\nConfluo-Protocol: 1\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    wait_until("50 long polls waiting", Duration::from_secs(20), || {
+        metrics().contains("confluo_long_polls 50")
+    });
+    drop(polls);
+    wait_until("the gauge back at 0", Duration::from_secs(20), || {
+        metrics().contains("confluo_long_polls 0")
+    });
+    let m = metrics();
+    assert!(
+        m.contains("confluo_requests_total{route=\"changes\",status=\"499\"} 50"),
+        "{m}"
+    );
+}
