@@ -40,6 +40,8 @@ pub struct Config {
     pub max_connections: usize,
     /// On shutdown, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// Serve HTTPS with this certificate and key (see `tls_config`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Config {
@@ -54,8 +56,29 @@ impl Default for Config {
             min_body_rate: 32 << 10,
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
+}
+
+/// A TLS configuration from a PEM certificate chain and a PEM private key.
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("the certificate file: {e}"))?;
+    if certs.is_empty() {
+        anyhow::bail!("the certificate file holds no certificate");
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| anyhow::anyhow!("the key file: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(Arc::new(config))
 }
 
 impl Config {
@@ -111,6 +134,35 @@ impl App {
     }
 }
 
+/// One accepted connection, served over whatever stream it came on.
+struct Conn {
+    service: axum::Router,
+    header_timeout: Duration,
+    keep_alive: bool,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Conn {
+    async fn serve<I>(self, stream: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+        use hyper_util::server::conn::auto;
+        use hyper_util::service::TowerToHyperService;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .keep_alive(self.keep_alive);
+        let builder = builder.http1_only();
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(self.service));
+        let _ = self.watcher.watch(conn.into_owned()).await;
+    }
+}
+
 /// Connections past `max_connections` that are still answered (with
 /// `/healthz` or a 503) rather than closed at once.
 const OVERFLOW_CONNECTIONS: usize = 64;
@@ -128,25 +180,12 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto;
-    use hyper_util::service::TowerToHyperService;
-
     let router = api::router(app.clone());
     let overflow_router = api::overflow_router();
     let slots = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections));
     let overflow = Arc::new(tokio::sync::Semaphore::new(OVERFLOW_CONNECTIONS));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = |header_timeout: Duration, keep_alive: bool| {
-        let mut b = auto::Builder::new(TokioExecutor::new());
-        b.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .keep_alive(keep_alive);
-        b.http1_only()
-    };
-    let served = builder(app.config.header_timeout, true);
-    let refused = builder(Duration::from_secs(2), false);
+    let tls = app.config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
     let mut accept_errors = 0u64;
     loop {
@@ -166,27 +205,46 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let io = TokioIo::new(stream);
-        if let Ok(permit) = slots.clone().try_acquire_owned() {
-            let conn = served.serve_connection(io, TowerToHyperService::new(router.clone()));
-            let conn = graceful.watch(conn.into_owned());
-            tokio::spawn(async move {
-                let _ = conn.await;
-                drop(permit);
-            });
-        } else if let Ok(permit) = overflow.clone().try_acquire_owned() {
-            app.metrics
-                .overflow
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let conn =
-                refused.serve_connection(io, TowerToHyperService::new(overflow_router.clone()));
-            let conn = graceful.watch(conn.into_owned());
-            tokio::spawn(async move {
-                let _ = conn.await;
-                drop(permit);
-            });
-        }
-        // Else the connection is dropped: closed at once.
+        let (permit, service, header_timeout, keep_alive) =
+            if let Ok(permit) = slots.clone().try_acquire_owned() {
+                (permit, router.clone(), app.config.header_timeout, true)
+            } else if let Ok(permit) = overflow.clone().try_acquire_owned() {
+                app.metrics
+                    .overflow
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (
+                    permit,
+                    overflow_router.clone(),
+                    Duration::from_secs(2),
+                    false,
+                )
+            } else {
+                // Closed at once.
+                continue;
+            };
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let conn = Conn {
+                service,
+                header_timeout,
+                keep_alive,
+                watcher,
+            };
+            match tls {
+                None => conn.serve(stream).await,
+                Some(tls) => {
+                    // The handshake is part of the request's headers: it
+                    // gets the same time.
+                    match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => conn.serve(stream).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+            drop(permit);
+        });
     }
     app.begin_shutdown();
     tokio::select! {

@@ -46,6 +46,12 @@ struct Args {
     /// Seconds requests in flight may take to finish after SIGTERM.
     #[arg(long, default_value_t = 5)]
     shutdown_grace_secs: u64,
+    /// Serve HTTPS: the certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// A parent may start us with SIGTERM and SIGINT blocked (the mask is
@@ -111,13 +117,27 @@ async fn run() -> anyhow::Result<()> {
         min_body_rate: args.min_body_rate.max(1),
         max_connections: connection_cap(args.max_connections),
         shutdown_grace: secs(args.shutdown_grace_secs),
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                let read = |p: &PathBuf| {
+                    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+                };
+                Some(confluo_server::tls_config(&read(cert)?, &read(key)?)?)
+            }
+            _ => None,
+        },
         ..defaults
     };
     let app = App::new(Arc::new(store), auth, config);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, db = %args.db.display(), "confluo-server listening");
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(addr = %listener.local_addr()?, scheme, db = %args.db.display(), "confluo-server listening");
     serve(listener, app, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

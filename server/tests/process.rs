@@ -1124,3 +1124,64 @@ fn long_polls_whose_clients_hang_up_leave_the_gauge_and_are_counted() {
         "{m}"
     );
 }
+
+#[test]
+fn the_server_speaks_https_with_the_certificate_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let port = free_port();
+    let log = dir.path().join("server.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--dev", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+        .arg(dir.path().join("server.db"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap();
+    let der = certified.cert.der().to_vec();
+    let trusted = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&[
+            ureq::tls::Certificate::from_der(&der).to_owned(),
+        ]))
+        .build();
+    let https: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(trusted)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let base = format!("https://127.0.0.1:{port}");
+    let answered = || {
+        https
+            .get(format!("{base}/healthz"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+    };
+    wait_until("/healthz over https", Duration::from_secs(30), || {
+        answered().as_deref() == Some("ok\n")
+    });
+    // A pull over https, and nothing over plain http.
+    let status = https
+        .get(format!("{base}/v1/spaces/s/changes?cursor=0"))
+        .header("authorization", format!("Bearer {DEV}"))
+        .header("confluo-protocol", "1")
+        .call()
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert!(agent(Duration::from_secs(5))
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .call()
+        .is_err());
+    let _ = child.kill();
+    let _ = child.wait();
+}
