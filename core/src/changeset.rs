@@ -147,6 +147,13 @@ impl ChangeSet {
     /// error, never a panic; values are checked for shape only (limits and
     /// names are checked by `apply`).
     pub fn decode(bytes: &[u8]) -> Result<ChangeSet> {
+        Self::decode_at_most(bytes, usize::MAX)
+    }
+
+    /// `decode`, refusing (with `Error::InvalidInput`) a change set of more
+    /// than `max_changes` changes before it holds them all in memory: a
+    /// receiver's memory stays bounded whatever the bytes say.
+    pub fn decode_at_most(bytes: &[u8], max_changes: usize) -> Result<ChangeSet> {
         let mut r = Reader::new(bytes);
         if r.take(4).map_err(|_| Error::malformed("too short"))? != MAGIC {
             return Err(Error::malformed("not a Confluo change set"));
@@ -198,7 +205,7 @@ impl ChangeSet {
         };
 
         let group_count = r.len("group count")?;
-        let mut changes = Vec::with_capacity(group_count.min(r.remaining()));
+        let mut changes = Vec::with_capacity(group_count.min(r.remaining()).min(1 << 16));
         let mut seqs = SeqCounter::default();
         for _ in 0..group_count {
             let table = name(&mut r)?;
@@ -238,6 +245,11 @@ impl ChangeSet {
                 };
                 let value = r.value(usize::MAX)?;
                 seqs.saw(db_version, seq);
+                if changes.len() == max_changes {
+                    return Err(Error::invalid(format!(
+                        "more than {max_changes} changes in one change set"
+                    )));
+                }
                 changes.push(Change {
                     table: table.clone(),
                     pk: pk.clone(),

@@ -37,9 +37,11 @@ pub struct SyncConfig {
     pub token: Arc<dyn TokenProvider>,
     /// Timeout of each request (a long poll adds its wait).
     pub request_timeout: Duration,
-    /// Pushes larger than this go in several requests, merged by the server
+    /// Pushes larger than this, or with more changes than
+    /// `max_request_changes`, go in several requests, merged by the server
     /// as one.
     pub max_request_bytes: usize,
+    pub max_request_changes: usize,
     /// How long a long poll waits on the server.
     pub long_poll: Duration,
     /// Background sync waits this long after the last local commit.
@@ -69,6 +71,7 @@ impl SyncConfig {
             token,
             request_timeout: Duration::from_secs(30),
             max_request_bytes: 8 << 20,
+            max_request_changes: 100_000,
             long_poll: Duration::from_secs(25),
             debounce: Duration::from_millis(200),
             min_backoff: Duration::from_secs(1),
@@ -415,7 +418,11 @@ impl Client {
         who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Reply> {
-        let parts = split(outgoing, self.config.max_request_bytes);
+        let parts = split(
+            outgoing,
+            self.config.max_request_bytes,
+            self.config.max_request_changes,
+        );
         let n = parts.len();
         // The same changes go under the same id, however often they are
         // sent again (and whichever handle on this file sends them), so a
@@ -496,10 +503,13 @@ impl Client {
 /// Parts end between rows where they can; a row too large for one part is
 /// cut between its changes (the server merges every part of a push in one
 /// transaction, so the row still lands whole).
-fn split(cs: &ChangeSet, max: usize) -> Vec<Vec<u8>> {
-    let whole = cs.encode();
-    if whole.len() <= max {
-        return vec![whole];
+fn split(cs: &ChangeSet, max: usize, max_changes: usize) -> Vec<Vec<u8>> {
+    let max_changes = max_changes.max(1);
+    if cs.changes.len() <= max_changes {
+        let whole = cs.encode();
+        if whole.len() <= max {
+            return vec![whole];
+        }
     }
     let part = |range: std::ops::Range<usize>| {
         ChangeSet {
@@ -512,7 +522,7 @@ fn split(cs: &ChangeSet, max: usize) -> Vec<Vec<u8>> {
     let (mut start, mut size) = (0, 0);
     for (i, c) in cs.changes.iter().enumerate() {
         let cost = c.value.payload_len() + c.pk.iter().map(|v| v.payload_len()).sum::<usize>() + 32;
-        if size > 0 && size + cost > max {
+        if size > 0 && (size + cost > max || i - start >= max_changes) {
             parts.push(part(start..i));
             (start, size) = (i, 0);
         }
@@ -654,5 +664,56 @@ impl Database {
     /// up. Changes count as sent only once the server has accepted them.
     pub fn sync_now(&self, config: &SyncConfig) -> Result<SyncReport> {
         Client::new(config.clone()).sync(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::site::SiteId;
+    use crate::value::Value;
+
+    fn changes(rows: usize, per_row: usize) -> ChangeSet {
+        let site = SiteId::random();
+        ChangeSet {
+            source: site,
+            recipient: None,
+            since: 0,
+            until: 1,
+            changes: (0..rows * per_row)
+                .map(|i| Change {
+                    table: "t".into(),
+                    pk: vec![Value::Integer((i / per_row) as i64)].into(),
+                    column: Some(format!("c{}", i % per_row).into()),
+                    value: Value::Integer(i as i64),
+                    hlc: Hlc(1),
+                    site,
+                    cl: 1,
+                    db_version: 1,
+                    seq: i as u32,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn parts_hold_at_most_the_changes_a_server_takes_and_lose_none() {
+        let cs = changes(10, 3);
+        for (max_bytes, max_changes) in [(1 << 20, 4), (1 << 20, 1), (40, 100), (1 << 20, 100)] {
+            let parts = split(&cs, max_bytes, max_changes);
+            let decoded: Vec<ChangeSet> = parts
+                .iter()
+                .map(|p| ChangeSet::decode(p).unwrap())
+                .collect();
+            assert!(
+                decoded.iter().all(|p| p.changes.len() <= max_changes),
+                "{max_bytes} {max_changes}"
+            );
+            let all: Vec<Change> = decoded.into_iter().flat_map(|p| p.changes).collect();
+            assert_eq!(all.len(), cs.changes.len());
+            assert!(all.iter().zip(&cs.changes).all(|(a, b)| a.value == b.value));
+        }
+        assert_eq!(split(&cs, 1 << 20, 100).len(), 1);
     }
 }

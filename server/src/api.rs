@@ -264,7 +264,14 @@ async fn blocking<T: Send + 'static>(
 
 /// Decodes and validates a pushed change set: names, types, sizes, clocks.
 fn validate_push(app: &App, body: &[u8]) -> Result<ChangeSet, ApiError> {
-    let cs = ChangeSet::decode(body).map_err(|e| ApiError::bad("malformed", e.to_string()))?;
+    let cs = ChangeSet::decode_at_most(body, app.config.max_changes).map_err(|e| match e {
+        confluo_core::Error::InvalidInput(m) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("{m}; split the push into parts"),
+        ),
+        other => ApiError::bad("malformed", other.to_string()),
+    })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);

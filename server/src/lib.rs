@@ -23,6 +23,9 @@ pub use store::{SqliteStore, Store};
 #[derive(Clone, Debug)]
 pub struct Config {
     pub max_body_bytes: usize,
+    /// The most changes one request may carry: bounds the memory a request
+    /// takes however small its changes are.
+    pub max_changes: usize,
     pub limits: Limits,
     /// About how many bytes of changes one pull page carries.
     pub page_bytes: usize,
@@ -48,6 +51,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_body_bytes: 16 << 20,
+            max_changes: 200_000,
             limits: Limits::default(),
             page_bytes: 4 << 20,
             max_wait: Duration::from_secs(60),

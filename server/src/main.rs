@@ -26,6 +26,9 @@ struct Args {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
+    /// Most changes in one request.
+    #[arg(long, default_value_t = 200_000)]
+    max_changes: usize,
     /// Largest single value, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_value_bytes: usize,
@@ -108,6 +111,7 @@ async fn run() -> anyhow::Result<()> {
     let secs = std::time::Duration::from_secs;
     let config = Config {
         max_body_bytes: args.max_body_bytes,
+        max_changes: args.max_changes.max(1),
         limits: confluo_core::Limits {
             max_value_bytes: args.max_value_bytes,
             ..defaults.limits

@@ -1185,3 +1185,62 @@ fn the_server_speaks_https_with_the_certificate_it_is_given() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The server process's peak resident memory, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    kib / 1024
+}
+
+#[test]
+fn a_maximal_push_of_minimal_changes_is_refused_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    // 16 MiB of the smallest changes there are: 2 bytes each.
+    let n = ((16 << 20) - 1024) / 2;
+    let pk: Arc<[Value]> = vec![Value::Text("k".into())].into();
+    let table: Arc<str> = Arc::from("todo");
+    let site = confluo_core::SiteId::random();
+    let body = ChangeSet {
+        source: site,
+        recipient: None,
+        since: 0,
+        until: 1,
+        changes: (0..n)
+            .map(|seq| confluo_core::Change {
+                table: table.clone(),
+                pk: pk.clone(),
+                column: None,
+                value: Value::Null,
+                hlc: confluo_core::Hlc::new(1_700_000_000_000, 0),
+                site,
+                cl: 1,
+                db_version: 1,
+                seq: seq as u32,
+            })
+            .collect(),
+    }
+    .encode();
+    assert!(body.len() <= 16 << 20, "{}", body.len());
+    let reply = post_sync(
+        &server.url(),
+        "big",
+        &[
+            ("authorization", "Bearer dev-token"),
+            ("confluo-protocol", "1"),
+            ("content-type", CHANGESET_TYPE),
+        ],
+        &body,
+    );
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert!(reply.text().contains("split the push"), "{}", reply.text());
+    let peak = peak_rss_mib(server.child.id());
+    assert!(peak < 400, "the server peaked at {peak} MiB");
+    assert_eq!(healthz(&server.url()), 200);
+}
