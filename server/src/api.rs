@@ -121,10 +121,13 @@ pub fn router(app: Arc<App>) -> Router {
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     app.metrics.request("metrics", 200);
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        app.metrics.render(),
-    )
+    let mut text = app.metrics.render();
+    text.push_str(&format!(
+        "# HELP confluo_watched_spaces Spaces with long polls waiting now.\n\
+         # TYPE confluo_watched_spaces gauge\nconfluo_watched_spaces {}\n",
+        app.watched_spaces()
+    ));
+    ([("content-type", "text/plain; version=0.0.4")], text)
 }
 
 #[derive(Deserialize, Default)]
@@ -641,7 +644,7 @@ async fn changes_inner(
     let wait = Duration::from_secs(params.wait).min(app.config.max_wait);
     if resume.is_none() && !wait.is_zero() {
         // Subscribe before looking, so a push committing in between is seen.
-        let mut rx = app.subscribe(&space);
+        let mut watch = app.subscribe(&space);
         let (store, sp) = (app.store.clone(), space.clone());
         let version = blocking(move || store.space(&sp))
             .await?
@@ -652,7 +655,7 @@ async fn changes_inner(
             let _waiting = Gauge::up(&app.metrics.long_polls);
             let mut shutdown = app.shutdown.clone();
             tokio::select! {
-                _ = rx.changed() => {}
+                _ = watch.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }

@@ -117,11 +117,27 @@ impl App {
         })
     }
 
-    fn subscribe(&self, space: &str) -> watch::Receiver<u64> {
+    /// Watches `space` for pushes, for a long poll. The space's entry lives
+    /// as long as someone watches it, so spaces nobody polls take no memory.
+    fn subscribe(&self, space: &str) -> SpaceWatch<'_> {
         let mut map = self.versions.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(space.to_owned())
+        let rx = map
+            .entry(space.to_owned())
             .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+            .subscribe();
+        SpaceWatch {
+            app: self,
+            space: space.to_owned(),
+            rx: Some(rx),
+        }
+    }
+
+    /// How many spaces are being watched by long polls now.
+    pub fn watched_spaces(&self) -> usize {
+        self.versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Wakes the long polls of `space`: a push just committed `version`.
@@ -135,6 +151,35 @@ impl App {
     /// Ends every long poll now (the server is shutting down).
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
+    }
+}
+
+/// A long poll's watch of one space; the last one to go forgets the space.
+pub(crate) struct SpaceWatch<'a> {
+    app: &'a App,
+    space: String,
+    rx: Option<watch::Receiver<u64>>,
+}
+
+impl SpaceWatch<'_> {
+    /// Waits for the next push to the space.
+    pub(crate) async fn changed(&mut self) {
+        if let Some(rx) = &mut self.rx {
+            let _ = rx.changed().await;
+        }
+    }
+}
+
+impl Drop for SpaceWatch<'_> {
+    fn drop(&mut self) {
+        let mut map = self.app.versions.lock().unwrap_or_else(|e| e.into_inner());
+        self.rx.take();
+        if map
+            .get(&self.space)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            map.remove(&self.space);
+        }
     }
 }
 

@@ -1244,3 +1244,43 @@ fn a_maximal_push_of_minimal_changes_is_refused_in_bounded_memory() {
     assert!(peak < 400, "the server peaked at {peak} MiB");
     assert_eq!(healthz(&server.url()), 200);
 }
+
+#[test]
+fn spaces_are_forgotten_when_their_long_polls_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    let metrics = || {
+        agent(Duration::from_secs(5))
+            .get(format!("{}/metrics", server.url()))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default()
+    };
+    let polls: Vec<_> = (0..20)
+        .map(|i| {
+            let url = format!(
+                "{}/v1/spaces/space{i}/changes?cursor=0&wait=2",
+                server.url()
+            );
+            std::thread::spawn(move || {
+                agent(Duration::from_secs(30))
+                    .get(&url)
+                    .header("authorization", "Bearer dev-token")
+                    .header("confluo-protocol", "1")
+                    .call()
+                    .map(|r| r.status().as_u16())
+                    .ok()
+            })
+        })
+        .collect();
+    wait_until("20 spaces watched", Duration::from_secs(20), || {
+        metrics().contains("confluo_watched_spaces 20")
+    });
+    for p in polls {
+        assert_eq!(p.join().unwrap(), Some(200));
+    }
+    wait_until("no space watched", Duration::from_secs(20), || {
+        metrics().contains("confluo_watched_spaces 0")
+    });
+}
