@@ -4,6 +4,9 @@
 //!    peak RSS of the server and of the devices' process.
 //! 2. 50 devices syncing small edits concurrently for 30 s: syncs per
 //!    second, p50/p99 latency, errors.
+//! 3. A maximal push of minimal changes (16 MiB): the server's peak RSS;
+//!    and during a maximal push the server takes, how long a one-row push
+//!    to another space waits.
 //!
 //! Prints one `RESULT {json}` line per figure.
 
@@ -13,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use confluo_core::{Database, SyncConfig, Value};
+use confluo_core::{Change, ChangeSet, Database, Hlc, SiteId, SyncConfig, Value};
 
 #[path = "../../core/benches/workload.rs"]
 mod workload;
@@ -172,6 +175,92 @@ fn many_devices(dir: &std::path::Path, server: &Server, devices: usize, duration
     );
 }
 
+/// POSTs an encoded change set to `space`; the HTTP status.
+fn post(url: &str, space: &str, body: &[u8]) -> u16 {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent
+        .post(format!("{url}/v1/spaces/{space}/sync"))
+        .header("authorization", "Bearer dev-token")
+        .header("confluo-protocol", "1")
+        .header("content-type", "application/vnd.confluo.changeset")
+        .send(body)
+        .map_or(0, |r| r.status().as_u16())
+}
+
+/// `n` changes with `value`: each of its own row, or all markers of one row.
+fn changes(n: usize, value: Value, distinct_rows: bool) -> Vec<u8> {
+    let site = SiteId::random();
+    let table: Arc<str> = Arc::from("todo");
+    let same: Arc<[Value]> = vec![Value::Text("k".into())].into();
+    let hlc = Hlc::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+        0,
+    );
+    ChangeSet {
+        source: site,
+        recipient: None,
+        since: 0,
+        until: 1,
+        changes: (0..n)
+            .map(|i| Change {
+                table: table.clone(),
+                pk: if distinct_rows {
+                    vec![Value::Integer(i as i64)].into()
+                } else {
+                    same.clone()
+                },
+                column: distinct_rows.then(|| Arc::from("title")),
+                value: value.clone(),
+                hlc,
+                site,
+                cl: 1,
+                db_version: 1,
+                seq: i as u32,
+            })
+            .collect(),
+    }
+    .encode()
+}
+
+fn maximal_pushes(dir: &std::path::Path) {
+    // The smallest changes there are, as many as 16 MiB holds.
+    let server = start_server(&dir.join("max"));
+    let minimal = changes(((16 << 20) - 1024) / 2, Value::Null, false);
+    let status = post(&server.url, "minimal", &minimal);
+    eprintln!("maximal push of minimal changes: HTTP {status}");
+    result(
+        "max_push_minimal_changes_server_rss",
+        peak_rss_mb(&server.child.id().to_string()),
+        "MB",
+    );
+    // A push the server takes (most of 16 MiB, under its change cap), and
+    // meanwhile a one-row push to another space.
+    let big = changes(150_000, Value::Text("x".repeat(70)), true);
+    assert!(big.len() < 16 << 20, "{}", big.len());
+    let big_push = {
+        let url = server.url.clone();
+        std::thread::spawn(move || post(&url, "big", &big))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let small = changes(1, Value::Text("one row".into()), true);
+    let started = Instant::now();
+    let status = post(&server.url, "other", &small);
+    let waited = started.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(big_push.join().unwrap(), 200);
+    result(
+        "other_space_push_ms_during_max_push",
+        waited.as_secs_f64() * 1000.0,
+        "ms",
+    );
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
@@ -184,4 +273,6 @@ fn main() {
     let server = start_server(dir.path());
     transfer(dir.path(), &server);
     many_devices(dir.path(), &server, 50, Duration::from_secs(seconds));
+    std::fs::create_dir_all(dir.path().join("max")).unwrap();
+    maximal_pushes(dir.path());
 }
