@@ -1,0 +1,585 @@
+//! End to end against the real `confluo-server` binary: the edges a client
+//! or an operator reaches first (token checks, error answers, start-up
+//! checks), over raw HTTP so that nothing between us and the server tidies
+//! the request.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+const BIN: &str = env!("CARGO_BIN_EXE_confluo-server");
+const SECRET: &str = "0123456789abcdef0123456789abcdef-edges";
+const WRITER: &str = "team-writer-token-3f9a";
+
+// ---------------------------------------------------------------------------
+// The server process
+
+/// A running `confluo-server`; dropping it kills the process and reaps it.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+impl Server {
+    /// Starts the binary on `host`:(a free port), its database and log in
+    /// `dir`, with the extra `args`; waits until `/healthz` answers.
+    fn start_on(host: &str, dir: &Path, args: &[&str]) -> Server {
+        let log = dir.join("server.log");
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let out = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("log file");
+            let err = out.try_clone().expect("log file");
+            let mut child = Command::new(BIN)
+                .arg("--listen")
+                .arg(format!("{host}:{port}"))
+                .arg("--db")
+                .arg(dir.join("server.db"))
+                .args(args)
+                .env("RUST_LOG", "info")
+                .env_remove("NO_COLOR")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(out))
+                .stderr(Stdio::from(err))
+                .spawn()
+                .expect("spawn the server");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = child.try_wait().expect("wait for the server") {
+                    failures.push(format!(
+                        "exited with {status}; log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    ));
+                    break;
+                }
+                let health = send(port, "GET", "/healthz", &[], b"");
+                if health.is_ok_and(|r| r.status == 200) {
+                    return Server { child, port, log };
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failures.push("no answer from /healthz".into());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        panic!("the server did not start: {failures:#?}");
+    }
+
+    fn start(dir: &Path, args: &[&str]) -> Server {
+        Self::start_on("127.0.0.1", dir, args)
+    }
+
+    fn request(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        send(self.port, method, target, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+    }
+
+    /// `POST /v1/spaces/{space}/sync` with the protocol header and `headers`.
+    fn sync(&self, space: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        let mut all = vec![("confluo-protocol", "1")];
+        all.extend_from_slice(headers);
+        self.request("POST", &format!("/v1/spaces/{space}/sync"), &all, body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary with `args`, expecting it to exit within 20 s (it is
+/// killed otherwise, and the answer says it was still running).
+fn run_to_exit(args: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.log");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("spawn the server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    match status {
+        Some(s) => (s.success(), text),
+        None => (true, format!("STILL RUNNING after 20 s; output:\n{text}")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts an error answer: `status`, a JSON content type and a body
+    /// `{"error": {"code": code, "message": "..."}}`; returns the message.
+    fn assert_error(&self, what: &str, status: u16, code: &str) -> String {
+        assert_eq!(
+            self.status,
+            status,
+            "{what}: status (body {:?})",
+            self.text()
+        );
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{what}: content type (body {:?})",
+            self.text()
+        );
+        let json: serde_json::Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {:?}", self.text()));
+        assert_eq!(
+            json["error"]["code"].as_str(),
+            Some(code),
+            "{what}: error code in {json}"
+        );
+        let message = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{what}: error message in {json}");
+        message.to_owned()
+    }
+
+    fn assert_ok(&self, what: &str) {
+        assert_eq!(self.status, 200, "{what}: status (body {:?})", self.text());
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection, sent exactly as given.
+fn send(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Reply> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_reply(&raw).ok_or_else(|| std::io::Error::other(format!("unparsable answer {raw:?}")))
+}
+
+fn parse_reply(raw: &[u8]) -> Option<Reply> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    if chunked {
+        let (mut rest, mut out) = (&body[..], Vec::new());
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n")?;
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).ok()?, 16).ok()?;
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(rest.get(eol + 2..eol + 2 + size)?);
+            rest = rest.get(eol + 4 + size..)?;
+        }
+        body = out;
+    }
+    Some(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Tokens and change sets
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn jwt(claims: serde_json::Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn write_auth(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("auth.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+// ---------------------------------------------------------------------------
+// Finding 5: JWT claims
+
+#[test]
+fn jwts_are_checked_for_not_before_issuer_audience_and_wildcards() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = write_auth(
+        dir.path(),
+        &format!(
+            r#"jwt_secret = "{SECRET}"
+jwt_issuer = "https://backend.example"
+jwt_audience = "confluo-sync"
+"#
+        ),
+    );
+    let server = Server::start(dir.path(), &["--auth", auth.to_str().unwrap()]);
+    let claims = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({
+            "user": "bob", "spaces": ["team"], "mode": "read-write",
+            "exp": now() + 600, "iss": "https://backend.example", "aud": "confluo-sync",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        format!("Bearer {}", jwt(c))
+    };
+    let pull = |token: &str| server.sync("team", &[("authorization", token)], b"");
+
+    pull(&claims(serde_json::json!({}))).assert_ok("a good token");
+    pull(&claims(serde_json::json!({"nbf": now() - 10}))).assert_ok("a token valid since 10 s ago");
+    // Within the documented leeway of 60 s for clocks that differ.
+    pull(&claims(serde_json::json!({"exp": now() - 30})))
+        .assert_ok("a token expired 30 s ago (leeway)");
+    pull(&claims(serde_json::json!({"nbf": now() + 30})))
+        .assert_ok("a token valid in 30 s (leeway)");
+
+    let refused: [(&str, serde_json::Value); 8] = [
+        (
+            "valid only from an hour ahead",
+            serde_json::json!({"nbf": now() + 3600}),
+        ),
+        (
+            "expired two minutes ago",
+            serde_json::json!({"exp": now() - 120}),
+        ),
+        ("no issuer", serde_json::json!({"iss": null})),
+        (
+            "another issuer",
+            serde_json::json!({"iss": "https://evil.example"}),
+        ),
+        ("no audience", serde_json::json!({"aud": null})),
+        (
+            "another audience",
+            serde_json::json!({"aud": "someone-else"}),
+        ),
+        (
+            "a wildcard space not enabled",
+            serde_json::json!({"spaces": ["*"]}),
+        ),
+        ("no expiry", serde_json::json!({"exp": null})),
+    ];
+    for (what, extra) in refused {
+        pull(&claims(extra)).assert_error(what, 401, "unauthorized");
+    }
+
+    // An operator who wants wildcard JWTs says so; static tokens the
+    // operator wrote with "*" work either way.
+    let dir = tempfile::tempdir().unwrap();
+    let auth = write_auth(
+        dir.path(),
+        &format!(
+            r#"jwt_secret = "{SECRET}"
+jwt_allow_wildcard = true
+
+[[tokens]]
+token = "{WRITER}"
+user = "ops"
+spaces = ["*"]
+mode = "read"
+"#
+        ),
+    );
+    let server = Server::start(dir.path(), &["--auth", auth.to_str().unwrap()]);
+    let wildcard = jwt(serde_json::json!({
+        "user": "admin", "spaces": ["*"], "mode": "read", "exp": now() + 600,
+    }));
+    server
+        .sync(
+            "any",
+            &[("authorization", &format!("Bearer {wildcard}"))],
+            b"",
+        )
+        .assert_ok("a wildcard JWT where the operator enabled them");
+    server
+        .sync(
+            "other",
+            &[("authorization", &format!("Bearer {WRITER}"))],
+            b"",
+        )
+        .assert_ok("a static wildcard token");
+
+    // Without the setting, the operator's static "*" token still works.
+    let dir = tempfile::tempdir().unwrap();
+    let auth = write_auth(
+        dir.path(),
+        &format!(
+            r#"jwt_secret = "{SECRET}"
+
+[[tokens]]
+token = "{WRITER}"
+user = "ops"
+spaces = ["*"]
+mode = "read"
+"#
+        ),
+    );
+    let server = Server::start(dir.path(), &["--auth", auth.to_str().unwrap()]);
+    server
+        .sync(
+            "any",
+            &[("authorization", &format!("Bearer {wildcard}"))],
+            b"",
+        )
+        .assert_error("a wildcard JWT by default", 401, "unauthorized");
+    server
+        .sync(
+            "other",
+            &[("authorization", &format!("Bearer {WRITER}"))],
+            b"",
+        )
+        .assert_ok("a static wildcard token by default");
+}
+
+// ---------------------------------------------------------------------------
+// Finding 7: auth errors in our own words
+
+#[test]
+fn refused_tokens_are_told_in_plain_words_without_internals() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = write_auth(
+        dir.path(),
+        &format!(
+            r#"jwt_secret = "{SECRET}"
+
+[[tokens]]
+token = "{WRITER}"
+user = "writer"
+spaces = ["team"]
+mode = "read-write"
+"#
+        ),
+    );
+    let server = Server::start(dir.path(), &["--auth", auth.to_str().unwrap()]);
+    let claims = serde_json::json!({
+        "user": "bob", "spaces": ["team"], "mode": "read-write", "exp": now() + 600,
+    });
+    let b64 = |v: &serde_json::Value| {
+        use std::fmt::Write;
+        // base64url without padding, enough for a test token.
+        const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let bytes = v.to_string().into_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n =
+                chunk.iter().fold(0u32, |n, b| n << 8 | u32::from(*b)) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                let _ = write!(out, "{}", ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64(&serde_json::json!({"alg": "none", "typ": "JWT"})),
+        b64(&claims)
+    );
+    let good = jwt(claims.clone());
+    let forged = {
+        let (rest, _) = good.rsplit_once('.').unwrap();
+        format!("{rest}.{}", "A".repeat(43))
+    };
+    let mut expired = claims.clone();
+    expired["exp"] = (now() - 3600).into();
+    let mut early = claims.clone();
+    early["nbf"] = (now() + 3600).into();
+    let cases = [
+        (
+            "an unknown static token",
+            "not-a-token-we-know".to_owned(),
+            "the token is not valid",
+        ),
+        ("alg=none", alg_none, "the token is not valid"),
+        ("a forged signature", forged, "the token is not valid"),
+        ("garbage", "a.b.c".to_owned(), "the token is not valid"),
+        ("an expired JWT", jwt(expired), "the token has expired"),
+        (
+            "a JWT valid from an hour ahead",
+            jwt(early),
+            "the token is not valid yet",
+        ),
+    ];
+    for (what, token, words) in cases {
+        let message = server
+            .sync(
+                "team",
+                &[("authorization", &format!("Bearer {token}"))],
+                b"",
+            )
+            .assert_error(what, 401, "unauthorized");
+        assert_eq!(message, words, "{what}");
+    }
+    let message = server
+        .sync("team", &[], b"")
+        .assert_error("no token", 401, "unauthorized");
+    assert_eq!(message, "missing bearer token");
+    server
+        .sync("team", &[("authorization", &format!("Bearer {good}"))], b"")
+        .assert_ok("the good JWT");
+
+    // The log tells the operator which check failed.
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("ExpiredSignature"), "{log}");
+
+    // Without a JWT secret too.
+    let dir = tempfile::tempdir().unwrap();
+    let auth = write_auth(
+        dir.path(),
+        &format!("[[tokens]]\ntoken = \"{WRITER}\"\nuser = \"w\"\nspaces = [\"team\"]\nmode = \"read\"\n"),
+    );
+    let server = Server::start(dir.path(), &["--auth", auth.to_str().unwrap()]);
+    let message = server
+        .sync(
+            "team",
+            &[("authorization", "Bearer not-a-token-we-know")],
+            b"",
+        )
+        .assert_error("an unknown token, no JWTs", 401, "unauthorized");
+    assert_eq!(message, "the token is not valid");
+}
+
+#[test]
+fn the_bearer_scheme_is_matched_without_regard_to_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    for header in ["Bearer dev-token", "bearer dev-token", "BEARER  dev-token"] {
+        server
+            .sync("lists", &[("authorization", header)], b"")
+            .assert_ok(header);
+    }
+    server
+        .sync("lists", &[("authorization", "Basic dev-token")], b"")
+        .assert_error("another scheme", 401, "unauthorized");
+}
+
+// ---------------------------------------------------------------------------
+// Finding 10: operator experience
+
+#[test]
+fn auth_files_with_unknown_keys_or_that_grant_nothing_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let cases = [
+        (
+            "a misspelt key",
+            format!("jwt_secrets = \"{SECRET}\"\n"),
+            "jwt_secrets",
+        ),
+        (
+            "an unknown key in a token",
+            format!("[[tokens]]\ntoken = \"{WRITER}\"\nuser = \"w\"\nspaces = [\"t\"]\nmode = \"read\"\nspace = \"x\"\n"),
+            "space",
+        ),
+        ("an empty file", String::new(), "grants nothing"),
+        (
+            "a token without spaces",
+            format!("[[tokens]]\ntoken = \"{WRITER}\"\nuser = \"w\"\nspaces = []\nmode = \"read\"\n"),
+            "grants no space",
+        ),
+        (
+            "an issuer without a secret",
+            format!("jwt_issuer = \"x\"\n[[tokens]]\ntoken = \"{WRITER}\"\nuser = \"w\"\nspaces = [\"t\"]\nmode = \"read\"\n"),
+            "jwt_issuer",
+        ),
+    ];
+    for (what, text, problem) in cases {
+        let file = dir.path().join("my-auth.toml");
+        std::fs::write(&file, text).unwrap();
+        let (ok, out) = run_to_exit(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+            "--auth",
+            file.to_str().unwrap(),
+        ]);
+        assert!(!ok, "{what}: the server started:\n{out}");
+        assert!(
+            out.contains("my-auth.toml"),
+            "{what}: the file name in\n{out}"
+        );
+        assert!(out.contains(problem), "{what}: {problem:?} in\n{out}");
+    }
+}
