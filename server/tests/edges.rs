@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use confluo_core::{Database, Value};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 
 const BIN: &str = env!("CARGO_BIN_EXE_confluo-server");
+const CHANGESET_TYPE: &str = "application/vnd.confluo.changeset";
 const SECRET: &str = "0123456789abcdef0123456789abcdef-edges";
 const WRITER: &str = "team-writer-token-3f9a";
 
@@ -276,6 +278,20 @@ fn write_auth(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// A change set of one new row of `todo`, as a device would push it.
+fn one_row_push() -> confluo_core::ChangeSet {
+    let db = Database::open_in_memory().unwrap();
+    db.execute_batch("CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, score REAL)")
+        .unwrap();
+    db.enable_sync("todo").unwrap();
+    db.execute(
+        "INSERT INTO todo VALUES ('t1', 'Plan the offsite', 1.5)",
+        &[],
+    )
+    .unwrap();
+    db.changes_since(0, None).unwrap()
+}
+
 // ---------------------------------------------------------------------------
 // Finding 5: JWT claims
 
@@ -518,6 +534,157 @@ mode = "read-write"
         )
         .assert_error("an unknown token, no JWTs", 401, "unauthorized");
     assert_eq!(message, "the token is not valid");
+}
+
+// ---------------------------------------------------------------------------
+// Finding 6: every error is JSON, and odd requests are refused
+
+const AUTH: (&str, &str) = ("authorization", "Bearer dev-token");
+
+#[test]
+fn query_errors_are_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    let headers = [("confluo-protocol", "1"), AUTH];
+    let cases = [
+        ("POST", "/v1/spaces/lists/sync?cursor=-1"),
+        ("POST", "/v1/spaces/lists/sync?cursor=abc"),
+        ("POST", "/v1/spaces/lists/sync?cursor=0&cursor=0"),
+        (
+            "POST",
+            "/v1/spaces/lists/sync?cursor=99999999999999999999999",
+        ),
+        ("POST", "/v1/spaces/lists/sync?pushed_at=x"),
+        ("GET", "/v1/spaces/lists/changes?cursor=-1"),
+        ("GET", "/v1/spaces/lists/changes?wait=-1"),
+        ("GET", "/v1/spaces/lists/changes?wait=1.5"),
+        ("GET", "/v1/spaces/lists/changes?cursor=0&cursor=1"),
+    ];
+    for (method, target) in cases {
+        let what = format!("{method} {target}");
+        let reply = server.request(method, target, &headers, b"");
+        reply.assert_error(&what, 400, "invalid_query");
+        assert!(
+            reply.header("confluo-server-time").is_some(),
+            "{what}: the server's clock"
+        );
+    }
+    // Parameters this server does not know are left alone (newer devices).
+    server
+        .request(
+            "POST",
+            "/v1/spaces/lists/sync?cursor=0&future=1&future=2",
+            &headers,
+            b"",
+        )
+        .assert_ok("unknown parameters");
+}
+
+#[test]
+fn unknown_paths_and_methods_are_answered_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    let headers = [("confluo-protocol", "1"), AUTH];
+    for target in [
+        "/",
+        "/nope",
+        "/v1/spaces/lists/nope",
+        "/v2/spaces/lists/sync",
+    ] {
+        server.request("GET", target, &headers, b"").assert_error(
+            &format!("GET {target}"),
+            404,
+            "not_found",
+        );
+    }
+    for (method, target, allow) in [
+        ("GET", "/v1/spaces/lists/sync", "POST"),
+        ("POST", "/v1/spaces/lists/changes", "GET,HEAD"),
+        ("DELETE", "/healthz", "GET,HEAD"),
+    ] {
+        let what = format!("{method} {target}");
+        let reply = server.request(method, target, &headers, b"");
+        reply.assert_error(&what, 405, "method_not_allowed");
+        assert_eq!(reply.header("allow"), Some(allow), "{what}");
+    }
+}
+
+#[test]
+fn odd_pushes_are_refused_with_the_right_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    let ctype = ("content-type", CHANGESET_TYPE);
+    let push = one_row_push();
+    let body = push.encode();
+
+    // NaN decodes but is no value a device keeps: invalid_changes.
+    let mut nan = push.clone();
+    let real = nan
+        .changes
+        .iter()
+        .position(|c| matches!(c.value, Value::Real(_)))
+        .expect("a REAL cell");
+    nan.changes[real].value = Value::Real(f64::NAN);
+    server
+        .sync("lists", &[AUTH, ctype], &nan.encode())
+        .assert_error("NaN", 400, "invalid_changes");
+
+    for space in [".", "..", "%2E", "%2e%2E"] {
+        server.sync(space, &[AUTH, ctype], &body).assert_error(
+            &format!("space {space}"),
+            400,
+            "invalid_space",
+        );
+        server
+            .request(
+                "GET",
+                &format!("/v1/spaces/{space}/changes"),
+                &[("confluo-protocol", "1"), AUTH],
+                b"",
+            )
+            .assert_error(&format!("GET space {space}"), 400, "invalid_space");
+    }
+    server.sync("%FF", &[AUTH, ctype], &body).assert_error(
+        "a space that is not UTF-8",
+        400,
+        "invalid_space",
+    );
+
+    server
+        .sync("lists", &[AUTH, ctype, ("confluo-push-part", "1/2")], &body)
+        .assert_error("a part without a push id", 400, "invalid_push_part");
+
+    for (what, headers) in [
+        ("no content type", vec![AUTH]),
+        ("JSON", vec![AUTH, ("content-type", "application/json")]),
+        (
+            "octets",
+            vec![AUTH, ("content-type", "application/octet-stream")],
+        ),
+    ] {
+        let message =
+            server
+                .sync("lists", &headers, &body)
+                .assert_error(what, 415, "unsupported_media_type");
+        assert!(message.contains(CHANGESET_TYPE), "{what}: {message}");
+    }
+
+    // Nothing above was stored; a pull with any content type still works,
+    // and the proper push is taken.
+    let pull = server.sync("lists", &[AUTH, ("content-type", "text/plain")], b"");
+    pull.assert_ok("a pull");
+    let cs = confluo_core::ChangeSet::decode(&pull.body).unwrap();
+    assert_eq!(cs.until, 0, "nothing was stored");
+    let reply = server.sync(
+        "lists",
+        &[
+            AUTH,
+            ("content-type", "application/vnd.confluo.changeset; v=1"),
+        ],
+        &body,
+    );
+    reply.assert_ok("the changeset type, with a parameter");
+    assert_eq!(reply.header("confluo-server-version"), Some("1"));
 }
 
 #[test]
