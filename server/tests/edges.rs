@@ -24,6 +24,7 @@ const WRITER: &str = "team-writer-token-3f9a";
 /// A running `confluo-server`; dropping it kills the process and reaps it.
 struct Server {
     child: Child,
+    host: String,
     port: u16,
     log: PathBuf,
 }
@@ -69,9 +70,15 @@ impl Server {
                     ));
                     break;
                 }
-                let health = send(port, "GET", "/healthz", &[], b"");
+                let health = send(host, port, "GET", "/healthz", &[], b"");
                 if health.is_ok_and(|r| r.status == 200) {
-                    return Server { child, port, log };
+                    let host = host.to_owned();
+                    return Server {
+                        child,
+                        host,
+                        port,
+                        log,
+                    };
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
@@ -90,7 +97,7 @@ impl Server {
     }
 
     fn request(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-        send(self.port, method, target, headers, body)
+        send(&self.host, self.port, method, target, headers, body)
             .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
     }
 
@@ -197,16 +204,18 @@ impl Reply {
 
 /// One HTTP/1.1 request on a fresh connection, sent exactly as given.
 fn send(
+    host: &str,
     port: u16,
     method: &str,
     target: &str,
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<Reply> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    // A host name: every address it resolves to is tried.
+    let mut stream = TcpStream::connect((host, port))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut head = format!(
-        "{method} {target} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        "{method} {target} HTTP/1.1\r\nhost: {host}:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
     for (name, value) in headers {
@@ -749,4 +758,77 @@ fn auth_files_with_unknown_keys_or_that_grant_nothing_are_refused_at_start() {
         );
         assert!(out.contains(problem), "{what}: {problem:?} in\n{out}");
     }
+}
+
+#[test]
+fn help_points_at_the_auth_file_format() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("PROTOCOL.md, section Tokens"), "{help}");
+    assert!(help.contains("[[tokens]]"), "{help}");
+    assert!(help.contains("jwt_secret"), "{help}");
+}
+
+#[test]
+fn listen_takes_a_host_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_on("localhost", dir.path(), &["--dev"]);
+    server
+        .sync("lists", &[AUTH], b"")
+        .assert_ok("a pull from the server on localhost");
+    // Still refused where --dev would not be on loopback only.
+    let db = dir.path().join("other.db");
+    let (ok, out) = run_to_exit(&[
+        "--dev",
+        "--listen",
+        "0.0.0.0:0",
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && out.contains("only allowed on a loopback address"),
+        "{out}"
+    );
+    let (ok, out) = run_to_exit(&[
+        "--dev",
+        "--listen",
+        "no-such-host.invalid:7878",
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("no-such-host.invalid:7878"), "{out}");
+}
+
+#[test]
+fn logs_have_no_colour_codes_when_not_at_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    server
+        .sync("lists", &[("authorization", "Bearer wrong-token")], b"")
+        .assert_error("a refused request, to be logged", 401, "unauthorized");
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("confluo-server listening"), "{log}");
+    assert!(log.contains("request refused"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in the log:\n{log:?}");
+}
+
+#[test]
+fn start_up_errors_are_one_readable_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("my-auth.toml");
+    std::fs::write(&file, "").unwrap();
+    let db = dir.path().join("s.db");
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--auth", file.to_str().unwrap()])
+        .arg("--db")
+        .arg(&db)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("confluo-server: the auth file "), "{err}");
+    assert!(err.contains("my-auth.toml: it grants nothing"), "{err}");
+    assert!(!err.contains("backtrace"), "{err}");
 }
