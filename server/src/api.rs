@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use confluo_core::{check_change, ChangeSet, SiteId};
-use serde::Deserialize;
 
 use crate::auth::Denied;
 use crate::store::{Page, Resume, SpaceState, StoreError};
@@ -116,6 +116,17 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/spaces/{space}/sync", post(sync))
         .route("/v1/spaces/{space}/changes", get(changes))
+        // After the routes: it applies to those registered before it.
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this method is not allowed here (see the Allow header)",
+            )
+        })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
         .with_state(app)
 }
 
@@ -130,16 +141,14 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], text)
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Default)]
 struct PullParams {
-    #[serde(default)]
     cursor: u64,
     /// Resume token from `Confluo-Resume`.
     after: Option<String>,
     /// The device's site id: its own changes are not sent back to it.
     site: Option<String>,
     /// Long-poll seconds (GET /changes only).
-    #[serde(default)]
     wait: u64,
     /// The space epoch the device last saw (from `Confluo-Epoch`).
     epoch: Option<String>,
@@ -149,6 +158,42 @@ struct PullParams {
     /// (from `Confluo-Push-Tag`), while its cursor is still behind it.
     pushed_at: Option<u64>,
     pushed_tag: Option<String>,
+}
+
+impl PullParams {
+    /// Parses the query by hand rather than with axum's `Query`, whose
+    /// refusals are plain text: every error of the API is JSON.
+    fn parse(uri: &Uri) -> Result<PullParams, ApiError> {
+        let bad = |m: String| ApiError::bad("invalid_query", m);
+        let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
+            .map_err(|_| bad("the query string is not valid URL encoding".into()))?;
+        let mut p = PullParams::default();
+        let mut seen = std::collections::HashSet::new();
+        for (name, value) in pairs {
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| bad(format!("{name} must be a whole number, 0 or more")))
+            };
+            match name.as_str() {
+                "cursor" => p.cursor = number()?,
+                "wait" => p.wait = number()?,
+                "pushed_at" => p.pushed_at = Some(number()?),
+                "after" => p.after = Some(value),
+                "site" => p.site = Some(value),
+                "epoch" => p.epoch = Some(value),
+                "tag" => p.tag = Some(value),
+                "pushed_tag" => p.pushed_tag = Some(value),
+                // Ignored, so that a newer device can talk to this server.
+                _ => continue,
+            }
+            // Which of two values was meant is anyone's guess.
+            if !seen.insert(name.clone()) {
+                return Err(bad(format!("{name} is given more than once")));
+            }
+        }
+        Ok(p)
+    }
 }
 
 fn check_protocol(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -166,7 +211,10 @@ fn check_protocol(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn check_space(space: &str) -> Result<(), ApiError> {
+    // `.` and `..` would be resolved away by any proxy that normalises paths.
     let ok = !space.is_empty()
+        && space != "."
+        && space != ".."
         && space.len() <= 128
         && space
             .chars()
@@ -176,7 +224,7 @@ fn check_space(space: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::bad(
             "invalid_space",
-            "space names are 1-128 characters of A-Z a-z 0-9 - _ .",
+            "space names are 1-128 characters of A-Z a-z 0-9 - _ . (not . or ..)",
         ))
     }
 }
@@ -267,13 +315,19 @@ async fn blocking<T: Send + 'static>(
 
 /// Decodes and validates a pushed change set: names, types, sizes, clocks.
 fn validate_push(app: &App, body: &[u8]) -> Result<ChangeSet, ApiError> {
+    // Too many changes is the request's size; a well-formed set can still
+    // carry a value no device keeps (NaN): that is the changes' fault, not
+    // the encoding's.
     let cs = ChangeSet::decode_at_most(body, app.config.max_changes).map_err(|e| match e {
-        confluo_core::Error::InvalidInput(m) => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("{m}; split the push into parts"),
-        ),
-        other => ApiError::bad("malformed", other.to_string()),
+        confluo_core::Error::InvalidInput(m) if m.contains("changes in one change set") => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("{m}; split the push into parts"),
+            )
+        }
+        confluo_core::Error::MalformedChangeSet(_) => ApiError::bad("malformed", e.to_string()),
+        other => ApiError::bad("invalid_changes", other.to_string()),
     })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -287,8 +341,36 @@ fn validate_push(app: &App, body: &[u8]) -> Result<ChangeSet, ApiError> {
     Ok(cs)
 }
 
+/// Refuses a push whose body is not a change set (415), so that a client
+/// sending JSON, say, learns it at once rather than as `malformed`.
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match given {
+        Some(t) if t.eq_ignore_ascii_case(CHANGESET_TYPE) => Ok(()),
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "a push's Content-Type must be {CHANGESET_TYPE}, not {}",
+                other.map_or("none".into(), |t| format!("{t:?}"))
+            ),
+        )),
+    }
+}
+
 fn push_part(headers: &HeaderMap) -> Result<Option<(String, u32, u32)>, ApiError> {
     let Some(id) = headers.get("confluo-push-id") else {
+        // A part alone would be merged as a whole push, half of one.
+        if headers.contains_key("confluo-push-part") {
+            return Err(ApiError::bad(
+                "invalid_push_part",
+                "Confluo-Push-Part needs Confluo-Push-Id",
+            ));
+        }
         return Ok(None);
     };
     let bad = || {
@@ -355,15 +437,24 @@ fn page_response(app: &App, page: Page, cursor: u64, extra: &[(&'static str, Str
     resp
 }
 
+/// The space of the path; axum's own refusal would be plain text.
+fn space_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(space)| space)
+        .map_err(|_| ApiError::bad("invalid_space", "the space name is not valid URL encoding"))
+}
+
 async fn sync(
     State(app): State<Arc<App>>,
-    Path(space): Path<String>,
-    Query(params): Query<PullParams>,
+    path: Result<Path<String>, PathRejection>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let counted = Counted::new(&app, "sync");
-    let result = sync_inner(&app, space, params, headers, body).await;
+    let result = match space_of(path) {
+        Ok(space) => sync_inner(&app, space, uri, headers, body).await,
+        Err(e) => Err(e),
+    };
     counted.respond(result)
 }
 
@@ -435,7 +526,7 @@ fn respond(app: &App, route: &'static str, result: Result<Response, ApiError>) -
 async fn sync_inner(
     app: &Arc<App>,
     space: String,
-    params: PullParams,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -443,9 +534,11 @@ async fn sync_inner(
     // can make the server buffer a large body; write access once we know
     // there is something to write.
     admit(app, &space, &headers)?;
+    let params = PullParams::parse(&uri)?;
     let body = read_body(app, &headers, body).await?;
     if !body.is_empty() {
         app.auth.check(auth_header(&headers), &space, true)?;
+        check_content_type(&headers)?;
     }
     app.metrics
         .bytes_in
@@ -621,22 +714,26 @@ async fn epoch_header(
 
 async fn changes(
     State(app): State<Arc<App>>,
-    Path(space): Path<String>,
-    Query(params): Query<PullParams>,
+    path: Result<Path<String>, PathRejection>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
     let counted = Counted::new(&app, "changes");
-    let result = changes_inner(&app, space, params, headers).await;
+    let result = match space_of(path) {
+        Ok(space) => changes_inner(&app, space, uri, headers).await,
+        Err(e) => Err(e),
+    };
     counted.respond(result)
 }
 
 async fn changes_inner(
     app: &Arc<App>,
     space: String,
-    params: PullParams,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admit(app, &space, &headers)?;
+    let params = PullParams::parse(&uri)?;
     let exclude = parse_site(&params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
     let state = check_history(app, &space, &params).await?;

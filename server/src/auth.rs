@@ -5,6 +5,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use anyhow::Context;
+
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -42,14 +45,31 @@ pub enum Denied {
     Forbidden(String),
 }
 
+/// How far (seconds) a JWT's `exp` and `nbf` may be off, for the clocks
+/// of the server and of the backend that minted it (PROTOCOL.md, Tokens).
+pub const JWT_LEEWAY_SECS: u64 = 60;
+
+/// `auth.toml`. Unknown keys are refused: a misspelt `jwt_secret` would
+/// otherwise leave a server that accepts no JWT, without a word.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AuthFile {
     jwt_secret: Option<String>,
+    /// The `iss` every JWT must carry, when set.
+    jwt_issuer: Option<String>,
+    /// The `aud` every JWT must carry, when set.
+    jwt_audience: Option<String>,
+    /// Whether a JWT may claim every space with `"*"`: off, so that a leaked
+    /// signing secret or a backend bug cannot mint a key to everything
+    /// unless the operator chose that.
+    #[serde(default)]
+    jwt_allow_wildcard: bool,
     #[serde(default)]
     tokens: Vec<TokenEntry>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TokenEntry {
     token: String,
     user: String,
@@ -64,12 +84,23 @@ struct Claims {
     mode: Mode,
 }
 
+/// How JWTs are checked.
+struct Jwt {
+    key: DecodingKey,
+    validation: Validation,
+    allow_wildcard: bool,
+}
+
 #[derive(Default)]
 pub struct Auth {
     tokens: HashMap<String, Grant>,
-    jwt: Option<DecodingKey>,
+    jwt: Option<Jwt>,
     dev: bool,
 }
+
+/// What a client is told about a token it may not use: enough to act on
+/// (get a new token), nothing about which check failed.
+const NOT_VALID: &str = "the token is not valid";
 
 impl Auth {
     pub fn from_toml(text: &str) -> anyhow::Result<Auth> {
@@ -81,6 +112,12 @@ impl Auth {
                 "token for {} is shorter than 8 characters",
                 t.user
             );
+            anyhow::ensure!(!t.spaces.is_empty(), "token for {} grants no space", t.user);
+            anyhow::ensure!(
+                !auth.tokens.contains_key(&t.token),
+                "token for {} is the token of an earlier [[tokens]] entry",
+                t.user
+            );
             auth.tokens.insert(
                 t.token,
                 Grant {
@@ -90,17 +127,51 @@ impl Auth {
                 },
             );
         }
-        if let Some(secret) = file.jwt_secret {
-            anyhow::ensure!(secret.len() >= 32, "jwt_secret must be at least 32 bytes");
-            auth.jwt = Some(DecodingKey::from_secret(secret.as_bytes()));
+        match file.jwt_secret {
+            Some(secret) => {
+                anyhow::ensure!(secret.len() >= 32, "jwt_secret must be at least 32 bytes");
+                let mut validation = Validation::new(Algorithm::HS256);
+                validation.leeway = JWT_LEEWAY_SECS;
+                validation.validate_nbf = true;
+                let mut required = vec!["exp"];
+                if let Some(iss) = &file.jwt_issuer {
+                    validation.set_issuer(&[iss]);
+                    required.push("iss");
+                }
+                if let Some(aud) = &file.jwt_audience {
+                    validation.set_audience(&[aud]);
+                    required.push("aud");
+                }
+                validation.set_required_spec_claims(&required);
+                auth.jwt = Some(Jwt {
+                    key: DecodingKey::from_secret(secret.as_bytes()),
+                    validation,
+                    allow_wildcard: file.jwt_allow_wildcard,
+                });
+            }
+            None => {
+                let jwt_only = [
+                    ("jwt_issuer", file.jwt_issuer.is_some()),
+                    ("jwt_audience", file.jwt_audience.is_some()),
+                    ("jwt_allow_wildcard", file.jwt_allow_wildcard),
+                ];
+                if let Some((key, _)) = jwt_only.iter().find(|(_, set)| *set) {
+                    anyhow::bail!("{key} is set but jwt_secret is not: no JWT is accepted");
+                }
+            }
         }
+        anyhow::ensure!(
+            !auth.tokens.is_empty() || auth.jwt.is_some(),
+            "it grants nothing: give [[tokens]] or a jwt_secret"
+        );
         Ok(auth)
     }
 
+    /// Reads `auth.toml`; an error names the file and the problem.
     pub fn from_file(path: &Path) -> anyhow::Result<Auth> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        Self::from_toml(&text)
+            .with_context(|| format!("reading the auth file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("the auth file {}", path.display()))
     }
 
     /// Also accept `DEV_TOKEN` for every space, read-write.
@@ -111,11 +182,8 @@ impl Auth {
 
     /// Checks an `Authorization` header for `space`, and for writing.
     pub fn check(&self, header: Option<&str>, space: &str, write: bool) -> Result<Grant, Denied> {
-        let token = header
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Denied::Unauthenticated("missing bearer token".into()))?;
+        let token =
+            bearer(header).ok_or_else(|| Denied::Unauthenticated("missing bearer token".into()))?;
         let grant = self.grant(token)?;
         if !grant.allows(space) {
             return Err(Denied::Forbidden(format!(
@@ -143,20 +211,44 @@ impl Auth {
         if let Some(g) = self.tokens.get(token) {
             return Ok(g.clone());
         }
-        if let Some(key) = &self.jwt {
-            let mut validation = Validation::new(Algorithm::HS256);
-            validation.set_required_spec_claims(&["exp"]);
-            return match jsonwebtoken::decode::<Claims>(token, key, &validation) {
-                Ok(data) => Ok(Grant {
-                    user: data.claims.user,
-                    spaces: data.claims.spaces,
-                    mode: data.claims.mode,
-                }),
-                Err(e) => Err(Denied::Unauthenticated(format!("invalid token: {e}"))),
-            };
+        let Some(jwt) = &self.jwt else {
+            return Err(Denied::Unauthenticated(NOT_VALID.into()));
+        };
+        let claims = match jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation) {
+            Ok(data) => data.claims,
+            Err(e) => {
+                // The operator sees which check failed; the client only
+                // what it can act on.
+                tracing::info!(reason = ?e.kind(), "JWT refused");
+                let message = match e.kind() {
+                    ErrorKind::ExpiredSignature => "the token has expired",
+                    ErrorKind::ImmatureSignature => "the token is not valid yet",
+                    _ => NOT_VALID,
+                };
+                return Err(Denied::Unauthenticated(message.into()));
+            }
+        };
+        if !jwt.allow_wildcard && claims.spaces.iter().any(|s| s == "*") {
+            tracing::info!(
+                user = claims.user,
+                "JWT refused: it claims every space (\"*\") and jwt_allow_wildcard is off"
+            );
+            return Err(Denied::Unauthenticated(NOT_VALID.into()));
         }
-        Err(Denied::Unauthenticated("unknown token".into()))
+        Ok(Grant {
+            user: claims.user,
+            spaces: claims.spaces,
+            mode: claims.mode,
+        })
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// matched without regard to case (RFC 7235).
+fn bearer(header: Option<&str>) -> Option<&str> {
+    let (scheme, token) = header?.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
