@@ -127,7 +127,62 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
+        .layer(axum::middleware::from_fn(access_log))
         .with_state(app)
+}
+
+/// The address a request came from (set per connection by `serve`).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// One log line per request: method, route (not the URI: no space names
+/// or cursors), status, duration, client address. Never a header, so never
+/// a token.
+async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "(no route)".to_owned(), |m| m.as_str().to_owned());
+    let client = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let resp = next.run(req).await;
+    tracing::info!(
+        target: "confluo_server::access",
+        %method,
+        route,
+        status = resp.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+        client,
+        "request"
+    );
+    resp
+}
+
+/// Logs a refused token at most once a second, with how many more were
+/// refused since: a client hammering with a bad token cannot flood the log.
+fn log_refused_token(status: StatusCode, message: &str) {
+    use std::sync::atomic::AtomicU64;
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_SECOND.swap(now, Ordering::Relaxed) == now {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+    tracing::info!(
+        status = status.as_u16(),
+        reason = message,
+        suppressed,
+        "token refused (at most one line a second; `suppressed` counts the rest)"
+    );
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
@@ -508,7 +563,9 @@ impl Drop for Counted<'_> {
 
 fn respond(app: &App, route: &'static str, result: Result<Response, ApiError>) -> Response {
     let mut resp = result.unwrap_or_else(|e| {
-        if e.status.is_client_error() {
+        if e.status == StatusCode::UNAUTHORIZED {
+            log_refused_token(e.status, &e.message);
+        } else if e.status.is_client_error() {
             tracing::info!(route, status = e.status.as_u16(), code = e.code, message = %e.message, "request refused");
         }
         e.into_response()

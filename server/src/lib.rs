@@ -238,7 +238,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     let mut accept_errors = 0u64;
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
@@ -256,7 +256,8 @@ pub async fn serve(
         };
         let (permit, service, header_timeout, keep_alive) =
             if let Ok(permit) = slots.clone().try_acquire_owned() {
-                (permit, router.clone(), app.config.header_timeout, true)
+                let service = router.clone().layer(axum::Extension(api::ClientAddr(peer)));
+                (permit, service, app.config.header_timeout, true)
             } else if let Ok(permit) = overflow.clone().try_acquire_owned() {
                 app.metrics
                     .overflow

@@ -1284,3 +1284,44 @@ fn spaces_are_forgotten_when_their_long_polls_end() {
         metrics().contains("confluo_watched_spaces 0")
     });
 }
+
+#[test]
+fn each_request_is_logged_without_its_token_and_refused_tokens_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    let pull = |token: &str| {
+        agent(Duration::from_secs(10))
+            .get(format!("{}/v1/spaces/lists/changes?cursor=0", server.url()))
+            .header("authorization", format!("Bearer {token}"))
+            .header("confluo-protocol", "1")
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(pull(DEV), 200);
+    for _ in 0..200 {
+        assert_eq!(pull("s3cr3t-but-wrong"), 401);
+    }
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("confluo_server::access"))
+        .collect();
+    assert!(
+        access
+            .iter()
+            .any(|l| l.contains("route=\"/v1/spaces/{space}/changes\"")
+                && l.contains("status=200")
+                && l.contains("client=\"127.0.0.1:")
+                && l.contains("method=GET")),
+        "{log}"
+    );
+    assert!(access.len() >= 201, "{} access lines", access.len());
+    assert!(!log.contains("s3cr3t"), "a token reached the log:\n{log}");
+    let refused = log.lines().filter(|l| l.contains("token refused")).count();
+    assert!(
+        (1..20).contains(&refused),
+        "{refused} lines for 200 refused tokens"
+    );
+}
