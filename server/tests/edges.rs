@@ -809,7 +809,7 @@ fn logs_have_no_colour_codes_when_not_at_a_terminal() {
         .assert_error("a refused request, to be logged", 401, "unauthorized");
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(log.contains("confluo-server listening"), "{log}");
-    assert!(log.contains("request refused"), "{log}");
+    assert!(log.contains("token refused"), "{log}");
     assert!(!log.contains('\x1b'), "colour codes in the log:\n{log:?}");
 }
 
