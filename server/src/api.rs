@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use confluo_core::{check_change, ChangeSet, SiteId};
 
 use crate::auth::Denied;
+use crate::quota::OverQuota;
 use crate::store::{Page, Resume, SpaceState, StoreError};
 use crate::App;
 
@@ -590,11 +591,14 @@ async fn sync_inner(
     // The token is checked before the body is read, so nobody without one
     // can make the server buffer a large body; write access once we know
     // there is something to write.
-    admit(app, &space, &headers)?;
+    let user = admit(app, &space, &headers)?;
     let params = PullParams::parse(&uri)?;
     let body = read_body(app, &headers, body).await?;
     if !body.is_empty() {
         app.auth.check(auth_header(&headers), &space, true)?;
+        app.meter
+            .push(&user, body.len() as u64, std::time::Instant::now())
+            .map_err(over_quota)?;
         check_content_type(&headers)?;
     }
     app.metrics
@@ -668,11 +672,27 @@ async fn sync_inner(
 
 /// The checks every request of a space passes first: protocol version,
 /// space name, and a token that may read the space.
-fn admit(app: &App, space: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+fn admit(app: &App, space: &str, headers: &HeaderMap) -> Result<String, ApiError> {
     check_protocol(headers)?;
     check_space(space)?;
-    app.auth.check(auth_header(headers), space, false)?;
-    Ok(())
+    let grant = app.auth.check(auth_header(headers), space, false)?;
+    app.meter
+        .request(&grant.user, space, std::time::Instant::now())
+        .map_err(over_quota)?;
+    Ok(grant.user)
+}
+
+/// 429 with Retry-After, naming the quota.
+fn over_quota(q: OverQuota) -> ApiError {
+    let secs = q.retry_after.as_secs().max(1);
+    ApiError {
+        retry_after: Some(Duration::from_secs(secs)),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!("over this token's quota of {}; retry in {secs} s", q.what),
+        )
+    }
 }
 
 /// Answers with the page of changes after the request's cursor.

@@ -11,6 +11,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::quota::Quotas;
+
 /// The fixed token `--dev` accepts (loopback only).
 pub const DEV_TOKEN: &str = "dev-token";
 
@@ -66,6 +68,9 @@ struct AuthFile {
     jwt_allow_wildcard: bool,
     #[serde(default)]
     tokens: Vec<TokenEntry>,
+    /// Per-user limits (see `quota::Quotas`).
+    #[serde(default)]
+    quotas: Quotas,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +101,8 @@ pub struct Auth {
     tokens: HashMap<String, Grant>,
     jwt: Option<Jwt>,
     dev: bool,
+    /// The `[quotas]` of the auth file.
+    pub quotas: Quotas,
 }
 
 /// What a client is told about a token it may not use: enough to act on
@@ -105,7 +112,10 @@ const NOT_VALID: &str = "the token is not valid";
 impl Auth {
     pub fn from_toml(text: &str) -> anyhow::Result<Auth> {
         let file: AuthFile = toml::from_str(text)?;
-        let mut auth = Auth::default();
+        let mut auth = Auth {
+            quotas: file.quotas.clone(),
+            ..Auth::default()
+        };
         for t in file.tokens {
             anyhow::ensure!(
                 t.token.len() >= 8,

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod metrics;
+pub mod quota;
 pub mod store;
 
 use std::collections::HashMap;
@@ -98,6 +99,8 @@ pub struct App {
     pub auth: Auth,
     pub config: Config,
     pub metrics: metrics::Metrics,
+    /// Per-user usage against the quotas of the auth file.
+    pub meter: quota::Meter,
     versions: Mutex<HashMap<String, watch::Sender<u64>>>,
     shutdown: watch::Receiver<bool>,
     shutdown_tx: watch::Sender<bool>,
@@ -106,11 +109,13 @@ pub struct App {
 impl App {
     pub fn new(store: Arc<dyn Store>, auth: Auth, config: Config) -> Arc<App> {
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let meter = quota::Meter::new(auth.quotas.clone());
         Arc::new(App {
             store,
             auth,
             config,
             metrics: metrics::Metrics::default(),
+            meter,
             versions: Mutex::new(HashMap::new()),
             shutdown,
             shutdown_tx,

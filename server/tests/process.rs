@@ -1325,3 +1325,75 @@ fn each_request_is_logged_without_its_token_and_refused_tokens_are_rate_limited(
         "{refused} lines for 200 refused tokens"
     );
 }
+
+#[test]
+fn quotas_of_the_auth_file_answer_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth.toml");
+    let mut toml = String::from(
+        "[quotas]\nrequests_per_second = 5\nspaces = 2\npush_bytes_per_minute = 2000\n",
+    );
+    for user in ["rate", "roam", "bulk"] {
+        toml.push_str(&format!(
+            "[[tokens]]\ntoken = \"{user}-token-123\"\nuser = \"{user}\"\nspaces = [\"*\"]\nmode = \"read-write\"\n"
+        ));
+    }
+    std::fs::write(&auth, toml).unwrap();
+    let server = Server::start(dir.path(), &["--auth", auth.to_str().unwrap()]);
+    let pull = |token: &str, space: &str| {
+        let resp = agent(Duration::from_secs(10))
+            .get(format!(
+                "{}/v1/spaces/{space}/changes?cursor=0",
+                server.url()
+            ))
+            .header("authorization", format!("Bearer {token}"))
+            .header("confluo-protocol", "1")
+            .call()
+            .unwrap();
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (resp.status().as_u16(), retry)
+    };
+    // Requests per second: a burst of twice the rate, then 429.
+    let statuses: Vec<(u16, Option<String>)> =
+        (0..30).map(|_| pull("rate-token-123", "s")).collect();
+    let refused: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
+    assert!(!refused.is_empty(), "{statuses:?}");
+    assert!(
+        refused.iter().all(|(_, r)| r.as_deref() == Some("1")),
+        "{refused:?}"
+    );
+    // Spaces: two, then 429; other users are not affected.
+    assert_eq!(pull("roam-token-123", "one").0, 200);
+    assert_eq!(pull("roam-token-123", "two").0, 200);
+    assert_eq!(pull("roam-token-123", "three").0, 429);
+    assert_eq!(pull("roam-token-123", "one").0, 200);
+    // Bytes pushed per minute.
+    let db = device();
+    db.write(|tx| {
+        for i in 0..40 {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, ?2, 'open')",
+                &[format!("t{i}").into(), "a title of some length".into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let err = db
+        .sync_now(&SyncConfig::new(server.url(), "bulk", "bulk-token-123"))
+        .unwrap_err();
+    match err {
+        Error::Network {
+            retryable: true,
+            retry_after: Some(after),
+            ref message,
+        } => {
+            assert!(message.contains("bytes pushed per minute"), "{message}");
+            assert!(after <= Duration::from_secs(60), "{after:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
