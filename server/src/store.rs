@@ -248,11 +248,75 @@ const STAGED_TTL: Duration = Duration::from_secs(3600);
 /// The embedded store: one SQLite file, one writer, a few readers.
 pub struct SqliteStore {
     path: Option<std::path::PathBuf>,
-    writer: Mutex<Connection>,
+    writer: FairMutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     site: SiteId,
     max_staged_bytes: usize,
+    space_locks: Vec<Mutex<()>>,
 }
+
+/// A mutex that hands itself out in the order it was asked for, so that a
+/// push merged in many steps cannot take the writer back before a push to
+/// another space that waits for it (std's `Mutex` makes no such promise).
+pub(crate) struct FairMutex<T> {
+    next_ticket: std::sync::atomic::AtomicU64,
+    serving: Mutex<u64>,
+    turn: std::sync::Condvar,
+    value: Mutex<T>,
+}
+
+/// The value of a `FairMutex`, held; the next in line goes on drop.
+pub(crate) struct FairGuard<'a, T> {
+    owner: &'a FairMutex<T>,
+    guard: Option<std::sync::MutexGuard<'a, T>>,
+}
+
+impl<T> FairMutex<T> {
+    fn new(value: T) -> Self {
+        FairMutex {
+            next_ticket: 0.into(),
+            serving: Mutex::new(0),
+            turn: std::sync::Condvar::new(),
+            value: Mutex::new(value),
+        }
+    }
+
+    fn lock(&self) -> FairGuard<'_, T> {
+        let ticket = self
+            .next_ticket
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        while *serving != ticket {
+            serving = self.turn.wait(serving).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(serving);
+        FairGuard {
+            owner: self,
+            guard: Some(self.value.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+}
+
+impl<T> std::ops::Deref for FairGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl<T> Drop for FairGuard<'_, T> {
+    fn drop(&mut self) {
+        self.guard.take();
+        *self.owner.serving.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.owner.turn.notify_all();
+    }
+}
+
+/// Changes merged per transaction of a push (see `SqliteStore::push`).
+const PUSH_STEP: usize = 10_000;
+
+/// Locks that serialize pushes to one space.
+const SPACE_LOCKS: usize = 64;
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
@@ -310,11 +374,35 @@ impl SqliteStore {
         conn.set_prepared_statement_cache_capacity(64);
         Ok(SqliteStore {
             path,
-            writer: Mutex::new(conn),
+            writer: FairMutex::new(conn),
             readers: Mutex::new(Vec::new()),
             site,
             max_staged_bytes: MAX_STAGED_BYTES,
+            space_locks: (0..SPACE_LOCKS).map(|_| Mutex::new(())).collect(),
         })
+    }
+
+    /// Runs `f` in one write transaction on the writer.
+    fn in_transaction<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let conn = self.writer.lock();
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = f(&conn);
+        match &result {
+            Ok(_) => conn.execute_batch("COMMIT")?,
+            Err(_) => {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+        }
+        result
+    }
+
+    /// The lock pushes to `space` take (one of a fixed set: spaces that
+    /// share one wait for each other, rarely and briefly).
+    fn space_lock(&self, space: &str) -> &Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        space.hash(&mut h);
+        &self.space_locks[(h.finish() % SPACE_LOCKS as u64) as usize]
     }
 
     /// Sets how many bytes of unfinished pushes a space may keep.
@@ -325,7 +413,7 @@ impl SqliteStore {
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
         let Some(path) = &self.path else {
-            let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let conn = self.writer.lock();
             return f(&conn);
         };
         let conn = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -376,14 +464,24 @@ fn tag_of(conn: &Connection, space: i64, version: u64) -> StoreResult<Option<Str
 }
 
 impl Store for SqliteStore {
+    /// Merges a push in steps of at most `PUSH_STEP` changes, each its own
+    /// transaction, so that pushes to other spaces (which need the one
+    /// writer) go between the steps instead of waiting for a large push.
+    /// The push stays one version, taken in order and made visible at once:
+    /// its rows carry the new version, which readers do not see (pulls stop
+    /// at the space's version) until the last step moves the space to it.
+    /// Pushes to the same space wait for each other (a lock per space).
+    /// Everything that can refuse the push is checked in the first step,
+    /// before any row is written; a later step can only fail on storage,
+    /// and the device then sends the same push again, which merges the
+    /// same way over what the first attempt left.
     fn push(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
-        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        // The write lock of the transaction is the space's lock: versions are
-        // handed out inside it, so they commit in order and a reader's cursor
-        // can never skip a version that commits later.
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = (|| -> StoreResult<PushOutcome> {
-            let (sid, current) = match space_id(&conn, space)? {
+        let _space_lock = self
+            .space_lock(space)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (sid, current) = self.in_transaction(|conn| {
+            let (sid, current) = match space_id(conn, space)? {
                 Some(s) => s,
                 None => {
                     conn.execute(
@@ -393,17 +491,30 @@ impl Store for SqliteStore {
                     (conn.last_insert_rowid(), 0)
                 }
             };
-            let version = current + 1;
-            let mut outcome = PushOutcome {
-                version: current,
-                tag: None,
-                applied: 0,
-                stale: 0,
-            };
+            let mut shapes = TableShapes::default();
             for part in parts {
-                let cs = ChangeSet::decode(part)?;
-                merge_into(&conn, sid, version, self.site, &cs.changes, &mut outcome)?;
+                for c in ChangeSet::decode(part)?.changes {
+                    shapes.check(conn, sid, &c)?;
+                }
             }
+            Ok((sid, current))
+        })?;
+        let version = current + 1;
+        let mut outcome = PushOutcome {
+            version: current,
+            tag: None,
+            applied: 0,
+            stale: 0,
+        };
+        for part in parts {
+            let cs = ChangeSet::decode(part)?;
+            for step in cs.changes.chunks(PUSH_STEP) {
+                self.in_transaction(|conn| {
+                    merge_into(conn, sid, version, self.site, step, &mut outcome)
+                })?;
+            }
+        }
+        self.in_transaction(|conn| {
             if outcome.applied > 0 {
                 conn.execute(
                     "UPDATE spaces SET version = ?1 WHERE id = ?2",
@@ -419,16 +530,10 @@ impl Store for SqliteStore {
                 ])?;
                 outcome.version = version;
             }
-            outcome.tag = tag_of(&conn, sid, outcome.version)?;
-            Ok(outcome)
-        })();
-        match &result {
-            Ok(_) => conn.execute_batch("COMMIT")?,
-            Err(_) => {
-                let _ = conn.execute_batch("ROLLBACK");
-            }
-        }
-        result
+            outcome.tag = tag_of(conn, sid, outcome.version)?;
+            Ok(())
+        })?;
+        Ok(outcome)
     }
 
     fn pull(
@@ -462,6 +567,8 @@ impl Store for SqliteStore {
                     ));
                 }
             }
+            // Only versions up to the space's: a push being merged in steps
+            // writes rows at its version before the space moves to it.
             // Each row once per version its cells carry, in version order:
             // a page holds, for each version it covers, that version's
             // cells of every row, whichever version the row is at now.
@@ -472,15 +579,22 @@ impl Store for SqliteStore {
                 Some(r) => {
                     stmt = conn.prepare_cached(&format!(
                         "{FROM} WHERE v.space = ?1 AND (v.version, v.tbl, v.pk) > (?2, ?3, ?4) \
-                         ORDER BY v.version, v.tbl, v.pk"
+                         AND v.version <= ?5 ORDER BY v.version, v.tbl, v.pk"
                     ))?;
-                    stmt.query(params![sid, r.version as i64, r.table, r.key])?
+                    stmt.query(params![
+                        sid,
+                        r.version as i64,
+                        r.table,
+                        r.key,
+                        version as i64
+                    ])?
                 }
                 None => {
                     stmt = conn.prepare_cached(&format!(
-                        "{FROM} WHERE v.space = ?1 AND v.version > ?2 ORDER BY v.version, v.tbl, v.pk"
+                        "{FROM} WHERE v.space = ?1 AND v.version > ?2 AND v.version <= ?3 \
+                         ORDER BY v.version, v.tbl, v.pk"
                     ))?;
-                    stmt.query(params![sid, cursor as i64])?
+                    stmt.query(params![sid, cursor as i64, version as i64])?
                 }
             };
             let mut page = Page {
@@ -574,7 +688,7 @@ impl Store for SqliteStore {
         part: u32,
         body: &[u8],
     ) -> StoreResult<()> {
-        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = self.writer.lock();
         conn.execute(
             "DELETE FROM staged WHERE created < ?1",
             [now_secs() - STAGED_TTL.as_secs() as i64],
@@ -610,7 +724,7 @@ impl Store for SqliteStore {
         push_id: &str,
         last: u32,
     ) -> StoreResult<Option<Vec<Vec<u8>>>> {
-        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = self.writer.lock();
         let parts = conn
             .prepare_cached(
                 "SELECT part, body FROM staged WHERE space = ?1 AND push_id = ?2 AND part < ?3 ORDER BY part",
@@ -1039,6 +1153,45 @@ mod tests {
         assert_eq!(
             store.take_staged("a", "r", 2).unwrap(),
             Some(vec![vec![4; 100]])
+        );
+    }
+
+    #[test]
+    fn rows_of_a_push_still_being_merged_are_not_pulled() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        push(
+            &store,
+            vec![change("r1", None, 10), change("r1", Some("a"), 10)],
+        );
+        // A step of the next push: rows at version 2, the space still at 1.
+        let sid = store
+            .in_transaction(|conn| Ok(space_id(conn, "s")?.unwrap().0))
+            .unwrap();
+        let mut outcome = PushOutcome {
+            version: 1,
+            tag: None,
+            applied: 0,
+            stale: 0,
+        };
+        store
+            .in_transaction(|conn| {
+                merge_into(
+                    conn,
+                    sid,
+                    2,
+                    store.site,
+                    &[change("r2", None, 20)],
+                    &mut outcome,
+                )
+            })
+            .unwrap();
+        let page = store.pull("s", 0, None, None, 1 << 20).unwrap();
+        assert_eq!(page.until, 1);
+        assert!(!page.more);
+        assert!(
+            page.changes.iter().all(|c| c.db_version == 1),
+            "{:?}",
+            page.changes
         );
     }
 
