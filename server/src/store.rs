@@ -253,6 +253,10 @@ pub struct SqliteStore {
     site: SiteId,
     max_staged_bytes: usize,
     space_locks: Vec<Mutex<()>>,
+    /// Called once, between two steps of a push (tests: to act while a
+    /// push runs).
+    #[cfg(test)]
+    between_steps: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 /// A mutex that hands itself out in the order it was asked for, so that a
@@ -379,6 +383,8 @@ impl SqliteStore {
             site,
             max_staged_bytes: MAX_STAGED_BYTES,
             space_locks: (0..SPACE_LOCKS).map(|_| Mutex::new(())).collect(),
+            #[cfg(test)]
+            between_steps: Mutex::new(None),
         })
     }
 
@@ -512,6 +518,13 @@ impl Store for SqliteStore {
                 self.in_transaction(|conn| {
                     merge_into(conn, sid, version, self.site, step, &mut outcome)
                 })?;
+                #[cfg(test)]
+                {
+                    let hook = self.between_steps.lock().unwrap().take();
+                    if let Some(f) = hook {
+                        f();
+                    }
+                }
             }
         }
         self.in_transaction(|conn| {
@@ -1193,6 +1206,56 @@ mod tests {
             "{:?}",
             page.changes
         );
+    }
+
+    #[test]
+    fn another_space_is_pushed_to_between_the_steps_of_a_large_push() {
+        let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+        let other = store.clone();
+        let pushed_meanwhile = Arc::new(Mutex::new(Vec::new()));
+        let seen = pushed_meanwhile.clone();
+        *store.between_steps.lock().unwrap() = Some(Box::new(move || {
+            // On another thread, as a request would: it must get the
+            // writer between two steps.
+            let store = other.clone();
+            let cs = ChangeSet {
+                source: SiteId::from_bytes([7; 16]),
+                recipient: None,
+                since: 0,
+                until: 1,
+                changes: vec![change("x", None, 99)],
+            };
+            let done = std::thread::spawn(move || store.push("other", &[cs.encode()]));
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || tx.send(done.join()));
+            let outcome = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("a push to another space finished between two steps")
+                .unwrap()
+                .unwrap();
+            // And the large push is not done: some of its rows are still to
+            // come.
+            let written: i64 = other
+                .in_transaction(|conn| {
+                    Ok(conn.query_row(
+                        "SELECT count(*) FROM rows WHERE space = (SELECT id FROM spaces WHERE name = 's')",
+                        [],
+                        |r| r.get(0),
+                    )?)
+                })
+                .unwrap();
+            assert!(written < (PUSH_STEP + 10) as i64, "{written} rows already");
+            seen.lock().unwrap().push(outcome.version);
+        }));
+        let big: Vec<Change> = (0..PUSH_STEP + 10)
+            .map(|i| change(&format!("r{i}"), None, 10))
+            .collect();
+        let outcome = push(&store, big);
+        assert_eq!(outcome.version, 1);
+        let meanwhile = pushed_meanwhile.lock().unwrap();
+        assert!(!meanwhile.is_empty(), "no step boundary");
+        // The large push's space moved to its version only at the end.
+        assert_eq!(store.space("s").unwrap().unwrap().version, 1);
     }
 
     #[test]
