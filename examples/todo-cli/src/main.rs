@@ -33,7 +33,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mark a todo done (an id or a unique prefix of one).
+    /// Mark a todo done (its short id from `list`, its full id, or a unique
+    /// prefix of it).
     Done { id: String },
     /// Mark a todo not done.
     Undone { id: String },
@@ -112,11 +113,10 @@ fn print_list(todos: &[Todo]) {
     if todos.is_empty() {
         println!("  (nothing to do)");
     }
-    for t in todos {
+    for (t, short) in todos.iter().zip(store::short_ids(todos)) {
         println!(
-            "  [{}] {}  {}",
+            "  [{}] {short}  {}",
             if t.done { "x" } else { " " },
-            t.id,
             t.title
         );
     }
