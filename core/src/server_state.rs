@@ -58,6 +58,38 @@ impl Database {
         })
     }
 
+    /// The space this database syncs with, once it has tried to.
+    pub fn bound_space(&self) -> Result<Option<String>> {
+        self.read_snapshot(|conn| {
+            Ok(match get(conn, "space")? {
+                Some(rusqlite::types::Value::Text(s)) => Some(s),
+                _ => None,
+            })
+        })
+    }
+
+    /// Forgets the space this database syncs with, and everything learnt
+    /// from that space's server (cursor, epoch, tags, push marks), so that
+    /// the next sync may bind another space. The whole database is pushed
+    /// there, rows pulled from the old space included: they are this
+    /// device's data now, and the new space has never seen them. Waits for
+    /// a sync running on another thread; stop background sync first (it
+    /// would bind its space again).
+    pub fn unbind_space(&self) -> Result<()> {
+        // A sync running meanwhile would write the old space's cursor back.
+        let _no_sync = self.inner.sync_round.lock().ok_or_else(|| {
+            Error::invalid("this thread is syncing this database; unbind after the sync")
+        })?;
+        self.write(|tx| {
+            tx.conn().execute(
+                "DELETE FROM confluo_sync WHERE key IN ('space', 'cursor', 'epoch', 'cursor_tag', 'pushed', 'pushed_at', 'pushed_tag')",
+                [],
+            )?;
+            tx.conn().execute("DELETE FROM confluo_server_dbvs", [])?;
+            Ok(())
+        })
+    }
+
     /// The server version this database has pulled up to.
     pub fn server_cursor(&self) -> Result<u64> {
         self.read_snapshot(|conn| get_u64(conn, "cursor"))

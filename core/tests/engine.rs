@@ -1301,3 +1301,44 @@ fn a_row_kept_aside_that_comes_in_later_brings_its_other_cells() {
         "the stale title is gone too"
     );
 }
+
+#[test]
+fn unbinding_a_space_forgets_its_server_and_pushes_everything_to_the_next() {
+    let c = clock();
+    let (a, other) = (todo_replica(&c), todo_replica(&c));
+    a.bind_space("alice-lsts").unwrap();
+    assert_eq!(a.bound_space().unwrap().as_deref(), Some("alice-lsts"));
+    a.execute("INSERT INTO todo VALUES ('mine', 'milk', 'open')", &[])
+        .unwrap();
+    a.mark_pushed(a.db_version()).unwrap();
+    other
+        .execute("INSERT INTO todo VALUES ('theirs', 'bread', 'open')", &[])
+        .unwrap();
+    let theirs = other.changes_since(0, None).unwrap().changes;
+    a.apply_from_server(&theirs, 7, Some("tag-7")).unwrap();
+    assert_eq!(a.pending_changes().unwrap(), 0);
+    let refused = a.bind_space("alice-lists").unwrap_err();
+    assert!(refused.to_string().contains("alice-lsts"), "{refused}");
+
+    a.unbind_space().unwrap();
+    assert_eq!(a.bound_space().unwrap(), None);
+    assert_eq!(a.server_cursor().unwrap(), 0);
+    assert_eq!(a.pushed_version().unwrap(), 0);
+    assert_eq!(a.server_epoch().unwrap(), None);
+    a.bind_space("alice-lists").unwrap();
+    assert_eq!(a.bound_space().unwrap().as_deref(), Some("alice-lists"));
+    // Both rows go to the new space: ours, and the one the old space gave us.
+    assert_eq!(a.pending_changes().unwrap(), 2);
+    let outgoing = a.changes_for_server().unwrap();
+    let rows: std::collections::BTreeSet<String> = outgoing
+        .changes
+        .iter()
+        .map(|ch| format!("{:?}", ch.pk))
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        dump(&a, "todo").len(),
+        2,
+        "unbinding changes no data, only the bookkeeping"
+    );
+}

@@ -27,6 +27,28 @@ pub struct TodoStore {
     pub db: Database,
 }
 
+/// The shortest id tails, at least `SHORT_ID` characters long, that tell
+/// `todos` apart. Tails, not heads: a UUIDv7 starts with its creation time,
+/// so todos made close together share their first characters, while the
+/// last ones are random.
+pub fn short_ids(todos: &[Todo]) -> Vec<String> {
+    let tail = |id: &str, n: usize| id[id.len().saturating_sub(n)..].to_owned();
+    let mut n = SHORT_ID;
+    while n < 36 {
+        let tails: std::collections::HashSet<String> =
+            todos.iter().map(|t| tail(&t.id, n)).collect();
+        if tails.len() == todos.len() {
+            break;
+        }
+        n += 1;
+    }
+    todos.iter().map(|t| tail(&t.id, n)).collect()
+}
+
+/// Eight hex characters of the random tail: 32 bits, so two todos share
+/// one only in lists of tens of thousands.
+const SHORT_ID: usize = 8;
+
 impl TodoStore {
     pub fn new(db: Database) -> Result<Self> {
         db.enable_sync_with_history("todo", SCHEMA, MIGRATIONS)?;
@@ -70,16 +92,41 @@ impl TodoStore {
             .collect())
     }
 
-    /// The one id starting with `prefix`.
-    pub fn resolve(&self, prefix: &str) -> Result<String> {
-        let rows = self.db.query(
-            "SELECT id FROM todo WHERE substr(id, 1, length(?1)) = ?1 LIMIT 2",
-            &[prefix.into()],
-        )?;
-        match rows.rows.as_slice() {
-            [] => bail!("no todo with an id starting with {prefix:?}"),
-            [one] => Ok(one[0].as_str().unwrap_or_default().to_owned()),
-            _ => bail!("more than one todo has an id starting with {prefix:?}; give more of it"),
+    /// The one todo `key` names: its full id, a unique prefix of it, or a
+    /// unique tail of it (the short ids `list` shows). An empty or
+    /// ambiguous key is refused with the candidates listed, so that a typo
+    /// never edits or deletes a todo the user did not mean.
+    pub fn resolve(&self, key: &str) -> Result<String> {
+        let key = key.trim().to_ascii_lowercase();
+        if key.is_empty() {
+            bail!("give the id of a todo (the short id `todo list` shows is enough)");
+        }
+        let todos = self.list()?;
+        if let Some(exact) = todos.iter().find(|t| t.id == key) {
+            return Ok(exact.id.clone());
+        }
+        let matches: Vec<&Todo> = todos
+            .iter()
+            .filter(|t| t.id.starts_with(&key) || t.id.ends_with(&key))
+            .collect();
+        match matches.as_slice() {
+            [] => bail!("no todo with an id starting or ending with {key:?} (see `todo list`)"),
+            [one] => Ok(one.id.clone()),
+            many => {
+                let shorts = short_ids(&todos);
+                let listed: Vec<String> = many
+                    .iter()
+                    .map(|t| {
+                        let i = todos.iter().position(|o| o.id == t.id).unwrap_or(0);
+                        format!("\n  {}  {}", shorts[i], t.title)
+                    })
+                    .collect();
+                bail!(
+                    "{key:?} matches {} todos; give one of these short ids:{}",
+                    many.len(),
+                    listed.concat()
+                )
+            }
         }
     }
 
@@ -135,6 +182,8 @@ mod tests {
             .resolve(&b[..4])
             .unwrap_err()
             .to_string()
-            .contains("more than one"));
+            .contains("matches 2 todos"));
+        assert_eq!(store.resolve(&b[28..]).unwrap(), b);
+        assert!(store.resolve("").is_err());
     }
 }
