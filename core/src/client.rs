@@ -28,6 +28,9 @@ impl TokenProvider for StaticToken {
     }
 }
 
+/// Hears how a sync is going (see `SyncConfig::progress`).
+pub type ProgressListener = Arc<dyn Fn(&SyncReport) + Send + Sync>;
+
 /// Where and how to sync.
 #[derive(Clone)]
 pub struct SyncConfig {
@@ -49,6 +52,9 @@ pub struct SyncConfig {
     /// Background sync's retry delays after failures.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Told how a sync is going after each request (a push part sent, a
+    /// page pulled), for a progress display.
+    pub progress: Option<ProgressListener>,
 }
 
 impl SyncConfig {
@@ -76,6 +82,7 @@ impl SyncConfig {
             debounce: Duration::from_millis(200),
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
+            progress: None,
         }
     }
 }
@@ -436,12 +443,20 @@ impl Client {
         let id = format!("{site}-{}-{}", outgoing.since, outgoing.until);
         for (i, part) in parts.iter().enumerate() {
             let part_header = (n > 1).then_some((id.as_str(), i + 1, n));
-            match self.post_sync(cursor, tag, who, part, part_header, report)? {
+            let reply = self.post_sync(cursor, tag, who, part, part_header, report)?;
+            self.tell_progress(report);
+            match reply {
                 Reply::Staged if i + 1 < n => continue,
                 reply => return Ok(reply),
             }
         }
         Err(network("a push with no parts", false))
+    }
+
+    fn tell_progress(&self, report: &SyncReport) {
+        if let Some(progress) = &self.config.progress {
+            crate::callbacks::guarded("a sync progress listener", || progress(report));
+        }
     }
 
     /// Applies pages until the server has nothing more. A version split over
@@ -492,6 +507,7 @@ impl Client {
                 buffered.clear();
                 cursor = until;
             }
+            self.tell_progress(report);
             if !page.more {
                 return Ok(Round::Done);
             }

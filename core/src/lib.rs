@@ -48,7 +48,7 @@ pub use changeset::{Change, ChangeSet, FORMAT_VERSION};
 
 pub use background::{BackgroundSync, SyncState, SyncStatus, SyncStatusListener};
 pub use callbacks::report_callback_failure;
-pub use client::{StaticToken, SyncConfig, SyncReport, TokenProvider};
+pub use client::{ProgressListener, StaticToken, SyncConfig, SyncReport, TokenProvider};
 /// Packs a primary key (one or more values) into bytes, and back: how keys
 /// are stored where the schema is not known (the sync server).
 pub use codec::{pack_values as pack_key, unpack_values as unpack_key};

@@ -802,3 +802,39 @@ fn random_migrations_and_writes_through_a_server_with_tiny_pages_converge() {
         }
     }
 }
+
+#[test]
+fn a_long_sync_tells_its_progress_page_by_page() {
+    let server = server(Config {
+        page_bytes: 2_000,
+        ..Config::default()
+    });
+    let a = device();
+    a.write(|tx| {
+        for i in 0..200 {
+            tx.execute(
+                "INSERT INTO todo(id, title) VALUES (?1, ?2)",
+                &[format!("t{i:03}").into(), text(50, 't')],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    a.sync_now(&SyncConfig::new(server.url(), "s", "dev-token"))
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut cfg = SyncConfig::new(server.url(), "s", "dev-token");
+    let log = seen.clone();
+    cfg.progress = Some(Arc::new(move |r: &confluo_core::SyncReport| {
+        log.lock().unwrap().push((r.pulled, r.bytes_received));
+    }));
+    let b = device();
+    let report = b.sync_now(&cfg).unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() > 3, "one call per page: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 < w[1].1),
+        "{seen:?}"
+    );
+    assert_eq!(seen.last().unwrap().0, report.pulled);
+}

@@ -232,10 +232,32 @@ fn sync(store: &TodoStore, server: &ServerArgs) -> Result<()> {
     check_space(&store.db, &server.space)?;
     let before = store.list()?;
     let unsent = store.db.pending_changes()?;
+    let mut config = server.config();
+    // On a terminal, a sync that takes a while shows how far it is.
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        let started = std::time::Instant::now();
+        config.progress = Some(Arc::new(move |r: &confluo_core::SyncReport| {
+            let secs = started.elapsed().as_secs_f64();
+            if secs >= 1.0 {
+                let moved = r.bytes_sent + r.bytes_received;
+                print!(
+                    "\r  {} changes sent, {} received, {} ({}/s)   ",
+                    r.pushed,
+                    r.pulled,
+                    human_bytes(moved),
+                    human_bytes((moved as f64 / secs) as u64)
+                );
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
+        }));
+    }
     let r = store
         .db
-        .sync_now(&server.config())
+        .sync_now(&config)
         .map_err(|e| sync_failure(e, server))?;
+    if config.progress.is_some() && r.duration.as_secs_f64() >= 1.0 {
+        println!();
+    }
     let sent = unsent.saturating_sub(store.db.pending_changes()?);
     let changed = changed_todos(&before, &store.list()?);
     println!(

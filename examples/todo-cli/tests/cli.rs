@@ -310,4 +310,9 @@ fn sync_reports_todos_and_a_readable_duration() {
     );
     let said = stdout(&out);
     assert!(said.contains("sent 0 todos, 1 todo changed here"), "{said}");
+    // Not a terminal: one line, no progress display.
+    assert!(
+        !said.contains('\r') && said.lines().count() == 1,
+        "{said:?}"
+    );
 }
