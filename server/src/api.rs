@@ -128,7 +128,10 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
-        .layer(axum::middleware::from_fn(access_log))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            access_log,
+        ))
         .with_state(app)
 }
 
@@ -139,7 +142,14 @@ pub struct ClientAddr(pub std::net::SocketAddr);
 /// One log line per request: method, route (not the URI: no space names
 /// or cursors), status, duration, client address. Never a header, so never
 /// a token.
-async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+///
+/// Answers that did not come through `respond` (health, unknown paths and
+/// methods) are counted here, and get the server's clock too.
+async fn access_log(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let route = req
@@ -151,7 +161,18 @@ async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -
         .get::<ClientAddr>()
         .map(|c| c.0.to_string())
         .unwrap_or_default();
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    if !resp.headers().contains_key("confluo-server-time") {
+        stamp_server_time(&mut resp);
+        let counted = match route.as_str() {
+            "/metrics" => None,
+            "/healthz" => Some("healthz"),
+            _ => Some("unmatched"),
+        };
+        if let Some(label) = counted {
+            app.metrics.request(label, resp.status().as_u16());
+        }
+    }
     tracing::info!(
         target: "confluo_server::access",
         %method,
@@ -572,13 +593,17 @@ fn respond(app: &App, route: &'static str, result: Result<Response, ApiError>) -
         e.into_response()
     });
     app.metrics.request(route, resp.status().as_u16());
-    // The server's clock, so a device can tell that its own is wrong.
+    stamp_server_time(&mut resp);
+    resp
+}
+
+/// The server's clock, so a device can tell that its own is wrong.
+fn stamp_server_time(resp: &mut Response) {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     resp.headers_mut()
         .insert("confluo-server-time", HeaderValue::from(now_ms));
-    resp
 }
 
 async fn sync_inner(

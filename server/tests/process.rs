@@ -1397,3 +1397,32 @@ fn quotas_of_the_auth_file_answer_429_with_retry_after() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn every_answer_has_the_server_clock_and_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev"]);
+    let get = |path: &str| {
+        agent(Duration::from_secs(5))
+            .get(format!("{}{path}", server.url()))
+            .call()
+            .unwrap()
+    };
+    for path in ["/nowhere", "/healthz"] {
+        let resp = get(path);
+        assert!(
+            resp.headers().contains_key("confluo-server-time"),
+            "{path}: {:?}",
+            resp.headers()
+        );
+    }
+    let metrics = get("/metrics").body_mut().read_to_string().unwrap();
+    assert!(
+        metrics.contains("confluo_requests_total{route=\"unmatched\",status=\"404\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("confluo_requests_total{route=\"healthz\",status=\"200\"}"),
+        "{metrics}"
+    );
+}
