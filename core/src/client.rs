@@ -162,6 +162,32 @@ pub(crate) struct Ident {
 }
 
 impl Ident {
+    /// Adds who is asking and where its history stands to a request: its
+    /// site, its cursor with that version's tag, the space epoch, and where
+    /// its last accepted push landed while the cursor is behind it.
+    fn position<B>(
+        &self,
+        mut req: ureq::RequestBuilder<B>,
+        cursor: u64,
+        tag: Option<&str>,
+    ) -> ureq::RequestBuilder<B> {
+        req = req
+            .query("cursor", cursor.to_string())
+            .query("site", &self.site);
+        if let Some(tag) = tag {
+            req = req.query("tag", tag);
+        }
+        if let Some(epoch) = &self.epoch {
+            req = req.query("epoch", epoch);
+        }
+        if let Some((at, tag)) = self.pushed.as_ref().filter(|(at, _)| *at > cursor) {
+            req = req
+                .query("pushed_at", at.to_string())
+                .query("pushed_tag", tag);
+        }
+        req
+    }
+
     pub fn of(db: &Database) -> Result<Ident> {
         Ok(Ident {
             site: db.site_id().to_string(),
@@ -277,25 +303,11 @@ impl Client {
         // Safe to send twice: merging is idempotent, and a part staged
         // twice is kept once.
         let answer = resend_on_lost_connection(|fresh| {
-            let mut req = self
-                .agent
-                .post(self.url("sync"))
-                .query("cursor", cursor.to_string())
-                .query("site", &who.site)
+            let mut req = who
+                .position(self.agent.post(self.url("sync")), cursor, tag)
                 .header("authorization", &auth)
                 .header("confluo-protocol", PROTOCOL_VERSION)
                 .header("content-type", CHANGESET_TYPE);
-            if let Some(tag) = tag {
-                req = req.query("tag", tag);
-            }
-            if let Some(epoch) = &who.epoch {
-                req = req.query("epoch", epoch);
-            }
-            if let Some((at, tag)) = who.pushed.as_ref().filter(|(at, _)| *at > cursor) {
-                req = req
-                    .query("pushed_at", at.to_string())
-                    .query("pushed_tag", tag);
-            }
             if let Some((id, i, n)) = part {
                 req = req
                     .header("confluo-push-id", id)
@@ -319,27 +331,13 @@ impl Client {
     ) -> Result<Reply> {
         let auth = self.auth()?;
         let answer = resend_on_lost_connection(|fresh| {
-            let mut req = self
-                .agent
-                .get(self.url("changes"))
-                .query("cursor", cursor.to_string())
-                .query("site", &who.site)
+            let mut req = who
+                .position(self.agent.get(self.url("changes")), cursor, tag)
                 .query("wait", wait.as_secs().to_string())
                 .header("authorization", &auth)
                 .header("confluo-protocol", PROTOCOL_VERSION);
             if let Some(r) = resume {
                 req = req.query("after", r);
-            }
-            if let Some(tag) = tag {
-                req = req.query("tag", tag);
-            }
-            if let Some(epoch) = &who.epoch {
-                req = req.query("epoch", epoch);
-            }
-            if let Some((at, tag)) = who.pushed.as_ref().filter(|(at, _)| *at > cursor) {
-                req = req
-                    .query("pushed_at", at.to_string())
-                    .query("pushed_tag", tag);
             }
             let timeout = self.config.request_timeout + wait;
             receive(configure(req.config(), timeout, fresh).call()?)
