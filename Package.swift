@@ -1,8 +1,9 @@
 // swift-tools-version:5.9
 // Confluo's Swift package. Add it by URL; the product is `Confluo`.
 //
-// On Apple platforms the Rust core comes as ConfluoFFI.xcframework
-// (built by ios/build-xcframework.sh; a URL and checksum for releases). On
+// On Apple platforms the Rust core comes as ConfluoFFIC.xcframework
+// (built by ios/build-xcframework.sh; a URL and checksum for releases): a
+// binary target's name must be its XCFramework's name. On
 // Linux the package builds against the host-built library, so the same
 // Swift code is tested there (scripts/test-swift.sh generates the FFI
 // sources and passes the library path).
@@ -15,8 +16,8 @@ let privacy: [Resource] = []
 let notShipped = ["PrivacyInfo.xcprivacy"]
 #else
 // A release replaces the path with
-// .binaryTarget(name: "ConfluoFFIC", url: "<release>/ConfluoFFI.xcframework.zip", checksum: "<ios/build-xcframework.sh --release>")
-let ffi: Target = .binaryTarget(name: "ConfluoFFIC", path: "ios/ConfluoFFI.xcframework")
+// .binaryTarget(name: "ConfluoFFIC", url: "<release>/ConfluoFFIC.xcframework.zip", checksum: "<ios/build-xcframework.sh --release>")
+let ffi: Target = .binaryTarget(name: "ConfluoFFIC", path: "ios/ConfluoFFIC.xcframework")
 let privacy: [Resource] = [.copy("PrivacyInfo.xcprivacy")]
 let notShipped: [String] = []
 #endif
