@@ -11,7 +11,9 @@ plugins {
     `maven-publish`
 }
 
-val repoRoot: File = rootProject.projectDir.parentFile
+// The repository from this module's own folder (android/confluo), so the
+// paths hold whichever build includes the module: android/ or an example app.
+val repoRoot: File = projectDir.resolve("../..").canonicalFile
 val targetAbis = listOf("arm64-v8a", "armeabi-v7a", "x86_64")
 
 /** Builds libconfluo_ffi.so for each ABI into <outputDir>/<abi>/ (needs the NDK and cargo-ndk). */
