@@ -14,13 +14,19 @@ plugins {
 // The repository from this module's own folder (android/confluo), so the
 // paths hold whichever build includes the module: android/ or an example app.
 val repoRoot: File = projectDir.resolve("../..").canonicalFile
+// The ABIs cargo-ndk builds and the AAR packages (ndk.abiFilters): one list.
 val targetAbis = listOf("arm64-v8a", "armeabi-v7a", "x86_64")
+// NDK r28 and newer link with 16 KB page alignment by default (Google Play
+// requires it); bindings/build.rs passes the flag as well. cargo-ndk uses
+// this same NDK (ANDROID_NDK_HOME below).
+val pinnedNdkVersion = "28.0.13004108"
 
 /** Builds libconfluo_ffi.so for each ABI into <outputDir>/<abi>/ (needs the NDK and cargo-ndk). */
 abstract class CargoNdkTask : DefaultTask() {
     @get:InputFiles abstract val rustSources: ConfigurableFileCollection
     @get:Input abstract val abis: ListProperty<String>
     @get:Internal abstract val workspace: DirectoryProperty
+    @get:Internal abstract val ndkDirectory: DirectoryProperty
     @get:OutputDirectory abstract val outputDir: DirectoryProperty
     @get:Inject abstract val exec: ExecOperations
 
@@ -28,6 +34,7 @@ abstract class CargoNdkTask : DefaultTask() {
     fun build() {
         exec.exec {
             workingDir = workspace.get().asFile
+            environment("ANDROID_NDK_HOME", ndkDirectory.get().asFile.path)
             commandLine(
                 listOf("cargo", "ndk", "--platform", "24", "-o", outputDir.get().asFile.path) +
                     abis.get().flatMap { listOf("-t", it) } +
@@ -64,6 +71,7 @@ val cargoNdk = tasks.register<CargoNdkTask>("cargoNdk") {
     rustSources.from(
         fileTree(repoRoot.resolve("core/src")),
         fileTree(repoRoot.resolve("bindings/src")),
+        repoRoot.resolve("bindings/build.rs"),
         repoRoot.resolve("Cargo.toml"),
         repoRoot.resolve("Cargo.lock"),
         repoRoot.resolve("core/Cargo.toml"),
@@ -71,6 +79,7 @@ val cargoNdk = tasks.register<CargoNdkTask>("cargoNdk") {
     )
     abis.set(targetAbis)
     workspace.set(repoRoot)
+    ndkDirectory.set(androidComponents.sdkComponents.ndkDirectory)
     outputDir.set(layout.buildDirectory.dir("rust/jniLibs"))
 }
 
@@ -84,6 +93,7 @@ val uniffiBindings = tasks.register<UniffiBindingsTask>("uniffiBindings") {
 android {
     namespace = "dev.confluo"
     compileSdk = 35
+    ndkVersion = pinnedNdkVersion
 
     defaultConfig {
         minSdk = 24
