@@ -90,6 +90,37 @@ val uniffiBindings = tasks.register<UniffiBindingsTask>("uniffiBindings") {
     outputDir.set(layout.buildDirectory.dir("generated/uniffi/kotlin"))
 }
 
+/**
+ * Builds the host's libconfluo_ffi and confluo-server for the JVM unit tests,
+ * which run the same Kotlin on this machine (JNA loads the host library).
+ */
+abstract class CargoHostTask : DefaultTask() {
+    @get:Internal abstract val workspace: DirectoryProperty
+    @get:Inject abstract val exec: ExecOperations
+
+    @TaskAction
+    fun build() {
+        exec.exec {
+            workingDir = workspace.get().asFile
+            commandLine("cargo", "build", "-p", "confluo-ffi", "-p", "confluo-server")
+        }
+    }
+}
+
+val cargoHost = tasks.register<CargoHostTask>("cargoHost") {
+    workspace.set(repoRoot)
+    // Cargo decides itself what is out of date.
+    outputs.upToDateWhen { false }
+}
+
+// JUnit 5 on the JVM against the host library and a real server, as
+// scripts/test-kotlin.sh runs them without Gradle.
+tasks.withType<Test>().configureEach {
+    dependsOn(cargoHost)
+    systemProperty("jna.library.path", repoRoot.resolve("target/debug").path)
+    environment("CONFLUO_SERVER_BIN", repoRoot.resolve("target/debug/confluo-server").path)
+}
+
 android {
     namespace = "dev.confluo"
     compileSdk = 35
@@ -104,6 +135,10 @@ android {
     compileOptions {
         sourceCompatibility = JavaVersion.VERSION_17
         targetCompatibility = JavaVersion.VERSION_17
+    }
+
+    testOptions {
+        unitTests.all { it.useJUnitPlatform() }
     }
 
     publishing {
@@ -130,6 +165,14 @@ dependencies {
     // JNA's AAR carries its native dispatch library for every ABI.
     implementation("net.java.dev.jna:jna:5.18.1@aar")
     api("org.jetbrains.kotlinx:kotlinx-coroutines-android:1.11.0")
+
+    // The versions scripts/test-kotlin.sh (scripts/jvm-tools.sh) fetches.
+    testImplementation(platform("org.junit:junit-bom:5.13.4"))
+    testImplementation("org.junit.jupiter:junit-jupiter")
+    testRuntimeOnly("org.junit.platform:junit-platform-launcher")
+    testImplementation("org.jetbrains.kotlinx:kotlinx-coroutines-test:1.11.0")
+    // JNA's jar carries the desktop dispatch libraries the JVM tests need.
+    testImplementation("net.java.dev.jna:jna:5.18.1")
 }
 
 publishing {

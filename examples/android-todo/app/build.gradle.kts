@@ -29,6 +29,21 @@ android {
         sourceCompatibility = JavaVersion.VERSION_17
         targetCompatibility = JavaVersion.VERSION_17
     }
+
+    testOptions {
+        unitTests.all { it.useJUnitPlatform() }
+    }
+}
+
+// The repository from this module's own folder (examples/android-todo/app).
+val repoRoot: File = projectDir.resolve("../../..").canonicalFile
+
+// The todo logic's tests run on the JVM against the host-built library and a
+// real server, which the library module's cargoHost task builds.
+tasks.withType<Test>().configureEach {
+    dependsOn(":confluo:cargoHost")
+    systemProperty("jna.library.path", repoRoot.resolve("target/debug").path)
+    environment("CONFLUO_SERVER_BIN", repoRoot.resolve("target/debug/confluo-server").path)
 }
 
 kotlin {
@@ -47,4 +62,10 @@ dependencies {
     implementation("androidx.work:work-runtime-ktx:2.10.0")
     implementation("androidx.core:core-ktx:1.15.0")
     implementation("androidx.datastore:datastore-preferences:1.1.1")
+
+    // The versions scripts/test-kotlin.sh (scripts/jvm-tools.sh) fetches.
+    testImplementation(platform("org.junit:junit-bom:5.13.4"))
+    testImplementation("org.junit.jupiter:junit-jupiter")
+    testRuntimeOnly("org.junit.platform:junit-platform-launcher")
+    testImplementation("net.java.dev.jna:jna:5.18.1")
 }

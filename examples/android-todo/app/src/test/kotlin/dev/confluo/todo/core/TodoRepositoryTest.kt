@@ -3,7 +3,6 @@ package dev.confluo.todo.core
 import dev.confluo.Confluo
 import dev.confluo.SyncState
 import dev.confluo.SyncStatus
-import dev.confluo.TestServer
 import kotlinx.coroutines.flow.filter
 import kotlinx.coroutines.flow.first
 import kotlinx.coroutines.runBlocking
