@@ -2,9 +2,9 @@
 # benchmark figures (RESULT lines).
 CARGO ?= cargo
 
-.PHONY: test test-rust test-kotlin test-swift lint bench demo
+.PHONY: test test-rust test-kotlin test-swift test-packaging lint bench demo
 
-test: lint test-rust test-kotlin test-swift
+test: lint test-rust test-kotlin test-swift test-packaging
 
 test-rust:
 	$(CARGO) test --workspace --all-targets
@@ -18,6 +18,11 @@ test-kotlin:
 # Debian trixie chroot with Debian's swiftlang when no swift is on PATH).
 test-swift:
 	scripts/test-swift.sh
+
+# The packaging invariants no build here can check (no Xcode, Android SDK
+# or Gradle): names, paths, ABIs, page size, the privacy manifest.
+test-packaging:
+	scripts/check-packaging.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
