@@ -2,7 +2,7 @@
 # benchmark figures (RESULT lines).
 CARGO ?= cargo
 
-.PHONY: test test-rust test-kotlin test-swift test-packaging lint bench demo
+.PHONY: test test-rust test-kotlin test-swift test-packaging lint bench size demo
 
 test: lint test-rust test-kotlin test-swift test-packaging
 
@@ -29,9 +29,13 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	scripts/lint-shell.sh
 
-bench:
+bench: size
 	$(CARGO) bench -p confluo-core
 	$(CARGO) bench -p confluo-server
+
+# The shipped library's size (RESULT line).
+size:
+	scripts/size.sh
 
 demo:
 	$(CARGO) run -p todo-cli -- demo
