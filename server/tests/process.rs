@@ -1331,7 +1331,7 @@ fn quotas_of_the_auth_file_answer_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let auth = dir.path().join("auth.toml");
     let mut toml = String::from(
-        "[quotas]\nrequests_per_second = 5\nspaces = 2\npush_bytes_per_minute = 2000\n",
+        "[quotas]\nrequests_per_second = 2\nspaces = 2\npush_bytes_per_minute = 2000\n",
     );
     for user in ["rate", "roam", "bulk"] {
         toml.push_str(&format!(
@@ -1358,7 +1358,7 @@ fn quotas_of_the_auth_file_answer_429_with_retry_after() {
     };
     // Requests per second: a burst of twice the rate, then 429.
     let statuses: Vec<(u16, Option<String>)> =
-        (0..30).map(|_| pull("rate-token-123", "s")).collect();
+        (0..60).map(|_| pull("rate-token-123", "s")).collect();
     let refused: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
     assert!(!refused.is_empty(), "{statuses:?}");
     assert!(
