@@ -2,17 +2,13 @@
 //! apply (its schema or a trigger refuses them) wait here with the reason,
 //! so they never block the others, and are tried again after a migration.
 
-use std::sync::Arc;
-
 use rusqlite::{params, Connection};
 
 use crate::changeset::Change;
-use crate::codec::{pack_values, unpack_values};
+use crate::codec::pack_values;
 use crate::db::Database;
-use crate::error::{Error, Result};
-use crate::hlc::Hlc;
-use crate::replication::Sender;
-use crate::site::SiteId;
+use crate::error::Result;
+use crate::replication::{kept_change, Sender};
 
 /// A change kept aside because this database could not apply it.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,28 +32,17 @@ impl Database {
             let mut rows = stmt.query([])?;
             let mut out = Vec::new();
             while let Some(r) = rows.next()? {
-                let col: String = r.get(2)?;
-                let table: String = r.get(0)?;
-                let here = self.table_by_cid(&table);
-                let column = (!col.is_empty()).then(|| {
+                let change = kept_change(r)?;
+                let here = self.table_by_cid(&change.table);
+                let column = change.column.as_deref().map(|cid| {
                     here.as_ref()
-                        .and_then(|t| t.slot_of_cid(&col).and_then(|s| t.slots[s].clone()))
-                        .map_or_else(|| col.clone(), |n| n.to_string())
+                        .and_then(|t| t.slot_of_cid(cid).and_then(|s| t.slots[s].clone()))
+                        .map_or_else(|| cid.to_owned(), |n| n.to_string())
                 });
                 out.push(RejectedChange {
-                    table: here.map_or_else(|| table.clone(), |t| t.name.to_string()),
+                    table: here.map_or_else(|| change.table.to_string(), |t| t.name.to_string()),
                     column,
-                    change: Change {
-                        table: Arc::from(r.get::<_, String>(0)?),
-                        pk: unpack_values(r.get_ref(1)?.as_blob()?)?.into(),
-                        column: (!col.is_empty()).then(|| Arc::from(col)),
-                        value: r.get(4)?,
-                        hlc: Hlc(r.get::<_, i64>(5)? as u64),
-                        site: site_from(r.get_ref(6)?.as_blob()?)?,
-                        cl: r.get::<_, i64>(3)? as u64,
-                        db_version: 0,
-                        seq: 0,
-                    },
+                    change,
                     reason: r.get(7)?,
                 });
             }
@@ -162,11 +147,4 @@ pub(crate) fn keep_aside(
         kept += 1;
     }
     Ok(kept)
-}
-
-fn site_from(bytes: &[u8]) -> Result<SiteId> {
-    SiteId::from_slice(bytes).ok_or_else(|| Error::Sqlite {
-        message: "corrupt confluo metadata: bad site id".into(),
-        code: None,
-    })
 }

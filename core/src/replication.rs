@@ -731,10 +731,7 @@ impl Database {
                 column: (!col.is_empty()).then(|| Arc::from(col)),
                 value,
                 hlc: Hlc(hlc as u64),
-                site: SiteId::from_slice(&site).ok_or_else(|| Error::Sqlite {
-                    message: "corrupt confluo metadata: bad site id".into(),
-                    code: None,
-                })?,
+                site: site_from(&site)?,
                 cl: cl as u64,
                 db_version: 0,
                 seq: 0,
@@ -947,6 +944,31 @@ fn export_table(
     Ok(max_dbv as u64)
 }
 
+/// A change kept in `confluo_pending` or `confluo_rejected`, from a row
+/// whose first columns are `tbl, pk, col, cl, value, hlc, site`.
+pub(crate) fn kept_change(r: &rusqlite::Row<'_>) -> Result<Change> {
+    let col: String = r.get(2)?;
+    Ok(Change {
+        table: Arc::from(r.get::<_, String>(0)?),
+        pk: unpack_values(r.get_ref(1)?.as_blob()?)?.into(),
+        column: (!col.is_empty()).then(|| Arc::from(col)),
+        value: r.get(4)?,
+        hlc: Hlc(r.get::<_, i64>(5)? as u64),
+        site: site_from(r.get_ref(6)?.as_blob()?)?,
+        cl: r.get::<_, i64>(3)? as u64,
+        db_version: 0,
+        seq: 0,
+    })
+}
+
+/// A site id read from Confluo's metadata.
+pub(crate) fn site_from(bytes: &[u8]) -> Result<SiteId> {
+    SiteId::from_slice(bytes).ok_or_else(|| Error::Sqlite {
+        message: "corrupt confluo metadata: bad site id".into(),
+        code: None,
+    })
+}
+
 /// Exports kept changes for tables and columns this database does not have,
 /// so they still reach peers that do.
 fn export_pending(
@@ -961,27 +983,12 @@ fn export_pending(
     let mut rows = stmt.query([since as i64])?;
     let mut max = 0u64;
     while let Some(r) = rows.next()? {
-        let site = SiteId::from_slice(r.get_ref(6)?.as_blob()?).ok_or_else(|| Error::Sqlite {
-            message: "corrupt confluo metadata: bad site id".into(),
-            code: None,
-        })?;
-        let dbv = r.get::<_, i64>(7)? as u64;
-        max = max.max(dbv);
-        if Some(site) == recipient {
-            continue;
+        let mut c = kept_change(r)?;
+        c.db_version = r.get::<_, i64>(7)? as u64;
+        max = max.max(c.db_version);
+        if Some(c.site) != recipient {
+            out.push(c);
         }
-        let col: String = r.get(2)?;
-        out.push(Change {
-            table: Arc::from(r.get::<_, String>(0)?),
-            pk: unpack_values(r.get_ref(1)?.as_blob()?)?.into(),
-            column: (!col.is_empty()).then(|| Arc::from(col)),
-            value: r.get(4)?,
-            hlc: Hlc(r.get::<_, i64>(5)? as u64),
-            site,
-            cl: r.get::<_, i64>(3)? as u64,
-            db_version: dbv,
-            seq: 0,
-        });
     }
     Ok(max)
 }
