@@ -7,6 +7,7 @@ CARGO ?= cargo
 test: lint test-rust test-kotlin test-swift test-packaging
 
 test-rust:
+	scripts/postgres.sh install
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
@@ -31,6 +32,7 @@ lint:
 
 bench: size
 	$(CARGO) bench -p confluo-core
+	scripts/postgres.sh install
 	$(CARGO) bench -p confluo-server
 
 # The shipped library's size (RESULT line).

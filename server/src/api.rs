@@ -844,19 +844,26 @@ async fn changes_inner(
     if resume.is_none() && !wait.is_zero() {
         // Subscribe before looking, so a push committing in between is seen.
         let mut watch = app.subscribe(&space);
-        let (store, sp) = (app.store.clone(), space.clone());
-        let version = blocking(move || store.space(&sp))
-            .await?
-            .map_or(0, |s| s.version);
-        if version == params.cursor {
-            // Counted down when the wait ends, or when the client hangs up
-            // and the request is dropped.
-            let _waiting = Gauge::up(&app.metrics.long_polls);
-            let mut shutdown = app.shutdown.clone();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut shutdown = app.shutdown.clone();
+        // Counted down when the wait ends, or when the client hangs up and
+        // the request is dropped.
+        let mut waiting = None;
+        loop {
+            let (store, sp) = (app.store.clone(), space.clone());
+            let version = blocking(move || store.space(&sp))
+                .await?
+                .map_or(0, |s| s.version);
+            // A wake is a hint (a re-check of a shared store wakes polls
+            // that have nothing new): the space's version decides.
+            if version != params.cursor {
+                break;
+            }
+            waiting.get_or_insert_with(|| Gauge::up(&app.metrics.long_polls));
             tokio::select! {
                 _ = watch.changed() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = shutdown.changed() => break,
             }
         }
     }

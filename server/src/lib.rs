@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod metrics;
+pub mod pg;
 pub mod quota;
 pub mod store;
 
@@ -18,6 +19,7 @@ use confluo_core::Limits;
 use tokio::sync::watch;
 
 pub use auth::{Auth, DEV_TOKEN};
+pub use pg::{PgOptions, PgStore};
 pub use store::{SqliteStore, Store};
 
 /// Limits and sizes, with the defaults of the protocol documentation.
@@ -46,6 +48,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Serve HTTPS with this certificate and key (see `tls_config`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// With a store other server processes share: how often long polls
+    /// look for pushes they were not told about (a lost notification).
+    pub shared_store_recheck: Duration,
 }
 
 impl Default for Config {
@@ -62,6 +67,7 @@ impl Default for Config {
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(5),
             tls: None,
+            shared_store_recheck: Duration::from_secs(2),
         }
     }
 }
@@ -145,12 +151,74 @@ impl App {
             .len()
     }
 
-    /// Wakes the long polls of `space`: a push just committed `version`.
+    /// Wakes the long polls of `space`: a push just committed `version`
+    /// (here or, with a shared store, in another server process).
     fn notify(&self, space: &str, version: u64) {
         let map = self.versions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = map.get(space) {
-            tx.send_replace(version);
+            tx.send_if_modified(|known| {
+                let newer = version > *known;
+                *known = (*known).max(version);
+                newer
+            });
         }
+    }
+
+    /// Wakes every long poll, to look at its space again.
+    fn wake_all(&self) {
+        let map = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        for tx in map.values() {
+            tx.send_modify(|_| {});
+        }
+    }
+
+    /// With a store other server processes write to: wakes long polls on
+    /// their pushes, as the store reports them, and also looks at the
+    /// versions of every watched space every `shared_store_recheck`, in
+    /// case a report was lost. Ends with the app.
+    fn follow_shared_store(self: &Arc<App>) {
+        let app = Arc::downgrade(self);
+        let feed: store::PushFeed = Arc::new(move |push| {
+            if let Some(app) = app.upgrade() {
+                match push {
+                    Some((space, version)) => app.notify(space, version),
+                    None => app.wake_all(),
+                }
+            }
+        });
+        if !self.store.follow_pushes(feed) {
+            return;
+        }
+        let app = Arc::downgrade(self);
+        let every = self.config.shared_store_recheck;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                let watched: Vec<String> = app
+                    .versions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                if watched.is_empty() {
+                    continue;
+                }
+                let store = app.store.clone();
+                match tokio::task::spawn_blocking(move || store.versions(&watched)).await {
+                    Ok(Ok(found)) => {
+                        for (space, version) in found {
+                            app.notify(&space, version);
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "re-checking watched spaces"),
+                    Err(_) => {}
+                }
+            }
+        });
     }
 
     /// Ends every long poll now (the server is shutting down).
@@ -234,6 +302,7 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    app.follow_shared_store();
     let router = api::router(app.clone());
     let overflow_router = api::overflow_router();
     let slots = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections));

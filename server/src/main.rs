@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use confluo_server::{serve, App, Auth, Config, SqliteStore, DEV_TOKEN};
+use confluo_server::{serve, App, Auth, Config, PgOptions, PgStore, SqliteStore, Store, DEV_TOKEN};
 
 /// Shown after the options, so that an operator finds the auth file's
 /// format without reading the source.
@@ -31,9 +31,23 @@ Logs go to standard output (RUST_LOG sets the level, e.g. RUST_LOG=debug).";
 #[derive(Parser)]
 #[command(name = "confluo-server", about = "Confluo's sync server", after_help = AUTH_HELP)]
 struct Args {
-    /// The SQLite file that keeps every space.
+    /// Where every space is kept: a SQLite file (the embedded default), or
+    /// a PostgreSQL database, postgres://USER[:PASSWORD]@HOST[:PORT]/DB,
+    /// that any number of server processes share (add ?sslmode=require
+    /// for TLS).
     #[arg(long, default_value = "./confluo-server.db")]
-    db: PathBuf,
+    db: String,
+    /// With PostgreSQL: connections this process keeps open at most.
+    #[arg(long, default_value_t = 16)]
+    db_pool_size: usize,
+    /// With PostgreSQL: how often, in seconds, long polls look for pushes
+    /// of other server processes they were not notified of.
+    #[arg(long, default_value_t = 2)]
+    db_recheck_secs: u64,
+    /// With PostgreSQL: a PEM file of certificate authorities to trust
+    /// besides the public ones (a managed service's own CA).
+    #[arg(long)]
+    db_ca_file: Option<PathBuf>,
     /// Address to listen on, HOST:PORT; a host name listens on the first
     /// address it resolves to that can be bound.
     #[arg(long, default_value = "127.0.0.1:7878")]
@@ -143,8 +157,7 @@ async fn run() -> anyhow::Result<()> {
             "DEVELOPMENT MODE: the token {DEV_TOKEN:?} grants read-write access to every space"
         );
     }
-    let store =
-        SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
+    let (store, db_shown) = open_store(&args)?;
     let defaults = Config::default();
     let secs = std::time::Duration::from_secs;
     let config = Config {
@@ -159,6 +172,7 @@ async fn run() -> anyhow::Result<()> {
         min_body_rate: args.min_body_rate.max(1),
         max_connections: connection_cap(args.max_connections),
         shutdown_grace: secs(args.shutdown_grace_secs),
+        shared_store_recheck: secs(args.db_recheck_secs.max(1)),
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => {
                 let read = |p: &PathBuf| {
@@ -170,7 +184,7 @@ async fn run() -> anyhow::Result<()> {
         },
         ..defaults
     };
-    let app = App::new(Arc::new(store), auth, config);
+    let app = App::new(store, auth, config);
     let listener = tokio::net::TcpListener::bind(&addrs[..])
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -179,10 +193,35 @@ async fn run() -> anyhow::Result<()> {
     } else {
         "http"
     };
-    tracing::info!(addr = %listener.local_addr()?, scheme, db = %args.db.display(), "confluo-server listening");
+    tracing::info!(addr = %listener.local_addr()?, scheme, db = %db_shown, "confluo-server listening");
     serve(listener, app, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The store `--db` names, and how to show it in the log (without a
+/// password).
+fn open_store(args: &Args) -> anyhow::Result<(Arc<dyn Store>, String)> {
+    let db = &args.db;
+    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+        let shown = match db.rsplit_once('@') {
+            Some((_, place)) => format!("postgres://...@{place}"),
+            None => db.clone(),
+        };
+        let options = PgOptions {
+            pool_size: args.db_pool_size,
+            ca_file: args.db_ca_file.clone(),
+        };
+        // Connecting blocks on the store's own runtime: not from this one.
+        let url = db.clone();
+        let store = std::thread::spawn(move || PgStore::connect(&url, options))
+            .join()
+            .map_err(|_| anyhow::anyhow!("connecting to PostgreSQL panicked"))?
+            .with_context(|| format!("opening {shown}"))?;
+        return Ok((Arc::new(store), shown));
+    }
+    let store = SqliteStore::open(db.as_ref()).with_context(|| format!("opening {db}"))?;
+    Ok((Arc::new(store), db.clone()))
 }
 
 /// Connections that fit in the process's file descriptor limit, leaving

@@ -739,3 +739,115 @@ fn a_wiped_server_that_grew_past_our_cursor_is_noticed_by_its_epoch() {
     b.sync_now(&cfg).unwrap();
     assert_eq!(dump(&a), dump(&b));
 }
+
+/// A store shared by several servers whose reports of each other's pushes
+/// never arrive (every notification lost).
+struct Deaf(Arc<SqliteStore>);
+
+impl confluo_server::Store for Deaf {
+    fn push(
+        &self,
+        space: &str,
+        parts: &[Vec<u8>],
+    ) -> confluo_server::store::StoreResult<confluo_server::store::PushOutcome> {
+        self.0.push(space, parts)
+    }
+    fn pull(
+        &self,
+        space: &str,
+        cursor: u64,
+        resume: Option<&confluo_server::store::Resume>,
+        exclude: Option<confluo_core::SiteId>,
+        budget: usize,
+    ) -> confluo_server::store::StoreResult<confluo_server::store::Page> {
+        self.0.pull(space, cursor, resume, exclude, budget)
+    }
+    fn space(
+        &self,
+        space: &str,
+    ) -> confluo_server::store::StoreResult<Option<confluo_server::store::SpaceState>> {
+        self.0.space(space)
+    }
+    fn stage(
+        &self,
+        space: &str,
+        site: confluo_core::SiteId,
+        push_id: &str,
+        part: u32,
+        body: &[u8],
+    ) -> confluo_server::store::StoreResult<()> {
+        self.0.stage(space, site, push_id, part, body)
+    }
+    fn take_staged(
+        &self,
+        space: &str,
+        push_id: &str,
+        last: u32,
+    ) -> confluo_server::store::StoreResult<Option<Vec<Vec<u8>>>> {
+        self.0.take_staged(space, push_id, last)
+    }
+    fn server_site(&self) -> confluo_core::SiteId {
+        self.0.server_site()
+    }
+    fn version_tag(
+        &self,
+        space: &str,
+        version: u64,
+    ) -> confluo_server::store::StoreResult<Option<String>> {
+        self.0.version_tag(space, version)
+    }
+    fn follow_pushes(&self, _feed: confluo_server::store::PushFeed) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_long_poll_on_a_shared_store_wakes_on_a_push_it_was_never_told_of() {
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let config = Config {
+        shared_store_recheck: std::time::Duration::from_millis(200),
+        ..Config::default()
+    };
+    let start = |store: &Arc<SqliteStore>| {
+        BackgroundServer::start(
+            Arc::new(Deaf(store.clone())),
+            Auth::default().with_dev_token(),
+            config.clone(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (start(&store), start(&store));
+    let writer = device();
+    let on_a = SyncConfig::new(a.url(), "s", "dev-token");
+    writer
+        .execute("INSERT INTO todo VALUES ('t1', 'first', 'open')", &[])
+        .unwrap();
+    writer.sync_now(&on_a).unwrap();
+    let url = format!("{}/v1/spaces/s/changes?cursor=1&wait=30", b.url());
+    let polling = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(60)))
+            .build()
+            .into();
+        let started = std::time::Instant::now();
+        let status = agent
+            .get(&url)
+            .header("authorization", "Bearer dev-token")
+            .header("confluo-protocol", "1")
+            .call()
+            .map(|r| r.status().as_u16());
+        (status.unwrap(), started.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!polling.is_finished(), "the poll waits for a push");
+    writer
+        .execute("INSERT INTO todo VALUES ('t2', 'second', 'open')", &[])
+        .unwrap();
+    writer.sync_now(&on_a).unwrap();
+    let (status, waited) = within_deadline(move || polling.join().unwrap());
+    assert_eq!(status, 200);
+    assert!(
+        waited < std::time::Duration::from_secs(10),
+        "woken by the re-check, not by the poll's end: {waited:?}"
+    );
+}
