@@ -8,6 +8,11 @@
 //!    and during a maximal push the server takes, how long a one-row push
 //!    to another space waits.
 //!
+//! 4. Figures 1 and 2 again with two server processes sharing one
+//!    PostgreSQL database (a throwaway cluster the benchmark starts, fsync
+//!    on): device A pushes through one and B pulls through the other, the
+//!    50 devices are spread over both. Their names end in `_pg`.
+//!
 //! Prints one `RESULT {json}` line per figure.
 
 use std::net::TcpListener;
@@ -20,6 +25,9 @@ use confluo_core::{Change, ChangeSet, Database, Hlc, SiteId, SyncConfig, Value};
 
 #[path = "../../core/benches/workload.rs"]
 mod workload;
+
+#[path = "../tests/support/postgres.rs"]
+mod postgres;
 
 use workload::{workload, ROWS, SCHEMA};
 
@@ -35,7 +43,9 @@ impl Drop for Server {
     }
 }
 
-fn start_server(dir: &std::path::Path) -> Server {
+/// Starts the server binary on the store `db` (a SQLite file or a
+/// PostgreSQL URL).
+fn start_server(db: &std::ffi::OsStr) -> Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -43,7 +53,7 @@ fn start_server(dir: &std::path::Path) -> Server {
         .port();
     let child = Command::new(env!("CARGO_BIN_EXE_confluo-server"))
         .args(["--dev", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-        .arg(dir.join("server.db"))
+        .arg(db)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -79,9 +89,12 @@ fn device(dir: &std::path::Path, name: &str) -> Database {
     db
 }
 
-fn transfer(dir: &std::path::Path, server: &Server) {
+/// Device A pushes through `up`, device B pulls through `down`; figure
+/// names end in `suffix`.
+fn transfer(dir: &std::path::Path, up: &Server, down: &Server, suffix: &str) {
     let a = device(dir, "a");
     let b = device(dir, "b");
+    let up_server_pid = up.child.id().to_string();
     // The core benchmark's rows.
     a.write(|tx| {
         for r in workload() {
@@ -98,38 +111,54 @@ fn transfer(dir: &std::path::Path, server: &Server) {
         Ok(())
     })
     .unwrap();
-    let config = SyncConfig::new(&server.url, "bench", "dev-token");
     let started = Instant::now();
-    let up = a.sync_now(&config).unwrap();
-    let down = b.sync_now(&config).unwrap();
+    let up_report = a
+        .sync_now(&SyncConfig::new(&up.url, "bench", "dev-token"))
+        .unwrap();
+    let (up, down) = (
+        up_report,
+        b.sync_now(&SyncConfig::new(&down.url, "bench", "dev-token"))
+            .unwrap(),
+    );
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(down.applied, up.pushed);
     let count = b.query("SELECT count(*) FROM todo", &[]).unwrap().rows[0][0].clone();
     assert_eq!(count, Value::Integer(ROWS as i64));
     eprintln!("push {:?}, pull {:?}", up.duration, down.duration);
-    result("transfer_100k_a_to_b", secs, "s");
-    result("transfer_rows_per_second", ROWS as f64 / secs, "rows/s");
+    result(&format!("transfer_100k_a_to_b{suffix}"), secs, "s");
+    result(
+        &format!("transfer_rows_per_second{suffix}"),
+        ROWS as f64 / secs,
+        "rows/s",
+    );
+    if !suffix.is_empty() {
+        return;
+    }
     result(
         "transfer_wire_bytes_per_row",
         (up.bytes_sent + down.bytes_received) as f64 / (2 * ROWS) as f64,
         "bytes",
     );
-    result(
-        "server_peak_rss",
-        peak_rss_mb(&server.child.id().to_string()),
-        "MB",
-    );
+    result("server_peak_rss", peak_rss_mb(&up_server_pid), "MB");
     result("devices_peak_rss", peak_rss_mb("self"), "MB");
 }
 
-fn many_devices(dir: &std::path::Path, server: &Server, devices: usize, duration: Duration) {
-    let config = SyncConfig::new(&server.url, "crowd", "dev-token");
+/// `devices` devices spread over `servers` sync small edits for `duration`;
+/// figure names end in `suffix`.
+fn many_devices(
+    dir: &std::path::Path,
+    servers: &[&Server],
+    devices: usize,
+    duration: Duration,
+    suffix: &str,
+) {
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..devices)
         .map(|i| {
-            let db = device(dir, &format!("crowd{i}"));
+            let db = device(dir, &format!("crowd{suffix}{i}"));
+            let config = SyncConfig::new(&servers[i % servers.len()].url, "crowd", "dev-token");
             let (config, latencies, errors, stop) = (config.clone(), latencies.clone(), errors.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut n = 0u64;
@@ -162,14 +191,14 @@ fn many_devices(dir: &std::path::Path, server: &Server, devices: usize, duration
     l.sort();
     let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)].as_secs_f64() * 1000.0;
     result(
-        "crowd_syncs_per_second",
+        &format!("crowd_syncs_per_second{suffix}"),
         l.len() as f64 / duration.as_secs_f64(),
         "syncs/s",
     );
-    result("crowd_sync_p50", pct(0.50), "ms");
-    result("crowd_sync_p99", pct(0.99), "ms");
+    result(&format!("crowd_sync_p50{suffix}"), pct(0.50), "ms");
+    result(&format!("crowd_sync_p99{suffix}"), pct(0.99), "ms");
     result(
-        "crowd_errors",
+        &format!("crowd_errors{suffix}"),
         errors.load(Ordering::Relaxed) as f64,
         "count",
     );
@@ -230,7 +259,7 @@ fn changes(n: usize, value: Value, distinct_rows: bool) -> Vec<u8> {
 
 fn maximal_pushes(dir: &std::path::Path) {
     // The smallest changes there are, as many as 16 MiB holds.
-    let server = start_server(&dir.join("max"));
+    let server = start_server(dir.join("max").join("server.db").as_os_str());
     let minimal = changes(((16 << 20) - 1024) / 2, Value::Null, false);
     let status = post(&server.url, "minimal", &minimal);
     eprintln!("maximal push of minimal changes: HTTP {status}");
@@ -270,9 +299,25 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path());
-    transfer(dir.path(), &server);
-    many_devices(dir.path(), &server, 50, Duration::from_secs(seconds));
+    let server = start_server(dir.path().join("server.db").as_os_str());
+    transfer(dir.path(), &server, &server, "");
+    many_devices(dir.path(), &[&server], 50, Duration::from_secs(seconds), "");
+    drop(server);
     std::fs::create_dir_all(dir.path().join("max")).unwrap();
     maximal_pushes(dir.path());
+    // Two server processes on one PostgreSQL database.
+    let pg_dir = tempfile::tempdir().unwrap();
+    let url = postgres::durable_database();
+    let (one, two) = (
+        start_server(std::ffi::OsStr::new(&url)),
+        start_server(std::ffi::OsStr::new(&url)),
+    );
+    transfer(pg_dir.path(), &one, &two, "_pg");
+    many_devices(
+        pg_dir.path(),
+        &[&one, &two],
+        50,
+        Duration::from_secs(seconds),
+        "_pg",
+    );
 }

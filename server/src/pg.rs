@@ -68,6 +68,12 @@ const MIGRATION_LOCK: i64 = 0x63_6f6e_666c_756f;
 /// "<version> <space>".
 const CHANNEL: &str = "confluo_pushes";
 
+/// The parameters of a statement.
+type Params<'a, const N: usize> = [&'a (dyn tokio_postgres::types::ToSql + Sync); N];
+
+/// The tag of a version of a space (by id).
+const TAG_OF: &str = "SELECT tag FROM confluo_versions WHERE space = $1 AND version = $2";
+
 /// Rows of a push loaded, merged and written per round trip.
 const PUSH_BATCH: usize = 2_000;
 
@@ -236,6 +242,10 @@ impl PgStore {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
+        // "Already exists, skipping" is no news for every process but the
+        // first.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS confluo_migrations(
                version INT PRIMARY KEY, applied TIMESTAMPTZ NOT NULL DEFAULT now())",
@@ -280,19 +290,22 @@ impl PgStore {
     async fn push_async(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO confluo_spaces(name, version, epoch) VALUES ($1, 0, $2) \
-             ON CONFLICT (name) DO NOTHING",
-            &[&space, &uuid::Uuid::new_v4().to_string()],
-        )
-        .await?;
         // The space's lock: pushes to it, from any process, take turns.
-        let row = tx
-            .query_one(
-                "SELECT id, version FROM confluo_spaces WHERE name = $1 FOR UPDATE",
-                &[&space],
-            )
+        let lock = tx
+            .prepare_cached("SELECT id, version FROM confluo_spaces WHERE name = $1 FOR UPDATE")
             .await?;
+        let row = match tx.query_opt(&lock, &[&space]).await? {
+            Some(row) => row,
+            None => {
+                tx.execute(
+                    "INSERT INTO confluo_spaces(name, version, epoch) VALUES ($1, 0, $2) \
+                     ON CONFLICT (name) DO NOTHING",
+                    &[&space, &uuid::Uuid::new_v4().to_string()],
+                )
+                .await?;
+                tx.query_one(&lock, &[&space]).await?
+            }
+        };
         let (sid, current): (i64, i64) = (row.get(0), row.get(1));
         check_shapes(&tx, sid, parts).await?;
         let version = current as u64 + 1;
@@ -312,31 +325,31 @@ impl PgStore {
         }
         if outcome.applied > 0 {
             let tag = uuid::Uuid::new_v4().simple().to_string();
-            tx.execute(
-                "UPDATE confluo_spaces SET version = $1 WHERE id = $2",
-                &[&(version as i64), &sid],
-            )
-            .await?;
-            tx.execute(
-                "INSERT INTO confluo_versions(space, version, tag) VALUES ($1, $2, $3) \
-                 ON CONFLICT (space, version) DO UPDATE SET tag = excluded.tag",
-                &[&sid, &(version as i64), &tag],
-            )
-            .await?;
-            // Delivered to every listening process when this commits.
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANNEL, &format!("{version} {space}")],
-            )
-            .await?;
+            let (move_to, tag_it, announce) = futures_util::try_join!(
+                tx.prepare_cached("UPDATE confluo_spaces SET version = $1 WHERE id = $2"),
+                tx.prepare_cached(
+                    "INSERT INTO confluo_versions(space, version, tag) VALUES ($1, $2, $3) \
+                     ON CONFLICT (space, version) DO UPDATE SET tag = excluded.tag",
+                ),
+                tx.prepare_cached("SELECT pg_notify($1, $2)"),
+            )?;
+            let v = version as i64;
+            let payload = format!("{version} {space}");
+            // One round trip: the three go out together. The notification
+            // reaches every listening process when this commits.
+            let (p1, p2, p3): (Params<2>, Params<3>, Params<2>) =
+                ([&v, &sid], [&sid, &v, &tag], [&CHANNEL, &payload]);
+            futures_util::try_join!(
+                tx.execute(&move_to, &p1),
+                tx.execute(&tag_it, &p2),
+                tx.execute(&announce, &p3),
+            )?;
             outcome.version = version;
             outcome.tag = Some(tag);
         } else {
+            let stmt = tx.prepare_cached(TAG_OF).await?;
             outcome.tag = tx
-                .query_opt(
-                    "SELECT tag FROM confluo_versions WHERE space = $1 AND version = $2",
-                    &[&sid, &current],
-                )
+                .query_opt(&stmt, &[&sid, &current])
                 .await?
                 .map(|r| r.get(0));
         }
@@ -443,40 +456,37 @@ impl PgStore {
         if w_tbl.is_empty() {
             return Ok(());
         }
-        let save = tx
-            .prepare_cached(
+        let (save, forget, add) = futures_util::try_join!(
+            tx.prepare_cached(
                 "INSERT INTO confluo_rows(space, tbl, pk, cl, version, cells) \
                  SELECT $1, t, p, c, $2, b FROM unnest($3::text[], $4::bytea[], $5::int8[], $6::bytea[]) AS w(t, p, c, b) \
                  ON CONFLICT (space, tbl, pk) DO UPDATE \
                  SET cl = excluded.cl, version = excluded.version, cells = excluded.cells",
-            )
-            .await?;
-        tx.execute(
-            &save,
-            &[&sid, &(version as i64), &w_tbl, &w_pk, &w_cl, &w_cells],
-        )
-        .await?;
-        if !gone_v.is_empty() {
-            let forget = tx
-                .prepare_cached(
-                    "DELETE FROM confluo_row_versions AS v \
-                     USING unnest($2::int8[], $3::text[], $4::bytea[]) AS g(version, tbl, pk) \
-                     WHERE v.space = $1 AND v.version = g.version AND v.tbl = g.tbl AND v.pk = g.pk",
-                )
-                .await?;
-            tx.execute(&forget, &[&sid, &gone_v, &gone_tbl, &gone_pk])
-                .await?;
-        }
-        if !new_v.is_empty() {
-            let add = tx
-                .prepare_cached(
-                    "INSERT INTO confluo_row_versions(space, version, tbl, pk) \
-                     SELECT $1, v, t, p FROM unnest($2::int8[], $3::text[], $4::bytea[]) AS n(v, t, p) \
-                     ON CONFLICT DO NOTHING",
-                )
-                .await?;
-            tx.execute(&add, &[&sid, &new_v, &new_tbl, &new_pk]).await?;
-        }
+            ),
+            tx.prepare_cached(
+                "DELETE FROM confluo_row_versions AS v \
+                 USING unnest($2::int8[], $3::text[], $4::bytea[]) AS g(version, tbl, pk) \
+                 WHERE v.space = $1 AND v.version = g.version AND v.tbl = g.tbl AND v.pk = g.pk",
+            ),
+            tx.prepare_cached(
+                "INSERT INTO confluo_row_versions(space, version, tbl, pk) \
+                 SELECT $1, v, t, p FROM unnest($2::int8[], $3::text[], $4::bytea[]) AS n(v, t, p) \
+                 ON CONFLICT DO NOTHING",
+            ),
+        )?;
+        // One round trip: the statements go out together (an empty list
+        // of versions is a statement that does nothing).
+        let version = version as i64;
+        let (p1, p2, p3): (Params<6>, Params<4>, Params<4>) = (
+            [&sid, &version, &w_tbl, &w_pk, &w_cl, &w_cells],
+            [&sid, &gone_v, &gone_tbl, &gone_pk],
+            [&sid, &new_v, &new_tbl, &new_pk],
+        );
+        futures_util::try_join!(
+            tx.execute(&save, &p1),
+            tx.execute(&forget, &p2),
+            tx.execute(&add, &p3),
+        )?;
         Ok(())
     }
 
@@ -496,12 +506,10 @@ impl PgStore {
             .read_only(true)
             .start()
             .await?;
-        let state = tx
-            .query_opt(
-                "SELECT id, version FROM confluo_spaces WHERE name = $1",
-                &[&space],
-            )
+        let stmt = tx
+            .prepare_cached("SELECT id, version FROM confluo_spaces WHERE name = $1")
             .await?;
+        let state = tx.query_opt(&stmt, &[&space]).await?;
         let Some(state) = state else {
             check_pull(cursor, None, 0)?;
             return Ok(PageBuilder::new(0, budget, exclude).finish(true, 0));
@@ -549,11 +557,9 @@ impl PgStore {
             }
         };
         let mut page = page.finish(exhausted, version);
+        let stmt = tx.prepare_cached(TAG_OF).await?;
         page.until_tag = tx
-            .query_opt(
-                "SELECT tag FROM confluo_versions WHERE space = $1 AND version = $2",
-                &[&sid, &(page.until as i64)],
-            )
+            .query_opt(&stmt, &[&sid, &(page.until as i64)])
             .await?
             .map(|r| r.get(0));
         Ok(page)
@@ -616,13 +622,10 @@ async fn check_shapes(
     parts: &[Vec<u8>],
 ) -> StoreResult<()> {
     let mut arity: HashMap<Arc<str>, usize> = HashMap::new();
-    for r in tx
-        .query(
-            "SELECT tbl, key_arity FROM confluo_space_tables WHERE space = $1",
-            &[&sid],
-        )
-        .await?
-    {
+    let known = tx
+        .prepare_cached("SELECT tbl, key_arity FROM confluo_space_tables WHERE space = $1")
+        .await?;
+    for r in tx.query(&known, &[&sid]).await? {
         arity.insert(Arc::from(r.get::<_, &str>(0)), r.get::<_, i32>(1) as usize);
     }
     let mut learned: Vec<(Arc<str>, usize)> = Vec::new();
