@@ -269,3 +269,33 @@ fn killing_an_instance_mid_push_loses_no_acknowledged_change_and_its_devices_car
     assert_eq!(rows_a, rows);
     assert!(matches!(rows[0][1], Value::Text(_)));
 }
+
+#[test]
+fn an_unreachable_database_stops_the_server_with_a_clear_error_that_hides_the_password() {
+    let url = format!(
+        "postgres://confluo:hunter2@127.0.0.1:{}/confluo",
+        free_port()
+    );
+    let mut child = std::process::Command::new(BIN)
+        .args(["--dev", "--listen", "127.0.0.1:0", "--db", &url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not give up");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!status.success());
+    assert!(text.contains("opening postgres://...@127.0.0.1"), "{text}");
+    assert!(text.contains("connect"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
