@@ -24,6 +24,13 @@ struct Times {
     apply: Duration,
     size: u64,
     wire_bytes: usize,
+    /// One statement updating a column of every row.
+    update_all: Duration,
+    /// One statement deleting about a tenth of the rows.
+    delete_range: Duration,
+    /// Rows alive after the phases, and the bytes of their values.
+    live_rows: f64,
+    live_raw_bytes: f64,
 }
 
 fn file_size(path: &Path) -> u64 {
@@ -65,6 +72,11 @@ fn plain(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     t.update = start.elapsed();
 
     let start = Instant::now();
+    conn.execute("UPDATE todo SET status = ?1", ["open"])
+        .unwrap();
+    t.update_all = start.elapsed();
+
+    let start = Instant::now();
     let tx = conn.unchecked_transaction().unwrap();
     {
         let mut stmt = tx.prepare("DELETE FROM todo WHERE id = ?1").unwrap();
@@ -75,10 +87,22 @@ fn plain(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     tx.commit().unwrap();
     t.delete = start.elapsed();
 
+    let start = Instant::now();
+    conn.execute("DELETE FROM todo WHERE id < ?1", [range_bound(rows)])
+        .unwrap();
+    t.delete_range = start.elapsed();
+
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .unwrap();
     t.size = file_size(&path);
     t
+}
+
+/// The id below which about a tenth of the rows are (ids are random).
+fn range_bound(rows: &[Row]) -> String {
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    ids.sort_unstable();
+    ids[ROWS / 10].to_owned()
 }
 
 fn open(path: &Path) -> Database {
@@ -121,6 +145,11 @@ fn confluo(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     t.update = start.elapsed();
 
     let start = Instant::now();
+    db.execute("UPDATE todo SET status = ?1", &[text("open")])
+        .unwrap();
+    t.update_all = start.elapsed();
+
+    let start = Instant::now();
     db.write(|tx| {
         for &i in &order[..ROWS / 10] {
             tx.execute("DELETE FROM todo WHERE id = ?1", &[text(&rows[i].id)])?;
@@ -129,6 +158,26 @@ fn confluo(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     })
     .unwrap();
     t.delete = start.elapsed();
+
+    let start = Instant::now();
+    db.execute(
+        "DELETE FROM todo WHERE id < ?1",
+        &[text(&range_bound(rows))],
+    )
+    .unwrap();
+    t.delete_range = start.elapsed();
+
+    let live = db
+        .query(
+            "SELECT count(*), sum(length(id) + length(title) + length(status) + length(body)) FROM todo",
+            &[],
+        )
+        .unwrap();
+    let number = |v: &Value| match v {
+        Value::Integer(n) => *n as f64,
+        other => panic!("not a count: {other:?}"),
+    };
+    (t.live_rows, t.live_raw_bytes) = (number(&live.rows[0][0]), number(&live.rows[0][1]));
 
     let start = Instant::now();
     let changes = db.changes_since(0, None).unwrap();
@@ -175,10 +224,6 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let rows = workload();
-    let raw_bytes: usize = rows
-        .iter()
-        .map(|r| r.id.len() + r.title.len() + r.status.len() + r.body.len())
-        .sum();
     let mut order: Vec<usize> = (0..ROWS).collect();
     order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
 
@@ -198,7 +243,9 @@ fn main() {
             (|t: &Times| t.insert) as fn(&Times) -> Duration,
         ),
         ("update_100k", |t: &Times| t.update),
+        ("update_all_one_statement", |t: &Times| t.update_all),
         ("delete_10k", |t: &Times| t.delete),
+        ("delete_10pct_one_statement", |t: &Times| t.delete_range),
     ] {
         let (pv, cv) = (secs(&p, f), secs(&c, f));
         result(name, cv, "s", Some(cv / pv));
@@ -208,15 +255,9 @@ fn main() {
     let size_p = median(p.iter().map(|t| t.size as f64).collect());
     let size_c = median(c.iter().map(|t| t.size as f64).collect());
     result("db_size", size_c / 1e6, "MB", Some(size_c / size_p));
-    // Raw data of the rows alive after the delete phase (the updated status is
-    // 4 bytes, "done").
-    let live_raw = (raw_bytes - ROWS * ("in_progress".len() - "done".len())) as f64 * 0.9;
     let wire = median(c.iter().map(|t| t.wire_bytes as f64).collect());
-    result(
-        "wire_bytes_per_row",
-        wire / (ROWS as f64 * 0.9),
-        "bytes",
-        None,
-    );
+    let live_rows = median(c.iter().map(|t| t.live_rows).collect());
+    let live_raw = median(c.iter().map(|t| t.live_raw_bytes).collect());
+    result("wire_bytes_per_row", wire / live_rows, "bytes", None);
     result("wire_bytes_to_raw_data", wire / live_raw, "ratio", None);
 }
