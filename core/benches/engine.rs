@@ -24,6 +24,8 @@ struct Times {
     apply: Duration,
     size: u64,
     wire_bytes: usize,
+    /// The same change set as the HTTP content coding sends it (zstd).
+    wire_compressed_bytes: usize,
     /// One statement updating a column of every row.
     update_all: Duration,
     /// One statement deleting about a tenth of the rows.
@@ -184,6 +186,7 @@ fn confluo(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     t.export = start.elapsed();
     let bytes = changes.encode();
     t.wire_bytes = bytes.len();
+    t.wire_compressed_bytes = confluo_core::coding::compress(&bytes).len();
     drop(changes);
 
     let replica = open(&dir.join("replica.db"));
@@ -259,5 +262,12 @@ fn main() {
     let live_rows = median(c.iter().map(|t| t.live_rows).collect());
     let live_raw = median(c.iter().map(|t| t.live_raw_bytes).collect());
     result("wire_bytes_per_row", wire / live_rows, "bytes", None);
+    let compressed = median(c.iter().map(|t| t.wire_compressed_bytes as f64).collect());
+    result(
+        "wire_compressed_bytes_per_row",
+        compressed / live_rows,
+        "bytes",
+        None,
+    );
     result("wire_bytes_to_raw_data", wire / live_raw, "ratio", None);
 }

@@ -2,11 +2,13 @@
 //! and pulls what it has, over HTTP (ureq, rustls), with a timeout on every
 //! request.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::callbacks::guarded;
 use crate::changeset::{Change, ChangeSet};
+use crate::coding::{self, ZSTD};
 use crate::db::Database;
 use crate::error::{Error, Result};
 
@@ -268,6 +270,16 @@ impl Client {
             report.server_time_ms = Some(t);
         }
         report.bytes_received += body.len() as u64;
+        let body = if header("content-encoding").is_some_and(|c| c.eq_ignore_ascii_case(ZSTD)) {
+            coding::decompress(&body, MAX_ANSWER_BYTES).map_err(|e| {
+                Error::MalformedChangeSet(format!("the server's zstd answer: {e:?}"))
+            })?
+        } else {
+            body
+        };
+        if header("accept-encoding").is_some_and(|h| coding::accepts_zstd(&h)) {
+            remember_zstd(&self.config.server_url, true);
+        }
         match status {
             200 => Ok(Reply::Page(Page {
                 changes: ChangeSet::decode(&body)?,
@@ -300,6 +312,9 @@ impl Client {
         report: &mut SyncReport,
     ) -> Result<Reply> {
         let auth = self.auth()?;
+        // Compressed only for a server that said it takes zstd.
+        let packed = (!body.is_empty() && takes_zstd(&self.config.server_url))
+            .then(|| coding::compress(body));
         // Safe to send twice: merging is idempotent, and a part staged
         // twice is kept once.
         let answer = resend_on_lost_connection(|fresh| {
@@ -307,15 +322,26 @@ impl Client {
                 .position(self.agent.post(self.url("sync")), cursor, tag)
                 .header("authorization", &auth)
                 .header("confluo-protocol", PROTOCOL_VERSION)
-                .header("content-type", CHANGESET_TYPE);
+                .header("content-type", CHANGESET_TYPE)
+                .header("accept-encoding", ZSTD);
+            if packed.is_some() {
+                req = req.header("content-encoding", ZSTD);
+            }
             if let Some((id, i, n)) = part {
                 req = req
                     .header("confluo-push-id", id)
                     .header("confluo-push-part", format!("{i}/{n}"));
             }
-            report.bytes_sent += body.len() as u64;
-            receive(configure(req.config(), self.config.request_timeout, fresh).send(body)?)
+            let sent = packed.as_deref().unwrap_or(body);
+            report.bytes_sent += sent.len() as u64;
+            receive(configure(req.config(), self.config.request_timeout, fresh).send(sent)?)
         })?;
+        if packed.is_some() && answer.status == 415 {
+            // The server behind this address no longer takes zstd (another
+            // server, or an older one): send it plain from now on.
+            remember_zstd(&self.config.server_url, false);
+            return self.post_sync(cursor, tag, who, body, part, report);
+        }
         self.read_page(answer, report)
     }
 
@@ -335,7 +361,8 @@ impl Client {
                 .position(self.agent.get(self.url("changes")), cursor, tag)
                 .query("wait", wait.as_secs().to_string())
                 .header("authorization", &auth)
-                .header("confluo-protocol", PROTOCOL_VERSION);
+                .header("confluo-protocol", PROTOCOL_VERSION)
+                .header("accept-encoding", ZSTD);
             if let Some(r) = resume {
                 req = req.query("after", r);
             }
@@ -565,6 +592,34 @@ impl ChangeSet {
     }
 }
 
+/// The largest answer read (decoded, too).
+const MAX_ANSWER_BYTES: usize = 1 << 30;
+
+/// The servers (by URL) that said they take zstd-compressed pushes, as
+/// learned from their answers' `Accept-Encoding`, for the process's life.
+fn zstd_servers() -> &'static Mutex<HashSet<String>> {
+    static SERVERS: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    SERVERS.get_or_init(Default::default)
+}
+
+fn takes_zstd(server_url: &str) -> bool {
+    zstd_servers()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(server_url)
+}
+
+fn remember_zstd(server_url: &str, takes: bool) {
+    let mut servers = zstd_servers().lock().unwrap_or_else(|e| e.into_inner());
+    if takes {
+        if !servers.contains(server_url) {
+            servers.insert(server_url.to_owned());
+        }
+    } else {
+        servers.remove(server_url);
+    }
+}
+
 /// A response read to its end.
 struct Answer {
     status: u16,
@@ -576,7 +631,7 @@ fn receive(mut response: ureq::http::Response<ureq::Body>) -> Result<Answer, ure
     let body = response
         .body_mut()
         .with_config()
-        .limit(1 << 30)
+        .limit(MAX_ANSWER_BYTES as u64)
         .read_to_vec()?;
     let (parts, _) = response.into_parts();
     Ok(Answer {

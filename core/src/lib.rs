@@ -27,6 +27,7 @@ mod changeset;
 mod client;
 mod clocks;
 mod codec;
+pub mod coding;
 mod db;
 mod error;
 mod evolution;

@@ -17,6 +17,7 @@ use crate::auth::Denied;
 use crate::quota::OverQuota;
 use crate::store::{Page, Resume, SpaceState, StoreError};
 use crate::App;
+use confluo_core::coding;
 
 pub const PROTOCOL_VERSION: &str = "1";
 pub const PROTOCOL_HEADER: &str = "confluo-protocol";
@@ -235,6 +236,9 @@ struct PullParams {
     /// (from `Confluo-Push-Tag`), while its cursor is still behind it.
     pushed_at: Option<u64>,
     pushed_tag: Option<String>,
+    /// Whether the page may be compressed with zstd (from the request's
+    /// `Accept-Encoding`, not the query).
+    zstd: bool,
 }
 
 impl PullParams {
@@ -390,6 +394,51 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// The body as sent, decoded from its content coding (none, or zstd) in
+/// a blocking thread; it may decode to `max_body_bytes` at most.
+async fn decode_body(app: &App, headers: &HeaderMap, raw: Bytes) -> Result<Bytes, ApiError> {
+    let coding = headers
+        .get("content-encoding")
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
+    match coding.as_deref() {
+        None | Some("") | Some("identity") => Ok(raw),
+        Some(coding::ZSTD) => {
+            let limit = app.config.max_body_bytes;
+            let decoded = tokio::task::spawn_blocking(move || coding::decompress(&raw, limit))
+                .await
+                .map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?;
+            match decoded {
+                Ok(body) => Ok(body.into()),
+                Err(coding::DecodeError::TooLarge { limit }) => Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request bodies are limited to {limit} bytes once decoded; split the push into parts"),
+                )),
+                Err(coding::DecodeError::Malformed(m)) => Err(ApiError::bad(
+                    "malformed",
+                    format!("the body is not valid zstd: {m}"),
+                )),
+            }
+        }
+        Some(other) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!("Content-Encoding {other:?} is not supported; send zstd or no encoding"),
+        )),
+    }
+}
+
+/// Whether the client takes its pages compressed with zstd.
+fn wants_zstd(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("accept-encoding")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(coding::accepts_zstd)
+}
+
 /// Decodes and validates a pushed change set: names, types, sizes, clocks.
 fn validate_push(app: &App, body: &[u8]) -> Result<ChangeSet, ApiError> {
     // Too many changes is the request's size; a well-formed set can still
@@ -473,7 +522,15 @@ fn push_part(headers: &HeaderMap) -> Result<Option<(String, u32, u32)>, ApiError
     Ok(Some((id.to_owned(), i, n)))
 }
 
-fn page_response(app: &App, page: Page, cursor: u64, extra: &[(&'static str, String)]) -> Response {
+/// A page as the answer: the encoded change set (compressed with zstd when
+/// `zstd`), with its headers.
+fn page_response(
+    app: &App,
+    page: Page,
+    cursor: u64,
+    extra: &[(&'static str, String)],
+    zstd: bool,
+) -> Response {
     let resume = page.resume.as_ref().map(encode_resume);
     let until_tag = page.until_tag.clone();
     let count = page.changes.len();
@@ -485,6 +542,7 @@ fn page_response(app: &App, page: Page, cursor: u64, extra: &[(&'static str, Str
         changes: page.changes,
     }
     .encode();
+    let body = if zstd { coding::compress(&body) } else { body };
     app.metrics
         .pulled_changes
         .fetch_add(count as u64, Ordering::Relaxed);
@@ -493,6 +551,13 @@ fn page_response(app: &App, page: Page, cursor: u64, extra: &[(&'static str, Str
         .fetch_add(body.len() as u64, Ordering::Relaxed);
     let mut resp = ([("content-type", CHANGESET_TYPE)], body).into_response();
     let h = resp.headers_mut();
+    // Pushes may come compressed (RFC 7694), and the page depends on the
+    // request's Accept-Encoding.
+    h.insert("accept-encoding", HeaderValue::from_static(coding::ZSTD));
+    h.insert("vary", HeaderValue::from_static("accept-encoding"));
+    if zstd {
+        h.insert("content-encoding", HeaderValue::from_static(coding::ZSTD));
+    }
     h.insert(
         "confluo-more",
         HeaderValue::from_static(if page.more { "1" } else { "0" }),
@@ -617,8 +682,13 @@ async fn sync_inner(
     // can make the server buffer a large body; write access once we know
     // there is something to write.
     let user = admit(app, &space, &headers)?;
-    let params = PullParams::parse(&uri)?;
-    let body = read_body(app, &headers, body).await?;
+    let params = PullParams {
+        zstd: wants_zstd(&headers),
+        ..PullParams::parse(&uri)?
+    };
+    let raw = read_body(app, &headers, body).await?;
+    let wire_bytes = raw.len();
+    let body = decode_body(app, &headers, raw).await?;
     if !body.is_empty() {
         app.auth.check(auth_header(&headers), &space, true)?;
         app.meter
@@ -628,7 +698,7 @@ async fn sync_inner(
     }
     app.metrics
         .bytes_in
-        .fetch_add(body.len() as u64, Ordering::Relaxed);
+        .fetch_add(wire_bytes as u64, Ordering::Relaxed);
     let mut exclude = parse_site(&params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
     // A device whose cursor or epoch is from a history we no longer have
@@ -738,7 +808,11 @@ async fn pull_page(
     );
     let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
     extra.extend(epoch_header(app, space, state).await?);
-    Ok(page_response(app, page, params.cursor, &extra))
+    let (cursor, zstd) = (params.cursor, params.zstd);
+    let app2 = app.clone();
+    tokio::task::spawn_blocking(move || page_response(&app2, page, cursor, &extra, zstd))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
 /// Refuses (410) a device whose cursor or epoch belongs to a history this
@@ -835,7 +909,10 @@ async fn changes_inner(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admit(app, &space, &headers)?;
-    let params = PullParams::parse(&uri)?;
+    let params = PullParams {
+        zstd: wants_zstd(&headers),
+        ..PullParams::parse(&uri)?
+    };
     let exclude = parse_site(&params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
     let state = check_history(app, &space, &params).await?;

@@ -832,3 +832,74 @@ fn start_up_errors_are_one_readable_message() {
     assert!(err.contains("my-auth.toml: it grants nothing"), "{err}");
     assert!(!err.contains("backtrace"), "{err}");
 }
+
+#[test]
+fn pushes_and_pages_travel_compressed_with_zstd_when_asked() {
+    use confluo_core::coding;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--dev", "--max-body-bytes", "65536"]);
+    let ctype = ("content-type", CHANGESET_TYPE);
+    let body = one_row_push().encode();
+
+    let reply = server.sync(
+        "lists",
+        &[AUTH, ctype, ("content-encoding", "zstd")],
+        &coding::compress(&body),
+    );
+    reply.assert_ok("a zstd push");
+    assert_eq!(reply.header("confluo-server-version"), Some("1"));
+    assert_eq!(reply.header("accept-encoding"), Some("zstd"));
+
+    // What a device could not send: each refused, nothing stored.
+    let bomb = coding::compress(&vec![0u8; 1 << 20]);
+    assert!(bomb.len() < 65536);
+    for (what, coding, sent, status, code) in [
+        (
+            "a body that decodes past the limit",
+            "zstd",
+            bomb,
+            413,
+            "too_large",
+        ),
+        (
+            "a body that is not zstd",
+            "zstd",
+            body.clone(),
+            400,
+            "malformed",
+        ),
+        (
+            "another coding",
+            "gzip",
+            body.clone(),
+            415,
+            "unsupported_encoding",
+        ),
+    ] {
+        server
+            .sync("other", &[AUTH, ctype, ("content-encoding", coding)], &sent)
+            .assert_error(what, status, code);
+    }
+
+    let plain = server.sync("lists", &[AUTH], b"");
+    plain.assert_ok("a plain pull");
+    assert_eq!(plain.header("content-encoding"), None);
+    let packed = server.sync("lists", &[AUTH, ("accept-encoding", "gzip, zstd")], b"");
+    packed.assert_ok("a pull that takes zstd");
+    assert_eq!(packed.header("content-encoding"), Some("zstd"));
+    assert_eq!(packed.header("vary"), Some("accept-encoding"));
+    assert_eq!(
+        coding::decompress(&packed.body, 1 << 20).unwrap(),
+        plain.body,
+        "the same page"
+    );
+    let refused = server.sync("lists", &[AUTH, ("accept-encoding", "zstd;q=0")], b"");
+    assert_eq!(refused.header("content-encoding"), None);
+    let nothing = server.sync("other", &[AUTH], b"");
+    assert_eq!(
+        confluo_core::ChangeSet::decode(&nothing.body)
+            .unwrap()
+            .until,
+        0
+    );
+}

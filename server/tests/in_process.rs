@@ -851,3 +851,49 @@ fn a_long_poll_on_a_shared_store_wakes_on_a_push_it_was_never_told_of() {
         "woken by the re-check, not by the poll's end: {waited:?}"
     );
 }
+
+#[test]
+fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "s", "dev-token");
+    let (a, b) = (device(), device());
+    let add = |from: usize| {
+        a.write(|tx| {
+            for i in from..from + 300 {
+                tx.execute(
+                    "INSERT INTO todo VALUES (?1, 'water the plants on the balcony', 'open')",
+                    &[format!("todo-{i:05}").into()],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    };
+    add(0);
+    let first_size = a.changes_since(0, None).unwrap().encode().len() as u64;
+    let first = a.sync_now(&cfg).unwrap();
+    // Sent plain: the device did not know yet what the server takes.
+    assert!(
+        first.bytes_sent >= first_size,
+        "{} < {first_size}",
+        first.bytes_sent
+    );
+    let seen = a.db_version();
+    add(300);
+    let second_size = a.changes_since(seen, None).unwrap().encode().len() as u64;
+    let second = a.sync_now(&cfg).unwrap();
+    assert!(
+        second.bytes_sent * 3 < second_size,
+        "sent {} for {second_size} bytes of changes",
+        second.bytes_sent
+    );
+    let pulled = b.sync_now(&cfg).unwrap();
+    assert!(
+        pulled.bytes_received * 3 < first_size + second_size,
+        "received {} for {} bytes of changes",
+        pulled.bytes_received,
+        first_size + second_size
+    );
+    assert_eq!(dump(&b), dump(&a));
+    assert_eq!(dump(&b).len(), 600);
+}
