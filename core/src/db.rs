@@ -685,17 +685,16 @@ fn refuse_transaction_control(sql: &str) -> Result<()> {
             break;
         }
     }
-    let word: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_uppercase();
-    if matches!(
-        word.as_str(),
-        "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE"
-    ) {
+    // Checked on every statement: no allocation unless it is refused.
+    let end = rest
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(rest.len());
+    let word = &rest[..end];
+    let controls = ["BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"];
+    if controls.iter().any(|c| c.eq_ignore_ascii_case(word)) {
         return Err(Error::invalid(format!(
-            "{word} is not allowed here: use Database::write or Database::transaction for transactions"
+            "{} is not allowed here: use Database::write or Database::transaction for transactions",
+            word.to_ascii_uppercase()
         )));
     }
     Ok(())
