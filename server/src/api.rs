@@ -809,8 +809,12 @@ async fn pull_page(
     let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
     extra.extend(epoch_header(app, space, state).await?);
     let (cursor, zstd) = (params.cursor, params.zstd);
+    if !zstd {
+        return Ok(page_response(app, page, cursor, &extra, false));
+    }
+    // Compressing a page of megabytes is work for a blocking thread.
     let app2 = app.clone();
-    tokio::task::spawn_blocking(move || page_response(&app2, page, cursor, &extra, zstd))
+    tokio::task::spawn_blocking(move || page_response(&app2, page, cursor, &extra, true))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }

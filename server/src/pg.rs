@@ -210,16 +210,22 @@ impl PgStore {
                 .build()
                 .map_err(|e| StoreError::Storage(format!("postgres pool: {e}")))?
         };
-        let mut store = PgStore {
+        let site = match runtime.block_on(prepare(&pool)) {
+            Ok(site) => site,
+            Err(e) => {
+                // As in `Drop`: this may run inside another runtime.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
+        Ok(PgStore {
             runtime: Some(runtime),
             pool,
             config,
             tls,
-            site: SiteId::from_bytes([0; 16]),
+            site,
             max_staged_bytes: MAX_STAGED_BYTES,
-        };
-        store.site = store.run(store.prepare())?;
-        Ok(store)
+        })
     }
 
     /// Sets how many bytes of unfinished pushes a space may keep.
@@ -233,58 +239,6 @@ impl PgStore {
             .as_ref()
             .expect("the runtime lives as long as the store")
             .block_on(f)
-    }
-
-    /// Runs the migrations this database lacks, and returns the server's
-    /// site id (made by the first process, shared by all).
-    async fn prepare(&self) -> StoreResult<SiteId> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
-        // "Already exists, skipping" is no news for every process but the
-        // first.
-        tx.batch_execute("SET LOCAL client_min_messages = warning")
-            .await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS confluo_migrations(
-               version INT PRIMARY KEY, applied TIMESTAMPTZ NOT NULL DEFAULT now())",
-        )
-        .await?;
-        let done: i32 = tx
-            .query_one(
-                "SELECT coalesce(max(version), 0) FROM confluo_migrations",
-                &[],
-            )
-            .await?
-            .get(0);
-        let known = MIGRATIONS.len() as i32;
-        if done > known {
-            return Err(StoreError::Storage(format!(
-                "the database has schema version {done}, newer than this server's {known}"
-            )));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
-            tx.batch_execute(sql).await?;
-            tx.execute(
-                "INSERT INTO confluo_migrations(version) VALUES ($1)",
-                &[&(i as i32 + 1)],
-            )
-            .await?;
-        }
-        let site = SiteId::random();
-        tx.execute(
-            "INSERT INTO confluo_meta(key, value) VALUES ('site', $1) ON CONFLICT (key) DO NOTHING",
-            &[&&site.as_bytes()[..]],
-        )
-        .await?;
-        let stored: Vec<u8> = tx
-            .query_one("SELECT value FROM confluo_meta WHERE key = 'site'", &[])
-            .await?
-            .get(0);
-        tx.commit().await?;
-        SiteId::from_slice(&stored)
-            .ok_or_else(|| StoreError::Storage("the stored site id is not 16 bytes".into()))
     }
 
     async fn push_async(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
@@ -612,6 +566,58 @@ impl PgStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Runs the migrations this database lacks, and returns the server's
+/// site id (made by the first process, shared by all).
+async fn prepare(pool: &Pool) -> StoreResult<SiteId> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    // "Already exists, skipping" is no news for every process but the
+    // first.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS confluo_migrations(
+           version INT PRIMARY KEY, applied TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let done: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM confluo_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    let known = MIGRATIONS.len() as i32;
+    if done > known {
+        return Err(StoreError::Storage(format!(
+            "the database has schema version {done}, newer than this server's {known}"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO confluo_migrations(version) VALUES ($1)",
+            &[&(i as i32 + 1)],
+        )
+        .await?;
+    }
+    let site = SiteId::random();
+    tx.execute(
+        "INSERT INTO confluo_meta(key, value) VALUES ('site', $1) ON CONFLICT (key) DO NOTHING",
+        &[&&site.as_bytes()[..]],
+    )
+    .await?;
+    let stored: Vec<u8> = tx
+        .query_one("SELECT value FROM confluo_meta WHERE key = 'site'", &[])
+        .await?
+        .get(0);
+    tx.commit().await?;
+    SiteId::from_slice(&stored)
+        .ok_or_else(|| StoreError::Storage("the stored site id is not 16 bytes".into()))
 }
 
 /// Checks every change's key against the shape its table has in the space
