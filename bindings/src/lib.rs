@@ -2,7 +2,7 @@
 //! Swift. It converts types and errors and holds no logic; every behaviour
 //! lives (and is tested) in the core.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::ThreadId;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -33,6 +33,9 @@ pub enum ConfluoError {
     /// The database was closed.
     #[error("the database is closed")]
     Closed,
+    /// The call was cancelled (`SyncCancellation::cancel`).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// The single place where engine errors become foreign errors.
@@ -53,6 +56,7 @@ impl From<core::Error> for ConfluoError {
             },
             core::Error::Auth(_) => ConfluoError::Auth { detail },
             core::Error::Closed => ConfluoError::Closed,
+            core::Error::Cancelled => ConfluoError::Cancelled,
         }
     }
 }
@@ -195,8 +199,37 @@ pub struct SyncReport {
     pub clock_offset_ms: Option<i64>,
 }
 
+/// What kind of failure a sync status reports (the `ConfluoError` case it
+/// would be), for an app to branch on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, uniffi::Enum)]
+pub enum ErrorKind {
+    InvalidInput,
+    Schema,
+    Storage,
+    Network,
+    Auth,
+    Closed,
+    Cancelled,
+}
+
+impl From<core::ErrorKind> for ErrorKind {
+    fn from(k: core::ErrorKind) -> Self {
+        match k {
+            core::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
+            core::ErrorKind::Schema => ErrorKind::Schema,
+            core::ErrorKind::Storage => ErrorKind::Storage,
+            core::ErrorKind::Network => ErrorKind::Network,
+            core::ErrorKind::Auth => ErrorKind::Auth,
+            core::ErrorKind::Closed => ErrorKind::Closed,
+            core::ErrorKind::Cancelled => ErrorKind::Cancelled,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, uniffi::Enum)]
 pub enum SyncState {
+    /// Background sync is not running.
+    Stopped,
     Idle,
     Syncing,
     /// No network (the platform said so: `retry_in_ms` is None), or the
@@ -205,8 +238,14 @@ pub enum SyncState {
         retry_in_ms: Option<u64>,
     },
     Error {
+        kind: ErrorKind,
         message: String,
         retry_in_ms: u64,
+    },
+    /// The server refused the token, a refreshed one too: the user must
+    /// sign in again. No retries until `sync_soon`.
+    AuthRequired {
+        message: String,
     },
 }
 
@@ -227,14 +266,23 @@ impl From<&core::SyncStatus> for SyncStatus {
     fn from(s: &core::SyncStatus) -> Self {
         SyncStatus {
             state: match &s.state {
+                core::SyncState::Stopped => SyncState::Stopped,
                 core::SyncState::Idle => SyncState::Idle,
                 core::SyncState::Syncing => SyncState::Syncing,
                 core::SyncState::Offline { retry_in } => SyncState::Offline {
                     retry_in_ms: retry_in.map(|d| d.as_millis() as u64),
                 },
-                core::SyncState::Error { message, retry_in } => SyncState::Error {
+                core::SyncState::Error {
+                    kind,
+                    message,
+                    retry_in,
+                } => SyncState::Error {
+                    kind: (*kind).into(),
                     message: message.clone(),
                     retry_in_ms: retry_in.as_millis() as u64,
+                },
+                core::SyncState::AuthRequired { message } => SyncState::AuthRequired {
+                    message: message.clone(),
                 },
             },
             pending: s.pending,
@@ -262,10 +310,102 @@ pub trait SyncStatusListener: Send + Sync {
     fn on_status(&self, status: SyncStatus) -> Result<()>;
 }
 
-/// Supplies the bearer token for each request (apps refresh tokens here).
+/// Supplies the bearer token for each request. `invalidate` is true once
+/// after the server refused the token the provider gave: fetch a new one
+/// (a refresh). Called on a sync thread, never the app's main thread, so
+/// it may block on the network.
 #[uniffi::export(foreign)]
 pub trait TokenProvider: Send + Sync {
-    fn token(&self) -> Result<String>;
+    fn token(&self, invalidate: bool) -> Result<String>;
+}
+
+/// How much a log message matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, uniffi::Enum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+impl From<log::Level> for LogLevel {
+    fn from(l: log::Level) -> Self {
+        match l {
+            log::Level::Error => LogLevel::Error,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Trace => LogLevel::Trace,
+        }
+    }
+}
+
+/// Receives the engine's log messages (for Logcat, OSLog or the app's own
+/// logger). Called on whatever thread logged; a failure is ignored.
+#[uniffi::export(foreign)]
+pub trait Logger: Send + Sync {
+    fn log(&self, level: LogLevel, target: String, message: String) -> Result<()>;
+}
+
+/// The installed foreign logger: the `log` facade allows one logger per
+/// process, set once; this forwards to whichever the app installed last.
+static LOGGER: RwLock<Option<Arc<dyn Logger>>> = RwLock::new(None);
+
+struct ForeignLog;
+
+impl log::Log for ForeignLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let logger = LOGGER.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(logger) = logger {
+            // A logger that fails has nowhere to be reported: ignored.
+            let _ = logger.log(
+                record.level().into(),
+                record.target().to_owned(),
+                record.args().to_string(),
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Sends the engine's messages of `max_level` and above to `logger`
+/// (replacing the one set before); `None` turns logging off.
+#[uniffi::export]
+pub fn set_logger(logger: Option<Arc<dyn Logger>>, max_level: LogLevel) {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        // Fails only if another logger owns the facade (an app linking the
+        // engine with its own Rust logger): then that one gets the logs.
+        let _ = log::set_logger(&ForeignLog);
+    });
+    let on = logger.is_some();
+    *LOGGER.write().unwrap_or_else(|e| e.into_inner()) = logger;
+    log::set_max_level(if on {
+        max_level.filter()
+    } else {
+        log::LevelFilter::Off
+    });
 }
 
 /// The body of a write transaction: committed if it returns normally,
@@ -279,7 +419,11 @@ struct ForeignToken(Arc<dyn TokenProvider>);
 
 impl core::TokenProvider for ForeignToken {
     fn token(&self) -> std::result::Result<String, String> {
-        self.0.token().map_err(|e| e.to_string())
+        self.0.token(false).map_err(|e| e.to_string())
+    }
+
+    fn refreshed_token(&self) -> std::result::Result<String, String> {
+        self.0.token(true).map_err(|e| e.to_string())
     }
 }
 
@@ -312,6 +456,32 @@ fn site(s: &str) -> Result<core::SiteId> {
 #[derive(uniffi::Object)]
 pub struct Database {
     inner: Arc<core::Database>,
+    /// The background sync started last, and the platform's network hint,
+    /// kept while no sync runs. One lock, so that `start_sync`,
+    /// `set_online`, `sign_out_and_clear` and `close_database` never
+    /// interleave.
+    sync: Mutex<SyncSlot>,
+}
+
+struct SyncSlot {
+    current: Weak<BackgroundSync>,
+    online: bool,
+}
+
+impl Database {
+    fn wrap(inner: core::Database) -> Arc<Self> {
+        Arc::new(Database {
+            inner: Arc::new(inner),
+            sync: Mutex::new(SyncSlot {
+                current: Weak::new(),
+                online: true,
+            }),
+        })
+    }
+
+    fn sync_slot(&self) -> std::sync::MutexGuard<'_, SyncSlot> {
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[uniffi::export]
@@ -319,17 +489,13 @@ impl Database {
     /// Opens (creating if needed) the database file at `path`.
     #[uniffi::constructor]
     pub fn open(path: String) -> Result<Arc<Self>> {
-        Ok(Arc::new(Database {
-            inner: Arc::new(core::Database::open(path)?),
-        }))
+        Ok(Database::wrap(core::Database::open(path)?))
     }
 
     /// Opens a private in-memory database.
     #[uniffi::constructor]
     pub fn open_in_memory() -> Result<Arc<Self>> {
-        Ok(Arc::new(Database {
-            inner: Arc::new(core::Database::open_in_memory()?),
-        }))
+        Ok(Database::wrap(core::Database::open_in_memory()?))
     }
 
     pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<u64> {
@@ -460,13 +626,17 @@ impl Database {
         })
     }
 
-    /// Pushes and pulls once, until caught up.
+    /// Pushes and pulls once, until caught up. `cancellation` (optional)
+    /// stops it between requests: it then fails with `Cancelled`.
     pub fn sync_now(
         &self,
         config: SyncConfig,
         token: Arc<dyn TokenProvider>,
+        cancellation: Option<Arc<SyncCancellation>>,
     ) -> Result<SyncReport> {
-        let r = self.inner.sync_now(&core_config(config, token))?;
+        let mut config = core_config(config, token);
+        config.cancel = cancellation.map(|c| c.flag.clone());
+        let r = self.inner.sync_now(&config)?;
         Ok(SyncReport {
             pushed: r.pushed as u64,
             pulled: r.pulled as u64,
@@ -479,29 +649,95 @@ impl Database {
         })
     }
 
-    /// Starts background sync; `listener` hears every status change.
+    /// Starts background sync (stopping the one started before, if it
+    /// still runs); `listener` hears every status change. It starts with
+    /// the last network hint given to `set_online` (online if none).
     pub fn start_sync(
         &self,
         config: SyncConfig,
         token: Arc<dyn TokenProvider>,
         listener: Arc<dyn SyncStatusListener>,
     ) -> Result<Arc<BackgroundSync>> {
-        let sync =
-            self.inner
-                .start_sync(core_config(config, token), move |s: &core::SyncStatus| {
-                    if let Err(e) = listener.on_status(s.into()) {
-                        core::report_callback_failure("a sync status listener", &e);
-                    }
-                })?;
-        Ok(Arc::new(BackgroundSync {
+        let mut slot = self.sync_slot();
+        if let Some(previous) = slot.current.upgrade() {
+            previous.stop();
+        }
+        let mut config = core_config(config, token);
+        config.online_at_start = slot.online;
+        let sync = self.inner.start_sync(config, move |s: &core::SyncStatus| {
+            if let Err(e) = listener.on_status(s.into()) {
+                core::report_callback_failure("a sync status listener", &e);
+            }
+        })?;
+        let sync = Arc::new(BackgroundSync {
             inner: Mutex::new(Some(sync)),
-        }))
+        });
+        slot.current = Arc::downgrade(&sync);
+        Ok(sync)
     }
 
-    /// Closes the database; later calls fail with `Closed`. (Not `close`:
-    /// the generated Kotlin class already has `close()` from AutoCloseable.)
+    /// The platform's network hint: remembered while no sync runs (the
+    /// next `start_sync` starts with it), passed on to the one running.
+    pub fn set_online(&self, online: bool) {
+        let mut slot = self.sync_slot();
+        slot.online = online;
+        if let Some(sync) = slot.current.upgrade() {
+            sync.set_online(online);
+        }
+    }
+
+    /// The status while background sync is not running: `Stopped`, with
+    /// the real pending and rejected counts.
+    pub fn stopped_status(&self) -> Result<SyncStatus> {
+        Ok((&self.inner.stopped_status()?).into())
+    }
+
+    /// The space this database syncs with, once it has tried to.
+    pub fn bound_space(&self) -> Result<Option<String>> {
+        Ok(self.inner.bound_space()?)
+    }
+
+    /// Signs out: stops background sync, then, in one transaction, forgets
+    /// the space, the cursor and the push marks, and deletes every synced
+    /// row with its metadata (the deletes are not synced). Local tables
+    /// stay. Afterwards the database can sync with another space.
+    pub fn sign_out_and_clear(&self) -> Result<()> {
+        let slot = self.sync_slot();
+        if let Some(sync) = slot.current.upgrade() {
+            sync.stop();
+        }
+        Ok(self.inner.sign_out_and_clear()?)
+    }
+
+    /// Closes the database; later calls fail with `Closed`. Background
+    /// sync stops without being waited for (its listener hears nothing
+    /// more). (Not `close`: the generated Kotlin class already has
+    /// `close()` from AutoCloseable.)
     pub fn close_database(&self) -> Result<()> {
+        let slot = self.sync_slot();
+        if let Some(sync) = slot.current.upgrade() {
+            sync.halt();
+        }
         Ok(self.inner.close()?)
+    }
+}
+
+/// Cancels a `sync_now` from another thread (a coroutine's or a Task's
+/// cancellation): no request starts after `cancel`.
+#[derive(uniffi::Object, Default)]
+pub struct SyncCancellation {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[uniffi::export]
+impl SyncCancellation {
+    #[uniffi::constructor]
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn cancel(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -549,11 +785,22 @@ impl BackgroundSync {
         }
     }
 
-    /// Stops syncing; returns within about a second.
+    /// Stops syncing; returns within about a second, and the listener
+    /// hears nothing after it returns.
     pub fn stop(&self) {
         let sync = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(s) = sync {
             s.stop();
+        }
+    }
+}
+
+impl BackgroundSync {
+    /// Stops without waiting for the sync thread.
+    fn halt(&self) {
+        let sync = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(s) = sync {
+            s.stop_without_waiting();
         }
     }
 }

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::callbacks::guarded;
 use crate::client::{Client, Ident, Reply, SyncConfig, SyncReport};
 use crate::db::Database;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::observe::Observation;
 
 /// What background sync is doing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SyncState {
+    /// Background sync is not running (`Database::stopped_status`).
+    Stopped,
     /// Caught up (as of `last_synced`).
     Idle,
     Syncing,
@@ -27,8 +29,14 @@ pub enum SyncState {
     },
     /// The last attempt failed; the next one is in `retry_in`.
     Error {
+        kind: ErrorKind,
         message: String,
         retry_in: Duration,
+    },
+    /// The server refused the token, even a refreshed one, or its rights:
+    /// the user has to sign in again. No retries until `sync_soon`.
+    AuthRequired {
+        message: String,
     },
 }
 
@@ -71,6 +79,8 @@ struct Control {
     remote_news: bool,
     /// Sync as soon as possible (start, back online, asked for).
     kick: bool,
+    /// The server refused our token: nothing but a kick syncs again.
+    auth_required: bool,
     /// No attempt before this (backoff after a failure).
     not_before: Option<Instant>,
 }
@@ -87,11 +97,36 @@ impl Shared {
     }
 }
 
+/// Lets statuses through to the listener until stopped; `close` waits for
+/// a status being delivered, so none arrives after it returns.
+struct StatusGate {
+    delivering: Mutex<()>,
+    closed: AtomicBool,
+}
+
+impl StatusGate {
+    fn deliver(&self, f: impl FnOnce()) {
+        let _delivering = self.delivering.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.closed.load(Ordering::SeqCst) {
+            f();
+        }
+    }
+
+    fn close(&self, on_worker: bool) {
+        self.closed.store(true, Ordering::SeqCst);
+        // From the listener itself (on the worker) the lock is ours already.
+        if !on_worker {
+            drop(self.delivering.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+}
+
 /// A running background sync. Stop it with `stop` (or by dropping it).
 pub struct BackgroundSync {
     shared: Arc<Shared>,
     worker: Option<JoinHandle<()>>,
     poller_stop: Arc<AtomicBool>,
+    gate: Arc<StatusGate>,
     _observer: Observation,
 }
 
@@ -108,23 +143,41 @@ impl BackgroundSync {
         });
     }
 
-    /// Syncs now (or as soon as online), skipping any backoff.
+    /// Syncs now (or as soon as online), skipping any backoff; after
+    /// `AuthRequired`, tries the token provider again.
     pub fn sync_soon(&self) {
         self.shared.update(|c| {
             c.kick = true;
+            c.auth_required = false;
             c.not_before = None;
         });
     }
 
     /// Stops syncing. Returns within about a second even during a long poll
-    /// or a slow request: those finish on their own and are discarded.
+    /// or a slow request: those finish on their own and are discarded. The
+    /// listener hears nothing after this returns.
     pub fn stop(mut self) {
-        self.shutdown();
+        self.shutdown(true);
     }
 
-    fn shutdown(&mut self) {
+    /// Stops syncing without waiting for the sync thread (closing the
+    /// database ends a sync in flight anyway). The listener hears nothing
+    /// after this returns.
+    pub fn stop_without_waiting(mut self) {
+        self.shutdown(false);
+    }
+
+    fn shutdown(&mut self, wait: bool) {
         self.poller_stop.store(true, Ordering::SeqCst);
         self.shared.update(|c| c.stop = true);
+        let on_worker = self
+            .worker
+            .as_ref()
+            .is_some_and(|w| w.thread().id() == std::thread::current().id());
+        self.gate.close(on_worker);
+        if !wait || on_worker {
+            self.worker = None;
+        }
         if let Some(worker) = self.worker.take() {
             let deadline = Instant::now() + Duration::from_secs(1);
             while !worker.is_finished() && Instant::now() < deadline {
@@ -139,7 +192,7 @@ impl BackgroundSync {
 
 impl Drop for BackgroundSync {
     fn drop(&mut self) {
-        self.shutdown();
+        self.shutdown(true);
     }
 }
 
@@ -159,8 +212,21 @@ fn backoff(config: &SyncConfig, failures: u32) -> Duration {
 }
 
 impl Database {
+    /// The status to show while background sync is not running: `Stopped`,
+    /// with the real pending and rejected counts.
+    pub fn stopped_status(&self) -> Result<SyncStatus> {
+        Ok(SyncStatus {
+            state: SyncState::Stopped,
+            pending: self.pending_changes()?,
+            rejected: self.rejected_count()?,
+            last_synced: None,
+            clock_offset_ms: None,
+        })
+    }
+
     /// Starts background sync with `config`; `listener` hears every status
-    /// change. Starts online; feed the platform's hint to `set_online`.
+    /// change. Starts online unless `config.online_at_start` is false; feed
+    /// the platform's later hints to `set_online`.
     pub fn start_sync(
         self: &Arc<Self>,
         config: SyncConfig,
@@ -169,11 +235,15 @@ impl Database {
         self.bind_space(&config.space)?;
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
-                online: true,
+                online: config.online_at_start,
                 kick: true,
                 ..Control::default()
             }),
             wake: Condvar::new(),
+        });
+        let gate = Arc::new(StatusGate {
+            delivering: Mutex::new(()),
+            closed: AtomicBool::new(false),
         });
         let on_commit = Arc::downgrade(&shared);
         let observer = self.observe(&[], move |_: &[String]| {
@@ -194,14 +264,16 @@ impl Database {
         )?;
         let db = self.clone();
         let s = shared.clone();
+        let worker_gate = gate.clone();
         let worker = std::thread::Builder::new()
             .name("confluo-sync".into())
-            .spawn(move || run_worker(db, config, s, Arc::new(listener)))
+            .spawn(move || run_worker(db, config, s, worker_gate, Arc::new(listener)))
             .map_err(|e| Error::invalid(format!("cannot start the sync thread: {e}")))?;
         Ok(BackgroundSync {
             shared,
             worker: Some(worker),
             poller_stop,
+            gate,
             _observer: observer,
         })
     }
@@ -211,6 +283,7 @@ fn run_worker(
     db: Arc<Database>,
     config: SyncConfig,
     shared: Arc<Shared>,
+    gate: Arc<StatusGate>,
     listener: Arc<dyn SyncStatusListener>,
 ) {
     let client = Client::new(config.clone());
@@ -228,7 +301,9 @@ fn run_worker(
         };
         if last_status.as_ref() != Some(&status) {
             // A listener that panics must not end syncing for the app.
-            guarded("a sync status listener", || listener.on_status(&status));
+            gate.deliver(|| {
+                guarded("a sync status listener", || listener.on_status(&status));
+            });
             last_status = Some(status);
         }
     };
@@ -257,6 +332,10 @@ fn run_worker(
                 let first = guard.first_local_change.unwrap_or(t);
                 (t + config.debounce).min(first + config.debounce * 10)
             });
+            if guard.auth_required && !guard.kick {
+                guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
             let backoff_until = guard.not_before.filter(|t| *t > now);
             let wanted = guard.kick || guard.remote_news || debounced.is_some();
             let due = match (backoff_until, debounced) {
@@ -282,6 +361,7 @@ fn run_worker(
         debug_assert!(reason_now);
         let local_only = !guard.kick && !guard.remote_news;
         guard.kick = false;
+        guard.auth_required = false;
         guard.remote_news = false;
         guard.local_change = None;
         guard.first_local_change = None;
@@ -301,7 +381,19 @@ fn run_worker(
                 last_synced = Some(SystemTime::now());
                 emit(SyncState::Idle, last_synced, clock_offset_ms);
             }
+            Err(Error::Auth(message)) => {
+                // Retrying with a token the server refused (a refreshed one
+                // included) cannot help: wait for the app.
+                log::warn!("sync: the server refused the token: {message}");
+                shared.update(|c| c.auth_required = true);
+                emit(
+                    SyncState::AuthRequired { message },
+                    last_synced,
+                    clock_offset_ms,
+                );
+            }
             Err(err) => {
+                log::warn!("sync failed: {err}");
                 let mut delay = backoff(&config, failures);
                 if let Error::Network {
                     retry_after: Some(after),
@@ -319,6 +411,7 @@ fn run_worker(
                         retry_in: Some(delay),
                     },
                     other => SyncState::Error {
+                        kind: other.kind(),
                         message: other.to_string(),
                         retry_in: delay,
                     },
@@ -352,12 +445,11 @@ fn spawn_poller(
                 *failures = failures.saturating_add(1);
             };
             while !stop.load(Ordering::SeqCst) {
-                let online = shared
-                    .control
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .online;
-                if !online {
+                let waiting = {
+                    let c = shared.control.lock().unwrap_or_else(|e| e.into_inner());
+                    !c.online || c.auth_required
+                };
+                if waiting {
                     sleep_unless(&stop, Duration::from_millis(200));
                     continue;
                 }

@@ -7,10 +7,15 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Reports that one of the app's callbacks failed; the engine carries on.
 /// Bindings report their foreign callbacks' errors here too, so every such
-/// failure is reported the same way (the engine has no logger: stderr,
-/// which the platforms' consoles show).
+/// failure is reported the same way: to the app's logger (the `log` facade,
+/// which the bindings connect to Logcat or OSLog), or to stderr when none
+/// is installed.
 pub fn report_callback_failure(callback: &str, error: &dyn Display) {
-    eprintln!("confluo: {callback} failed, ignored: {error}");
+    if log::log_enabled!(log::Level::Error) {
+        log::error!("{callback} failed, ignored: {error}");
+    } else {
+        eprintln!("confluo: {callback} failed, ignored: {error}");
+    }
 }
 
 /// Runs the app's callback `f`; a panic is reported instead of unwinding

@@ -3,6 +3,7 @@
 //! request.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,14 @@ const CHANGESET_TYPE: &str = "application/vnd.confluo.changeset";
 /// expiring tokens.
 pub trait TokenProvider: Send + Sync + 'static {
     fn token(&self) -> std::result::Result<String, String>;
+
+    /// Called once after the server refused the last token (401): the
+    /// token the provider holds is stale, fetch a new one. The request is
+    /// sent again with it; if that is refused too, the sync fails with
+    /// `Error::Auth` (background sync then waits for `sync_soon`).
+    fn refreshed_token(&self) -> std::result::Result<String, String> {
+        self.token()
+    }
 }
 
 /// A token that never changes.
@@ -57,6 +66,14 @@ pub struct SyncConfig {
     /// Told how a sync is going after each request (a push part sent, a
     /// page pulled), for a progress display.
     pub progress: Option<ProgressListener>,
+    /// Set it (from any thread) to cancel a `sync_now` in flight: no
+    /// request starts after that, and the sync fails with
+    /// `Error::Cancelled`. A request already sent is not cut short (its
+    /// timeout bounds it).
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Background sync only: whether the platform says the network is up
+    /// when it starts (later hints go to `BackgroundSync::set_online`).
+    pub online_at_start: bool,
 }
 
 impl SyncConfig {
@@ -85,6 +102,8 @@ impl SyncConfig {
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             progress: None,
+            cancel: None,
+            online_at_start: true,
         }
     }
 }
@@ -244,13 +263,46 @@ impl Client {
         )
     }
 
-    fn auth(&self) -> Result<String> {
+    /// The authorization header; `refresh` after the server refused the
+    /// last token.
+    fn auth(&self, refresh: bool) -> Result<String> {
+        let provider = &self.config.token;
         // A provider that panics is a failure to supply a token, not the
         // end of the sync thread.
-        let token = guarded("the token provider", || self.config.token.token())
-            .unwrap_or_else(|| Err("the token provider panicked".into()))
-            .map_err(|e| Error::Auth(format!("no token: {e}")))?;
+        let token = guarded("the token provider", || {
+            if refresh {
+                provider.refreshed_token()
+            } else {
+                provider.token()
+            }
+        })
+        .unwrap_or_else(|| Err("the token provider panicked".into()))
+        .map_err(|e| Error::Auth(format!("no token: {e}")))?;
         Ok(format!("Bearer {token}"))
+    }
+
+    /// Sends a request (again on a lost connection, see
+    /// `resend_on_lost_connection`) with the provider's token, and once
+    /// more with a refreshed token if the server refused it (401).
+    fn authorized(
+        &self,
+        mut send: impl FnMut(&str, bool) -> Result<Answer, ureq::Error>,
+    ) -> Result<Answer> {
+        if self
+            .config
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            return Err(Error::Cancelled);
+        }
+        let auth = self.auth(false)?;
+        let answer = resend_on_lost_connection(|fresh| send(&auth, fresh))?;
+        if answer.status != 401 {
+            return Ok(answer);
+        }
+        let auth = self.auth(true)?;
+        resend_on_lost_connection(|fresh| send(&auth, fresh))
     }
 
     /// Turns a response into a page or a typed error.
@@ -311,16 +363,15 @@ impl Client {
         part: Option<(&str, usize, usize)>,
         report: &mut SyncReport,
     ) -> Result<Reply> {
-        let auth = self.auth()?;
         // Compressed only for a server that said it takes zstd.
         let packed = (!body.is_empty() && takes_zstd(&self.config.server_url))
             .then(|| coding::compress(body));
         // Safe to send twice: merging is idempotent, and a part staged
         // twice is kept once.
-        let answer = resend_on_lost_connection(|fresh| {
+        let answer = self.authorized(|auth, fresh| {
             let mut req = who
                 .position(self.agent.post(self.url("sync")), cursor, tag)
-                .header("authorization", &auth)
+                .header("authorization", auth)
                 .header("confluo-protocol", PROTOCOL_VERSION)
                 .header("content-type", CHANGESET_TYPE)
                 .header("accept-encoding", ZSTD);
@@ -355,12 +406,11 @@ impl Client {
         wait: Duration,
         report: &mut SyncReport,
     ) -> Result<Reply> {
-        let auth = self.auth()?;
-        let answer = resend_on_lost_connection(|fresh| {
+        let answer = self.authorized(|auth, fresh| {
             let mut req = who
                 .position(self.agent.get(self.url("changes")), cursor, tag)
                 .query("wait", wait.as_secs().to_string())
-                .header("authorization", &auth)
+                .header("authorization", auth)
                 .header("confluo-protocol", PROTOCOL_VERSION)
                 .header("accept-encoding", ZSTD);
             if let Some(r) = resume {
@@ -398,10 +448,19 @@ impl Client {
                 ));
             }
         }
+        db.confirm_space()?;
         report.duration = started.elapsed();
         report.clock_offset_ms = report
             .server_time_ms
             .map(|t| t as i64 - db.options().time.now_ms() as i64);
+        log::debug!(
+            "synced with space {:?}: pushed {}, pulled {}, applied {} in {:?}",
+            self.config.space,
+            report.pushed,
+            report.pulled,
+            report.applied,
+            report.duration
+        );
         Ok(report)
     }
 

@@ -61,9 +61,44 @@ pub enum Error {
     /// The database was closed.
     #[error("the database is closed")]
     Closed,
+
+    /// The caller cancelled the sync (`SyncConfig::cancel`). What was
+    /// already sent or applied stays; the next sync goes on from there.
+    #[error("the sync was cancelled")]
+    Cancelled,
+}
+
+/// What kind of failure an [`Error`] is, without its details: what an app
+/// branches on (a status display, whether to ask the user to sign in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// Refused input (a malformed change set and clock drift included).
+    InvalidInput,
+    Schema,
+    Storage,
+    /// The server failed or could not be reached.
+    Network,
+    /// The server refused the token or its rights.
+    Auth,
+    Closed,
+    Cancelled,
 }
 
 impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidInput(_) | Error::MalformedChangeSet(_) | Error::ClockDrift { .. } => {
+                ErrorKind::InvalidInput
+            }
+            Error::Schema { .. } => ErrorKind::Schema,
+            Error::Sqlite { .. } => ErrorKind::Storage,
+            Error::Network { .. } | Error::Unreachable(_) => ErrorKind::Network,
+            Error::Auth(_) => ErrorKind::Auth,
+            Error::Closed => ErrorKind::Closed,
+            Error::Cancelled => ErrorKind::Cancelled,
+        }
+    }
+
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidInput(msg.into())
     }

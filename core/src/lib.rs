@@ -54,7 +54,7 @@ pub use client::{ProgressListener, StaticToken, SyncConfig, SyncReport, TokenPro
 /// are stored where the schema is not known (the sync server).
 pub use codec::{pack_values as pack_key, unpack_values as unpack_key};
 pub use db::{Database, Options, Rows, Transaction};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use hlc::{Hlc, ManualTimeSource, SystemTimeSource, TimeSource};
 pub use observe::{ChangeListener, Observation};
 pub use rejected::RejectedChange;

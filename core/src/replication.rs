@@ -57,10 +57,10 @@ pub(crate) enum Sender {
 
 /// Turns capture off while remote changes are written, and back on after,
 /// whatever happens in between.
-struct RemoteWrites<'a>(&'a SharedState);
+pub(crate) struct RemoteWrites<'a>(&'a SharedState);
 
 impl<'a> RemoteWrites<'a> {
-    fn begin(state: &'a SharedState) -> Self {
+    pub(crate) fn begin(state: &'a SharedState) -> Self {
         lock(state).tracking = false;
         RemoteWrites(state)
     }

@@ -7,11 +7,13 @@ use std::collections::HashSet;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::capture::lock;
 use crate::changeset::{Change, ChangeSet};
 use crate::clocks::RowClocks;
 use crate::db::Database;
 use crate::error::{Error, Result};
 use crate::replication::{ApplyReport, Sender};
+use crate::schema::quote;
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS confluo_sync(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -32,6 +34,16 @@ fn get_u64(conn: &Connection, key: &str) -> Result<u64> {
     })
 }
 
+/// Whether a sync with the bound space ever succeeded or moved a mark:
+/// after that, the binding is real.
+fn heard_from_server(conn: &Connection) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM confluo_sync WHERE key IN ('confirmed', 'epoch', 'cursor', 'pushed', 'pushed_tag', 'cursor_tag'))",
+        )?
+        .query_row([], |r| r.get(0))?)
+}
+
 fn set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> {
     conn.prepare_cached("INSERT INTO confluo_sync(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
         .execute(params![key, value])?;
@@ -40,7 +52,10 @@ fn set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> 
 
 impl Database {
     /// Ties this database to `space` the first time it syncs; later calls
-    /// with another space are refused (one database syncs with one space).
+    /// with another space are refused (one database syncs with one space),
+    /// unless no sync with the bound space ever got an answer from the
+    /// server: then the binding was a mistake (a misspelt space, say) and
+    /// `space` replaces it.
     pub fn bind_space(&self, space: &str) -> Result<()> {
         let bound = self.read_snapshot(|conn| get(conn, "space"))?;
         if matches!(&bound, Some(rusqlite::types::Value::Text(b)) if b == space) {
@@ -49,13 +64,62 @@ impl Database {
         self.write(|tx| {
             let conn = tx.conn();
             match get(conn, "space")? {
-                Some(rusqlite::types::Value::Text(bound)) if bound != space => Err(Error::invalid(
-                    format!("this database syncs with space {bound:?}, not {space:?}"),
-                )),
-                Some(_) => Ok(()),
-                None => set(conn, "space", space),
+                Some(rusqlite::types::Value::Text(bound))
+                    if bound != space && heard_from_server(conn)? =>
+                {
+                    Err(Error::invalid(format!(
+                        "this database syncs with space {bound:?}, not {space:?} \
+                         (sign out and clear it to sync with another space)"
+                    )))
+                }
+                Some(rusqlite::types::Value::Text(bound)) if bound == space => Ok(()),
+                _ => set(conn, "space", space),
             }
         })
+    }
+
+    /// Signs out: forgets the space this database syncs with and everything
+    /// learnt from its server (as `unbind_space`), and deletes every row of
+    /// every synced table with its sync metadata, the changes kept aside and
+    /// what peers were seen, in one transaction. The deletes are not
+    /// recorded as changes: they are never pushed, to the old space or the
+    /// next one. Local tables that are not synced stay as they are; so do
+    /// the synced tables' schemas and this database's site id. Waits for a
+    /// sync running on another thread; stop background sync first.
+    pub fn sign_out_and_clear(&self) -> Result<()> {
+        let _no_sync = self.inner.sync_round.lock().ok_or_else(|| {
+            Error::invalid("this thread is syncing this database; sign out after the sync")
+        })?;
+        self.write(|tx| {
+            let conn = tx.conn();
+            // App triggers see the deletes as remote writes; the capture
+            // triggers report them all the same, and the reports are
+            // dropped: these deletes are not changes to sync.
+            let _untracked = crate::replication::RemoteWrites::begin(&self.inner.state);
+            let reported = lock(&self.inner.state).events.len();
+            for table in self.tables_in(conn)? {
+                conn.execute(&format!("DELETE FROM {}", quote(&table.name)), [])?;
+                conn.execute(&format!("DELETE FROM {}", table.meta_table()), [])?;
+            }
+            lock(&self.inner.state).events.truncate(reported);
+            conn.execute_batch(
+                "DELETE FROM confluo_sync;
+                 DELETE FROM confluo_server_dbvs;
+                 DELETE FROM confluo_pending;
+                 DELETE FROM confluo_rejected;
+                 DELETE FROM confluo_peers;",
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Records that a sync with the bound space succeeded: from then on the
+    /// binding holds (see `bind_space`). Writes only the first time.
+    pub(crate) fn confirm_space(&self) -> Result<()> {
+        if self.read_snapshot(|conn| get(conn, "confirmed"))?.is_some() {
+            return Ok(());
+        }
+        self.write(|tx| set(tx.conn(), "confirmed", 1i64))
     }
 
     /// The space this database syncs with, once it has tried to.
@@ -82,7 +146,7 @@ impl Database {
         })?;
         self.write(|tx| {
             tx.conn().execute(
-                "DELETE FROM confluo_sync WHERE key IN ('space', 'cursor', 'epoch', 'cursor_tag', 'pushed', 'pushed_at', 'pushed_tag')",
+                "DELETE FROM confluo_sync WHERE key IN ('space', 'confirmed', 'cursor', 'epoch', 'cursor_tag', 'pushed', 'pushed_at', 'pushed_tag')",
                 [],
             )?;
             tx.conn().execute("DELETE FROM confluo_server_dbvs", [])?;

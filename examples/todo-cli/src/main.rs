@@ -332,15 +332,13 @@ fn watch(store: TodoStore, server: ServerArgs, seconds: Option<u64>) -> Result<(
             }
         }
     });
-    // A refused token stays refused: retrying it for ever helps nobody.
+    // A refused token stays refused (background sync waits for the app):
+    // the command ends and says so.
     let (refused, refusal) = mpsc::channel::<String>();
-    let auth_failure = confluo_core::Error::Auth(String::new()).to_string();
     let sync = db.start_sync(server.config(), move |s: &SyncStatus| {
         println!("[sync] {}", describe(s));
-        if let SyncState::Error { message, .. } = &s.state {
-            if let Some(why) = message.strip_prefix(&auth_failure) {
-                let _ = refused.send(why.to_owned());
-            }
+        if let SyncState::AuthRequired { message } = &s.state {
+            let _ = refused.send(message.clone());
         }
     })?;
     print_list(&TodoStore::list_of(&db)?);
@@ -357,15 +355,19 @@ fn watch(store: TodoStore, server: ServerArgs, seconds: Option<u64>) -> Result<(
 
 fn describe(s: &SyncStatus) -> String {
     let state = match &s.state {
+        SyncState::Stopped => "not syncing".to_owned(),
         SyncState::Idle => "synced".to_owned(),
         SyncState::Syncing => "syncing".to_owned(),
         SyncState::Offline { retry_in: None } => "offline".to_owned(),
         SyncState::Offline { retry_in: Some(r) } => {
             format!("server unreachable (retry in {r:.1?})")
         }
-        SyncState::Error { message, retry_in } => {
+        SyncState::Error {
+            message, retry_in, ..
+        } => {
             format!("error: {message} (retry in {retry_in:.1?})")
         }
+        SyncState::AuthRequired { message } => format!("sign in again: {message}"),
     };
     format!("{state}, {} pending", s.pending)
 }

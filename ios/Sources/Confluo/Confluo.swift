@@ -143,7 +143,7 @@ public final class Confluo: @unchecked Sendable {
     /// Syncs once with the server: pushes, then pulls until caught up.
     public func syncNow(_ options: SyncOptions, token: @escaping @Sendable () throws -> String) async throws -> SyncReport {
         try await background {
-            SyncReport(try self.db.syncNow(config: options.ffi, token: TokenRelay(token)))
+            SyncReport(try self.db.syncNow(config: options.ffi, token: TokenRelay(token), cancellation: nil))
         }
     }
 
@@ -310,7 +310,7 @@ private final class ChangeRelay: ChangeListener, @unchecked Sendable {
 private final class TokenRelay: TokenProvider, @unchecked Sendable {
     let supply: @Sendable () throws -> String
     init(_ supply: @escaping @Sendable () throws -> String) { self.supply = supply }
-    func token() throws -> String {
+    func token(invalidate: Bool) throws -> String {
         do {
             return try supply()
         } catch {

@@ -59,6 +59,10 @@ public enum SyncState: Sendable, Equatable {
     case offline(retryIn: TimeInterval?)
     /// The last attempt failed; the next is in `retryIn` seconds.
     case error(message: String, retryIn: TimeInterval)
+    /// Background sync is not running.
+    case stopped
+    /// The server refused the token, a refreshed one too: sign in again.
+    case authRequired(message: String)
 }
 
 /// Background sync's status, as `Confluo.syncStatus` streams it.
@@ -87,7 +91,9 @@ public struct SyncStatus: Sendable, Equatable {
         case .idle: state = .idle
         case .syncing: state = .syncing
         case .offline(let retryInMs): state = .offline(retryIn: retryInMs.map { TimeInterval($0) / 1000 })
-        case .error(let message, let retryInMs): state = .error(message: message, retryIn: TimeInterval(retryInMs) / 1000)
+        case .error(_, let message, let retryInMs): state = .error(message: message, retryIn: TimeInterval(retryInMs) / 1000)
+        case .stopped: state = .stopped
+        case .authRequired(let message): state = .authRequired(message: message)
         }
         pending = Int(s.pending)
         lastSynced = s.lastSyncedMs.map { Date(timeIntervalSince1970: TimeInterval($0) / 1000) }

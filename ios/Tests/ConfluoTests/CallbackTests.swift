@@ -37,7 +37,7 @@ private final class Counter: ChangeListener, SyncStatusListener, @unchecked Send
 }
 
 private final class DevToken: TokenProvider, @unchecked Sendable {
-    func token() throws -> String { "dev-token" }
+    func token(invalidate: Bool) throws -> String { "dev-token" }
 }
 
 /// The generated API's database, for implementing its callback protocols directly.
@@ -83,7 +83,7 @@ final class CallbackTests: XCTestCase {
         _ = try a.execute(sql: "INSERT INTO todo VALUES ('k', 'after the error', 'open')", params: [])
         let b = try ffiTodoDb()
         try waitUntil("the write on the server") {
-            _ = try b.syncNow(config: options.ffi, token: DevToken())
+            _ = try b.syncNow(config: options.ffi, token: DevToken(), cancellation: nil)
             return try b.query(sql: "SELECT * FROM todo", params: []).rows.count == 1
         }
         XCTAssertGreaterThan(listener.count, 1, "the listener still hears")

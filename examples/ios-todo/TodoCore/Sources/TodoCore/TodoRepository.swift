@@ -134,6 +134,8 @@ public struct SyncChip: Equatable, Sendable {
         case .syncing: (label, kind) = ("Syncing…" + pending, .syncing)
         case .offline: (label, kind) = ("Offline" + pending, .offline)
         case .error(_, let retryIn): (label, kind) = ("Sync error, retrying in \(Int(retryIn.rounded(.up))) s" + pending, .error)
+        case .stopped: (label, kind) = ("Not syncing" + pending, .offline)
+        case .authRequired: (label, kind) = ("Sign in again" + pending, .error)
         }
     }
 }

@@ -148,7 +148,7 @@ class Confluo private constructor(
 
     /** Syncs once with the server: pushes, then pulls until caught up. */
     suspend fun syncNow(options: SyncOptions, token: () -> String): SyncReport =
-        io { SyncReport.from(db.syncNow(options.toFfi(), tokenProvider(token))) }
+        io { SyncReport.from(db.syncNow(options.toFfi(), tokenProvider(token), null)) }
 
     /**
      * Starts background sync (replacing one already running): a sync shortly
@@ -219,7 +219,7 @@ class Confluo private constructor(
         if (writing === Thread.currentThread()) block() else withContext(dispatcher) { block() }
 
     private fun tokenProvider(token: () -> String) = object : dev.confluo.ffi.TokenProvider {
-        override fun token(): String = try {
+        override fun token(invalidate: Boolean): String = try {
             token()
         } catch (e: Exception) {
             throw ConfluoException.Auth(e.message ?: e.toString())

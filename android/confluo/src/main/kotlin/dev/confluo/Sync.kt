@@ -56,6 +56,12 @@ sealed interface SyncState {
 
     /** The last attempt failed; the next is in [retryInMs]. */
     data class Error(val message: String, val retryInMs: Long) : SyncState
+
+    /** Background sync is not running. */
+    data object Stopped : SyncState
+
+    /** The server refused the token, a refreshed one too: sign in again. */
+    data class AuthRequired(val message: String) : SyncState
 }
 
 /** Background sync's status, as [Confluo.syncStatus] emits it. */
@@ -79,6 +85,8 @@ data class SyncStatus(
                 is dev.confluo.ffi.SyncState.Syncing -> SyncState.Syncing
                 is dev.confluo.ffi.SyncState.Offline -> SyncState.Offline(st.retryInMs?.toLong())
                 is dev.confluo.ffi.SyncState.Error -> SyncState.Error(st.message, st.retryInMs.toLong())
+                is dev.confluo.ffi.SyncState.Stopped -> SyncState.Stopped
+                is dev.confluo.ffi.SyncState.AuthRequired -> SyncState.AuthRequired(st.message)
             },
             s.pending.toLong(),
             s.lastSyncedMs?.toLong(),

@@ -53,7 +53,7 @@ class CallbackTest {
         TestServer.start().use { server ->
             val config = SyncOptions(server.url, "resilient", requestTimeoutMs = 5_000, minBackoffMs = 100, maxBackoffMs = 800).toFfi()
             val token = object : TokenProvider {
-                override fun token() = "dev-token"
+                override fun token(invalidate: Boolean) = "dev-token"
             }
             val calls = AtomicInteger()
             ffiTodoDb().use { a ->
@@ -66,7 +66,7 @@ class CallbackTest {
                 a.execute("INSERT INTO todo VALUES ('k', 'after the exception', 'open')", listOf())
                 ffiTodoDb().use { b ->
                     waitUntil("the write on the server") {
-                        b.syncNow(config, token)
+                        b.syncNow(config, token, null)
                         b.query("SELECT * FROM todo", listOf()).rows.size == 1
                     }
                 }

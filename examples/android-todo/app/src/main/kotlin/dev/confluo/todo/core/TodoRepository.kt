@@ -102,6 +102,8 @@ data class SyncChip(val label: String, val kind: Kind) {
                 SyncState.Syncing -> SyncChip("Syncing…$pending", Kind.SYNCING)
                 is SyncState.Offline -> SyncChip("Offline$pending", Kind.OFFLINE)
                 is SyncState.Error -> SyncChip("Sync error, retrying in ${(s.retryInMs + 999) / 1000} s$pending", Kind.ERROR)
+                SyncState.Stopped -> SyncChip("Not syncing$pending", Kind.OFFLINE)
+                is SyncState.AuthRequired -> SyncChip("Sign in again$pending", Kind.ERROR)
             }
         }
     }
