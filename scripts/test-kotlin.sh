@@ -45,4 +45,10 @@ if [ "$passed" -eq 0 ]; then
   echo "no Kotlin test ran" >&2
   exit 1
 fi
+# JUnit only warns about a @Test it skips (one returning a value, as
+# `= runBlocking { ... }` does when its last expression has one).
+if grep -q "It will not be executed" "$out/junit.log"; then
+  echo "some Kotlin tests were skipped (see the warnings above)" >&2
+  exit 1
+fi
 exit "$status"

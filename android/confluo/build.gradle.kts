@@ -141,6 +141,14 @@ android {
         unitTests.all { it.useJUnitPlatform() }
     }
 
+    // Code that needs the Android SDK (the Logcat logger): only this build
+    // compiles it; the JVM tests compile src/main/kotlin alone.
+    sourceSets {
+        getByName("main") {
+            kotlin.srcDir("src/android/kotlin")
+        }
+    }
+
     publishing {
         singleVariant("release") {
             withSourcesJar()

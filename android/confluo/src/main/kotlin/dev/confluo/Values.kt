@@ -1,8 +1,29 @@
+// Kotlin values to and from SQLite values, and the Row type queries return.
 package dev.confluo
 
 import dev.confluo.ffi.SqlValue
+import java.time.Instant
+import java.time.ZoneOffset
+import java.time.format.DateTimeFormatter
+import java.time.format.DateTimeParseException
+import java.util.Date
+import java.util.UUID
 
-/** Kotlin values to SQLite values: null, whole numbers, booleans (0/1), floating point, text, bytes. */
+/**
+ * Instants are stored as TEXT, ISO-8601 in UTC with exactly three
+ * fractional digits (`2026-11-26T17:05:09.120Z`): the form the Swift SDK
+ * writes too, so both read each other's rows, and text order is time order.
+ */
+private val instantText: DateTimeFormatter =
+    DateTimeFormatter.ofPattern("uuuu-MM-dd'T'HH:mm:ss.SSS'Z'").withZone(ZoneOffset.UTC)
+
+internal fun instantToText(instant: Instant): String = instantText.format(instant)
+
+/**
+ * Kotlin values to SQLite values: null, whole numbers, booleans (0/1),
+ * floating point, text, bytes; [Instant] and [Date] as ISO-8601 UTC text
+ * with milliseconds; [UUID] as lowercase canonical text.
+ */
 internal fun toSql(value: Any?): SqlValue = when (value) {
     null -> SqlValue.Null
     is Long -> SqlValue.Integer(value)
@@ -14,8 +35,11 @@ internal fun toSql(value: Any?): SqlValue = when (value) {
     is Float -> SqlValue.Real(value.toDouble())
     is String -> SqlValue.Text(value)
     is ByteArray -> SqlValue.Blob(value)
+    is Instant -> SqlValue.Text(instantToText(value))
+    is Date -> SqlValue.Text(instantToText(value.toInstant()))
+    is UUID -> SqlValue.Text(value.toString().lowercase())
     is SqlValue -> value
-    else -> throw IllegalArgumentException("cannot bind a ${value::class.simpleName} to SQL")
+    else -> throw ConfluoException.InvalidInput("cannot bind a ${value::class.qualifiedName} to SQL")
 }
 
 internal fun toSql(args: Array<out Any?>): List<SqlValue> = args.map(::toSql)
@@ -32,9 +56,10 @@ internal fun fromSql(value: SqlValue): Any? = when (value) {
 /**
  * One row of a query result, with typed accessors by column name.
  *
- * The non-null accessors throw [IllegalStateException] when the value is NULL;
- * the `OrNull` variants return null instead. Accessors throw
- * [IllegalArgumentException] for a column the query did not return.
+ * Rows are equal when they have the same columns and values (bytes compared
+ * by content). Accessors throw [ConfluoException.InvalidInput] for a column
+ * the query did not return, for NULL in a non-null accessor (the `OrNull`
+ * variants return null instead) and for a value of another type.
  */
 class Row internal constructor(
     private val index: Map<String, Int>,
@@ -96,18 +121,70 @@ class Row internal constructor(
 
     fun boolean(column: String): Boolean = booleanOrNull(column) ?: nullValue(column)
 
-    override fun toString(): String = columns.joinToString(prefix = "Row(", postfix = ")") { "$it=${get(it)}" }
+    /** An instant stored as ISO-8601 text (as Confluo binds an [Instant] or a [Date]). */
+    fun instantOrNull(column: String): Instant? = when (val v = raw(column)) {
+        is SqlValue.Null -> null
+        is SqlValue.Text -> try {
+            Instant.parse(v.value)
+        } catch (e: DateTimeParseException) {
+            typeError(column, "an ISO-8601 instant")
+        }
+        else -> typeError(column, "an ISO-8601 instant")
+    }
+
+    fun instant(column: String): Instant = instantOrNull(column) ?: nullValue(column)
+
+    fun dateOrNull(column: String): Date? = instantOrNull(column)?.let(Date::from)
+
+    fun date(column: String): Date = Date.from(instant(column))
+
+    /** A UUID stored as its canonical text (as Confluo binds a [UUID]). */
+    fun uuidOrNull(column: String): UUID? = when (val v = raw(column)) {
+        is SqlValue.Null -> null
+        is SqlValue.Text -> try {
+            UUID.fromString(v.value)
+        } catch (e: IllegalArgumentException) {
+            typeError(column, "a UUID")
+        }
+        else -> typeError(column, "a UUID")
+    }
+
+    fun uuid(column: String): UUID = uuidOrNull(column) ?: nullValue(column)
+
+    override fun equals(other: Any?): Boolean {
+        if (this === other) return true
+        if (other !is Row || columns != other.columns) return false
+        return values.indices.all { sameValue(values[it], other.values[it]) }
+    }
+
+    override fun hashCode(): Int = values.fold(columns.hashCode()) { hash, v ->
+        31 * hash + when (v) {
+            is SqlValue.Blob -> v.value.contentHashCode()
+            else -> v.hashCode()
+        }
+    }
+
+    override fun toString(): String = columns.joinToString(prefix = "Row(", postfix = ")") {
+        val v = get(it)
+        "$it=${if (v is ByteArray) v.contentToString() else v}"
+    }
 
     private fun raw(column: String): SqlValue {
-        val i = index[column] ?: throw IllegalArgumentException("no column \"$column\" in ${index.keys}")
+        val i = index[column] ?: throw ConfluoException.InvalidInput(
+            "no column \"$column\" in this row (columns: ${columns.joinToString(", ")})",
+        )
         return values[i]
     }
 
-    private fun nullValue(column: String): Nothing = throw IllegalStateException("column \"$column\" is NULL")
+    private fun nullValue(column: String): Nothing = throw ConfluoException.InvalidInput("column \"$column\" is NULL")
 
     private fun typeError(column: String, wanted: String): Nothing =
-        throw IllegalStateException("column \"$column\" does not hold $wanted")
+        throw ConfluoException.InvalidInput("column \"$column\" does not hold $wanted")
 }
+
+/** Blobs by content (the generated value class compares arrays by identity); the rest as the engine gave them. */
+private fun sameValue(a: SqlValue, b: SqlValue): Boolean =
+    if (a is SqlValue.Blob && b is SqlValue.Blob) a.value.contentEquals(b.value) else a == b
 
 internal fun rowsOf(result: dev.confluo.ffi.QueryResult): List<Row> {
     val index = result.columns.withIndex().associate { (i, name) -> name to i }

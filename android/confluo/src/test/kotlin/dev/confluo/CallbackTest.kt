@@ -10,6 +10,8 @@ import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.Test
 import java.util.concurrent.atomic.AtomicInteger
+import kotlin.time.Duration.Companion.milliseconds
+import kotlin.time.Duration.Companion.seconds
 
 private const val TODO_TABLE = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT)"
 
@@ -51,7 +53,7 @@ class CallbackTest {
     @Test
     fun `a status listener that throws does not stop background sync`() {
         TestServer.start().use { server ->
-            val config = SyncOptions(server.url, "resilient", requestTimeoutMs = 5_000, minBackoffMs = 100, maxBackoffMs = 800).toFfi()
+            val config = SyncOptions(server.url, "resilient", requestTimeout = 5.seconds, minBackoff = 100.milliseconds, maxBackoff = 800.milliseconds).toFfi()
             val token = object : TokenProvider {
                 override fun token(invalidate: Boolean) = "dev-token"
             }

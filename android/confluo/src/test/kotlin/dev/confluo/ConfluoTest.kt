@@ -1,7 +1,11 @@
 package dev.confluo
 
-import dev.confluo.ffi.ConfluoException
 import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.CompletableDeferred
+import kotlinx.coroutines.async
+import kotlinx.coroutines.flow.onEach
+import kotlinx.coroutines.awaitAll
+import kotlinx.coroutines.flow.toList
 import kotlinx.coroutines.flow.first
 import kotlinx.coroutines.launch
 import kotlinx.coroutines.flow.filter
@@ -16,8 +20,11 @@ import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.Test
 import org.junit.jupiter.api.assertThrows
 import org.junit.jupiter.api.assertTimeoutPreemptively
+import java.net.URI
 import java.nio.file.Files
 import java.time.Duration
+import kotlin.time.Duration.Companion.milliseconds
+import kotlin.time.Duration.Companion.seconds
 
 private const val TODO = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, status TEXT)"
 
@@ -47,7 +54,7 @@ class ConfluoTest {
             assertArrayEquals(byteArrayOf(), rows[7].bytes("v"))
             assertTrue(rows[8].isNull("v"))
             assertNull(rows[8].stringOrNull("v"))
-            assertThrows<IllegalStateException> { rows[8].string("v") }
+            assertThrows<ConfluoException.InvalidInput> { rows[8].string("v") }
 
             assertEquals(1L, db.execute("INSERT INTO todo VALUES (?, ?, ?)", "t1", "Buy milk", "open"))
             assertEquals(1L, db.execute("UPDATE todo SET status = ? WHERE id = ?", "done", "t1"))
@@ -70,7 +77,8 @@ class ConfluoTest {
                 db.execute("INSERT INTO todo VALUES ('a', 'x', 'y')")
             }
             assertTrue(dup.message!!.contains("UNIQUE constraint failed"), dup.message)
-            assertThrows<IllegalArgumentException> { db.execute("INSERT INTO todo VALUES (?, ?, ?)", "b", Any(), "y") }
+            val unbindable = assertThrows<ConfluoException.InvalidInput> { db.execute("INSERT INTO todo VALUES (?, ?, ?)", "b", Any(), "y") }
+            assertTrue(unbindable.message!!.contains("cannot bind a kotlin.Any"), unbindable.message)
         }
     }
 
@@ -92,7 +100,7 @@ class ConfluoTest {
             }
             assertEquals(2, db.query("SELECT * FROM todo").size)
             // A transaction kept past its block is dead.
-            var kept: Transaction? = null
+            var kept: WriteScope? = null
             db.write { tx -> kept = tx }
             assertThrows<ConfluoException> { kept!!.execute("DELETE FROM todo") }
             assertEquals(2, db.query("SELECT * FROM todo").size)
@@ -150,9 +158,81 @@ class ConfluoTest {
         todoDb().use { a ->
             todoDb().use { b ->
                 a.execute("INSERT INTO todo VALUES ('t1', 'from A', 'open')")
-                val applied = b.applyChanges(a.changesForPeer(b.siteId, b.seenVersion(a.siteId)))
+                val applied = b.applyChanges(a.changesForPeer(b.siteId(), b.seenVersion(a.siteId())))
                 assertEquals(3L, applied)
                 assertEquals(a.query("SELECT * FROM todo").map { it.toString() }, b.query("SELECT * FROM todo").map { it.toString() })
+            }
+        }
+    }
+
+    @Test
+    fun `every use after close throws Closed, and watch flows end`() = runBlocking<Unit> {
+        val db = todoDb()
+        db.execute("INSERT INTO todo VALUES ('a', 'x', 'open')")
+        val watched = db.watch("SELECT * FROM todo", tables = listOf("todo"))
+        val firstSeen = CompletableDeferred<Unit>()
+        val collected = async(Dispatchers.Default) {
+            withTimeout(10_000) { watched.onEach { firstSeen.complete(Unit) }.toList() }
+        }
+        withTimeout(10_000) { firstSeen.await() }
+        db.close()
+        db.close() // twice is harmless
+        // The collection ends (instead of waiting for ever) with what it had.
+        assertEquals(1, collected.await().size)
+        val calls: List<suspend () -> Unit> = listOf(
+            { db.query("SELECT * FROM todo") },
+            { db.execute("DELETE FROM todo") },
+            { db.write { tx -> tx.execute("DELETE FROM todo") } },
+            { db.siteId() },
+            { db.pendingChanges() },
+            { db.setOnline(false) },
+            { db.syncNow(SyncOptions(URI("http://127.0.0.1:9"), "s")) { "dev-token" } },
+            { db.startSync(SyncOptions(URI("http://127.0.0.1:9"), "s")) { "dev-token" } },
+            { db.signOutAndClear() },
+            { db.watch("SELECT 1").first() },
+            { db.syncSoon() },
+        )
+        calls.forEachIndexed { i, call -> assertThrows<ConfluoException.Closed>("call $i") { runBlocking { call() } } }
+    }
+
+    @Test
+    fun `many coroutines use one database at once`() = runBlocking<Unit> {
+        todoDb().use { db ->
+            val writers = 16
+            val each = 25
+            withTimeout(60_000) {
+                (0 until writers).map { w ->
+                    async(Dispatchers.Default) {
+                        repeat(each) { i ->
+                            if (i % 2 == 0) {
+                                db.execute("INSERT INTO todo VALUES (?, ?, 'open')", "$w-$i", "by $w")
+                            } else {
+                                db.write { tx -> tx.execute("INSERT INTO todo VALUES (?, ?, 'open')", "$w-$i", "by $w") }
+                            }
+                            val mine = db.query("SELECT count(*) AS n FROM todo WHERE title = ?", "by $w").single().long("n")
+                            assertEquals(i + 1L, mine)
+                        }
+                    }
+                }.awaitAll()
+            }
+            assertEquals(writers * each.toLong(), db.query("SELECT count(*) AS n FROM todo").single().long("n"))
+            assertEquals(writers * each.toLong(), db.pendingChanges())
+        }
+    }
+
+    @Test
+    fun `alterSyncedTable keeps tracking the new column`() = runBlocking<Unit> {
+        todoDb().use { a ->
+            todoDb().use { b ->
+                for (db in listOf(a, b)) db.alterSyncedTable("todo", "ALTER TABLE todo ADD COLUMN due TEXT")
+                a.execute("INSERT INTO todo(id, title, status, due) VALUES ('t1', 'x', 'open', '2026-12-01')")
+                b.applyChanges(a.changesForPeer(b.siteId(), b.seenVersion(a.siteId())))
+                assertEquals("2026-12-01", b.query("SELECT due FROM todo WHERE id = 't1'").single().string("due"))
+                // An edit of the new column alone is tracked too.
+                a.execute("UPDATE todo SET due = '2027-01-01' WHERE id = 't1'")
+                b.applyChanges(a.changesForPeer(b.siteId(), b.seenVersion(a.siteId())))
+                assertEquals("2027-01-01", b.query("SELECT due FROM todo WHERE id = 't1'").single().string("due"))
+                assertThrows<ConfluoException> { runBlocking { a.alterSyncedTable("todo", "ALTER TABLE nope ADD COLUMN x") } }
             }
         }
     }
@@ -177,11 +257,11 @@ class ConfluoTest {
 
 class SyncTest {
     private val options = { server: TestServer, space: String ->
-        SyncOptions(server.url, space, requestTimeoutMs = 5_000, minBackoffMs = 100, maxBackoffMs = 800)
+        SyncOptions(server.url, space, requestTimeout = 5.seconds, minBackoff = 100.milliseconds, maxBackoff = 800.milliseconds)
     }
 
     @Test
-    fun `two databases sync through a real server`() = runBlocking {
+    fun `two databases sync through a real server`() = runBlocking<Unit> {
         TestServer.start().use { server ->
             todoDb().use { a ->
                 todoDb().use { b ->
@@ -198,7 +278,7 @@ class SyncTest {
     }
 
     @Test
-    fun `watch emits after a local write and after a sync`() = runBlocking {
+    fun `watch emits after a local write and after a sync`() = runBlocking<Unit> {
         TestServer.start().use { server ->
             todoDb().use { a ->
                 todoDb().use { b ->
@@ -220,7 +300,7 @@ class SyncTest {
     }
 
     @Test
-    fun `a table a new install made in its latest shape gets the history's identities`() = runBlocking {
+    fun `a table a new install made in its latest shape gets the history's identities`() = runBlocking<Unit> {
         val create = "CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, name TEXT)"
         val rename = "ALTER TABLE todo RENAME COLUMN name TO task"
         TestServer.start().use { server ->
@@ -246,7 +326,7 @@ class SyncTest {
     }
 
     @Test
-    fun `a change a trigger refuses is kept aside and reported, and the clock offset is known`() = runBlocking {
+    fun `a change a trigger refuses is kept aside and reported, and the clock offset is known`() = runBlocking<Unit> {
         TestServer.start().use { server ->
             todoDb().use { a ->
                 Confluo.openInMemory().use { b ->
@@ -281,7 +361,7 @@ class SyncTest {
     }
 
     @Test
-    fun `background sync goes syncing to idle, and offline when the server stops`() = runBlocking {
+    fun `background sync goes syncing to idle, and offline when the server stops`() = runBlocking<Unit> {
         TestServer.start().use { server ->
             todoDb().use { db ->
                 val seen = mutableListOf<SyncState>()

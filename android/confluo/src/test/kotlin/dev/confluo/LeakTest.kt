@@ -40,7 +40,7 @@ class LeakTest {
      * half may not grow resident memory by more than 32 MB.
      */
     @Test
-    fun `opening databases and observing queries does not leak`() = runBlocking {
+    fun `opening databases and observing queries does not leak`() = runBlocking<Unit> {
         churn(500, 5_000)
         System.gc()
         val warm = rssMb()

@@ -9,7 +9,7 @@ import java.nio.file.Files
 /** A real `confluo-server` process on a free loopback port (binary from CONFLUO_SERVER_BIN). */
 class TestServer private constructor(private val dir: File, val port: Int) : AutoCloseable {
     private var process: Process? = null
-    val url: String get() = "http://127.0.0.1:$port"
+    val url: URI get() = URI("http://127.0.0.1:$port")
 
     companion object {
         fun start(): TestServer {
