@@ -68,7 +68,8 @@ fun TodoScreen(model: TodoViewModel) {
         TopAppBar(
             title = { Text("Todo") },
             actions = {
-                chip?.let { StatusChip(it) }
+                chip?.let { StatusChip(it, onSignIn = { showSettings = true }) }
+                if (settings.complete) TextButton(onClick = model::signOut) { Text("Sign out") }
                 IconButton(onClick = { showSettings = true }) { Icon(Icons.Filled.Settings, "Sync settings") }
             },
         )
@@ -104,8 +105,9 @@ fun TodoScreen(model: TodoViewModel) {
 }
 
 @Composable
-private fun StatusChip(chip: SyncChip) {
-    AssistChip(onClick = {}, label = { Text(chip.label) })
+private fun StatusChip(chip: SyncChip, onSignIn: () -> Unit) {
+    // "Sign in again" opens the settings, where a new token goes.
+    AssistChip(onClick = { if (chip.kind == SyncChip.Kind.SIGN_IN) onSignIn() }, label = { Text(chip.label) })
 }
 
 @Composable

@@ -16,6 +16,7 @@ import androidx.work.OutOfQuotaPolicy
 import androidx.work.PeriodicWorkRequestBuilder
 import androidx.work.WorkManager
 import androidx.work.WorkerParameters
+import dev.confluo.todo.core.SyncOutcome
 import kotlinx.coroutines.flow.first
 import java.util.concurrent.TimeUnit
 
@@ -42,11 +43,12 @@ class SyncWorker(context: Context, params: WorkerParameters) : CoroutineWorker(c
 
     override suspend fun doWork(): Result {
         val app = applicationContext as TodoApp
-        return try {
-            app.repository.await().syncOnce(app.settings.first())
-            Result.success()
-        } catch (e: Exception) {
-            Result.retry()
+        return when (app.repository.await().syncOnce(app.settings.first())) {
+            SyncOutcome.SYNCED, SyncOutcome.NOT_CONFIGURED -> Result.success()
+            SyncOutcome.RETRY_LATER -> Result.retry()
+            // A refused token stays refused: retrying would only hammer the
+            // server. The status chip asks the user to sign in again.
+            SyncOutcome.SIGN_IN_REQUIRED, SyncOutcome.FAILED -> Result.failure()
         }
     }
 }
@@ -66,6 +68,11 @@ object SyncWork {
             .setConstraints(online)
             .setExpedited(OutOfQuotaPolicy.RUN_AS_NON_EXPEDITED_WORK_REQUEST)
             .build()
-        WorkManager.getInstance(context).enqueueUniqueWork("sync-now", ExistingWorkPolicy.REPLACE, request)
+        // APPEND_OR_REPLACE, not REPLACE (which cancels a sync in flight)
+        // nor KEEP (which drops this request while a sync runs, and that
+        // sync may have read its changes before this edit): the new sync
+        // runs after the one in flight, so every edit is sent; after a
+        // failed or cancelled sync it starts a fresh chain.
+        WorkManager.getInstance(context).enqueueUniqueWork("sync-now", ExistingWorkPolicy.APPEND_OR_REPLACE, request)
     }
 }

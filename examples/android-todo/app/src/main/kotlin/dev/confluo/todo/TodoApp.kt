@@ -9,6 +9,8 @@ import androidx.datastore.preferences.core.edit
 import androidx.datastore.preferences.core.stringPreferencesKey
 import androidx.datastore.preferences.preferencesDataStore
 import dev.confluo.Confluo
+import dev.confluo.LogLevel
+import dev.confluo.LogcatLogger
 import dev.confluo.todo.core.SyncSettings
 import dev.confluo.todo.core.TodoRepository
 import kotlinx.coroutines.CoroutineScope
@@ -39,8 +41,8 @@ class TodoApp : Application() {
     }
 
     /**
-     * Starting and stopping sync and the network hint, applied one at a
-     * time and in order (stopping takes up to a second).
+     * Starting and stopping sync, sign-out and the network hint, applied one
+     * at a time and in order (stopping takes up to a second).
      */
     private val syncCommands = Channel<suspend (TodoRepository) -> Unit>(Channel.UNLIMITED)
 
@@ -61,6 +63,8 @@ class TodoApp : Application() {
 
     override fun onCreate() {
         super.onCreate()
+        // The engine's warnings and errors (a failed background sync, a failing callback) in Logcat.
+        Confluo.setLogger(LogLevel.INFO, LogcatLogger())
         scope.launch {
             val repo = repository.await()
             for (command in syncCommands) command(repo)

@@ -35,6 +35,12 @@ class TodoViewModel(application: Application) : AndroidViewModel(application) {
     fun rename(item: TodoItem, title: String) = change { it.rename(item.id, title) }
     fun delete(item: TodoItem) = change { it.delete(item.id) }
 
+    /** Stops sync, deletes this account's todos from the device and forgets the token. */
+    fun signOut() {
+        // In the sync command queue, so it runs in order with starts and stops.
+        app.syncCommand { app.saveSettings(it.signOut(settings.value)) }
+    }
+
     fun saveSettings(s: SyncSettings) = viewModelScope.launch {
         app.saveSettings(s)
         app.syncCommand { it.startSync(s) }
