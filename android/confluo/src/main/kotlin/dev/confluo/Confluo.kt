@@ -389,7 +389,8 @@ class Confluo private constructor(
     private fun publishStoppedStatus() {
         val stopped = try {
             SyncStatus.from(db.stoppedStatus())
-        } catch (e: FfiException) {
+        } catch (e: Exception) {
+            // Closed meanwhile (a released handle throws IllegalStateException): keep the counts we had.
             status.value.copy(state = SyncState.Stopped)
         }
         synchronized(statusLock) {
