@@ -24,7 +24,7 @@ let notShipped: [String] = []
 
 let package = Package(
     name: "Confluo",
-    platforms: [.iOS(.v15)],
+    platforms: [.iOS(.v16), .macOS(.v13)],
     products: [
         .library(name: "Confluo", targets: ["Confluo"]),
     ],

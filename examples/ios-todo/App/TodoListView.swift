@@ -48,7 +48,9 @@ struct TodoListView: View {
                 Button("Save") { if let item = renaming { model.rename(item, to: newTitle) } }
                 Button("Cancel", role: .cancel) {}
             }
-            .sheet(isPresented: $showSettings) { SettingsView(settings: $model.settings) }
+            .sheet(isPresented: $showSettings) {
+                SettingsView(settings: $model.settings, signOut: model.signOut)
+            }
         }
     }
 
@@ -76,14 +78,16 @@ struct StatusChip: View {
         switch chip.kind {
         case .synced: .green
         case .syncing: .blue
-        case .offline: .gray
+        case .offline, .stopped: .gray
         case .error: .red
+        case .signInNeeded: .orange
         }
     }
 }
 
 struct SettingsView: View {
     @Binding var settings: SyncSettings
+    let signOut: () -> Void
     @Environment(\.dismiss) private var dismiss
     @State private var draft = SyncSettings(serverURL: "", space: "", token: "")
 
@@ -93,6 +97,13 @@ struct SettingsView: View {
                 TextField("Server URL", text: $draft.serverURL).textInputAutocapitalization(.never)
                 TextField("Space", text: $draft.space).textInputAutocapitalization(.never)
                 SecureField("Token", text: $draft.token)
+                Section {
+                    Button("Sign out and clear this device", role: .destructive) {
+                        signOut()
+                        dismiss()
+                    }
+                    .disabled(!settings.isComplete)
+                }
             }
             .navigationTitle("Sync settings")
             .toolbar {

@@ -15,7 +15,7 @@ actor RepositoryStore {
         if let opened { return opened }
         let url = try FileManager.default.url(for: .applicationSupportDirectory, in: .userDomainMask,
                                               appropriateFor: nil, create: true)
-        let repo = try await TodoRepository.open(try Confluo.open(path: url.appendingPathComponent("todo.db").path))
+        let repo = try await TodoRepository.open(try await Confluo.open(path: url.appendingPathComponent("todo.db").path))
         opened = repo
         return repo
     }
@@ -68,6 +68,20 @@ final class TodoModel {
         Self.scheduleRefresh()
     }
 
+    /// Clears this device's list and forgets the space and token; the
+    /// settings sheet then asks for the next account.
+    func signOut() {
+        guard let repository else { return }
+        let current = settings
+        Task {
+            guard let cleared = try? await repository.signOut(current) else { return }
+            settings = cleared
+        }
+    }
+
+    /// "Sign in again": after new settings (a fresh token), sync at once.
+    func retrySync() { repository?.syncSoon() }
+
     func add(_ title: String) { change { try await $0.add(title) } }
     func toggle(_ item: TodoItem) { change { try await $0.toggle(item.id) } }
     func rename(_ item: TodoItem, to title: String) { change { try await $0.rename(item.id, to: title) } }
@@ -108,6 +122,7 @@ final class TodoModel {
             try await repo.syncOnce(loadSettings())
         }
         task.expirationHandler = {
+            // Cancelling the task stops its syncNow before the next request.
             work.cancel()
             completion.finish(success: false)
         }

@@ -5,7 +5,7 @@ import PackageDescription
 
 let package = Package(
     name: "TodoCore",
-    platforms: [.iOS(.v17)],
+    platforms: [.iOS(.v17), .macOS(.v14)],
     products: [.library(name: "TodoCore", targets: ["TodoCore"])],
     dependencies: [.package(name: "Confluo", path: "../../..")],
     targets: [

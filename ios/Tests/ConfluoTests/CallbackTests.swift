@@ -36,7 +36,7 @@ private final class Counter: ChangeListener, SyncStatusListener, @unchecked Send
     func onStatus(status: ConfluoFFI.SyncStatus) throws { try call() }
 }
 
-private final class DevToken: TokenProvider, @unchecked Sendable {
+private final class DevToken: ConfluoFFI.TokenProvider, @unchecked Sendable {
     func token(invalidate: Bool) throws -> String { "dev-token" }
 }
 
@@ -73,17 +73,17 @@ final class CallbackTests: XCTestCase {
     func testAStatusListenerThatThrowsDoesNotStopBackgroundSync() throws {
         let server = try TestServer()
         var options = SyncOptions(serverURL: server.url, space: "resilient")
-        options.requestTimeoutMs = 5_000
-        options.minBackoffMs = 100
-        options.maxBackoffMs = 800
+        options.requestTimeout = .seconds(5)
+        options.minBackoff = .milliseconds(100)
+        options.maxBackoff = .milliseconds(800)
         let a = try ffiTodoDb()
         let listener = Counter(failing: 1)
-        let sync = try a.startSync(config: options.ffi, token: DevToken(), listener: listener)
+        let sync = try a.startSync(config: try options.ffi(), token: DevToken(), listener: listener)
         try waitUntil("the first status") { listener.count > 0 }
         _ = try a.execute(sql: "INSERT INTO todo VALUES ('k', 'after the error', 'open')", params: [])
         let b = try ffiTodoDb()
         try waitUntil("the write on the server") {
-            _ = try b.syncNow(config: options.ffi, token: DevToken(), cancellation: nil)
+            _ = try b.syncNow(config: try options.ffi(), token: DevToken(), cancellation: nil)
             return try b.query(sql: "SELECT * FROM todo", params: []).rows.count == 1
         }
         XCTAssertGreaterThan(listener.count, 1, "the listener still hears")

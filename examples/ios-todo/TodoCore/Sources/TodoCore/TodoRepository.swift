@@ -2,7 +2,7 @@ import Foundation
 import Confluo
 
 /// One todo as the app shows it.
-public struct TodoItem: Sendable, Equatable, Identifiable {
+public struct TodoItem: Sendable, Equatable, Identifiable, Decodable {
     public let id: String
     public let title: String
     public let done: Bool
@@ -27,6 +27,15 @@ public struct SyncSettings: Sendable, Equatable, Codable {
     }
 
     public var isComplete: Bool { !serverURL.isEmpty && !space.isEmpty && !token.isEmpty }
+
+    /// The options to sync with; a server address that is not an http(s)
+    /// URL is refused with the SDK's clear error.
+    func options() throws -> SyncOptions {
+        guard let url = URL(string: serverURL) else {
+            throw ConfluoError.InvalidInput(detail: "\(serverURL.debugDescription) is not a URL")
+        }
+        return SyncOptions(serverURL: url, space: space)
+    }
 }
 
 /// The todo list's logic: the SwiftUI app's model and the tests both use it.
@@ -59,22 +68,7 @@ public final class TodoRepository: Sendable {
 
     /// The list, oldest first, now and after every local or synced change.
     public func todos() -> AsyncThrowingStream<[TodoItem], Error> {
-        let rows = db.watch("SELECT id, title, done FROM todo ORDER BY created_at, id", tables: ["todo"])
-        return AsyncThrowingStream { continuation in
-            let task = Task {
-                do {
-                    for try await page in rows {
-                        continuation.yield(page.map {
-                            TodoItem(id: $0.string("id") ?? "", title: $0.string("title") ?? "", done: $0.bool("done") ?? false)
-                        })
-                    }
-                    continuation.finish()
-                } catch {
-                    continuation.finish(throwing: error)
-                }
-            }
-            continuation.onTermination = { _ in task.cancel() }
-        }
+        db.watch("SELECT id, title, done FROM todo ORDER BY created_at, id", tables: ["todo"], as: TodoItem.self)
     }
 
     /// Background sync's status, for the status chip.
@@ -101,29 +95,47 @@ public final class TodoRepository: Sendable {
         try await db.execute("DELETE FROM todo WHERE id = ?", id)
     }
 
-    /// Starts (or restarts) background sync; nothing until the settings are complete.
-    public func startSync(_ settings: SyncSettings) async throws {
+    /// Starts (or restarts) background sync; nothing until the settings are
+    /// complete. `token` is asked again with `invalidate` after a refusal.
+    public func startSync(_ settings: SyncSettings, token: @escaping TokenProvider) async throws {
         guard settings.isComplete else { return }
+        try await db.startSync(try settings.options(), token: token)
+    }
+
+    /// `startSync` with the settings' own token (a dev server's fixed token).
+    public func startSync(_ settings: SyncSettings) async throws {
         let token = settings.token
-        try await db.startSync(SyncOptions(serverURL: settings.serverURL, space: settings.space)) { token }
+        try await startSync(settings) { _ in token }
     }
 
     public func stopSync() async { await db.stopSync() }
 
+    /// Tries again now (after "Sign in again", once the user has).
+    public func syncSoon() { db.syncSoon() }
+
     /// The platform's network hint (NWPathMonitor).
     public func setOnline(_ online: Bool) { db.setOnline(online) }
 
-    /// One sync, e.g. from a BGAppRefreshTask.
+    /// One sync, e.g. from a BGAppRefreshTask. Cancelling the calling Task
+    /// (the task's expiration handler does) stops it with CancellationError.
     public func syncOnce(_ settings: SyncSettings) async throws {
         guard settings.isComplete else { return }
         let token = settings.token
-        _ = try await db.syncNow(SyncOptions(serverURL: settings.serverURL, space: settings.space)) { token }
+        _ = try await db.syncNow(try settings.options()) { _ in token }
+    }
+
+    /// Signs out: stops syncing and deletes the synced list from this device
+    /// (nothing is deleted on the server); the returned settings keep the
+    /// server but drop the space and token, ready for the next sign-in.
+    public func signOut(_ settings: SyncSettings) async throws -> SyncSettings {
+        try await db.signOutAndClear()
+        return SyncSettings(serverURL: settings.serverURL, space: "", token: "")
     }
 }
 
 /// What the sync status chip shows.
 public struct SyncChip: Equatable, Sendable {
-    public enum Kind: Sendable { case synced, syncing, offline, error }
+    public enum Kind: Sendable { case synced, syncing, offline, stopped, error, signInNeeded }
     public let label: String
     public let kind: Kind
 
@@ -133,9 +145,11 @@ public struct SyncChip: Equatable, Sendable {
         case .idle: (label, kind) = ("Synced" + pending, .synced)
         case .syncing: (label, kind) = ("Syncing…" + pending, .syncing)
         case .offline: (label, kind) = ("Offline" + pending, .offline)
-        case .error(_, let retryIn): (label, kind) = ("Sync error, retrying in \(Int(retryIn.rounded(.up))) s" + pending, .error)
-        case .stopped: (label, kind) = ("Not syncing" + pending, .offline)
-        case .authRequired: (label, kind) = ("Sign in again" + pending, .error)
+        case .error(_, _, let retryIn):
+            let seconds = Int((Double(retryIn.components.seconds) + Double(retryIn.components.attoseconds) / 1e18).rounded(.up))
+            (label, kind) = ("Sync error, retrying in \(seconds) s" + pending, .error)
+        case .stopped: (label, kind) = ("Not syncing" + pending, .stopped)
+        case .authRequired: (label, kind) = ("Sign in again" + pending, .signInNeeded)
         }
     }
 }
