@@ -278,17 +278,21 @@ pub(crate) fn check_pull(cursor: u64, resume: Option<&Resume>, version: u64) -> 
 /// Fills a pull page from rows read in `(version, table, key)` order, one
 /// per version a row's cells carry: a page holds, for each version it
 /// covers, that version's cells of every row, whichever version the row is
-/// at now. It ends at a version boundary once over its budget, unless the
-/// first version alone is over it: that one is cut after a row, and the
-/// next page resumes there.
+/// at now. It ends at a version boundary once over its budget: after the
+/// last whole version when it fills up in the middle of the next one, and
+/// when the first version alone is over it, that one is cut after a row
+/// and the next page resumes there. So a page stays near its budget however
+/// large the versions.
 pub(crate) struct PageBuilder {
     page: Page,
     cursor: u64,
     budget: usize,
     exclude: Option<SiteId>,
     used: usize,
-    /// The version being read, and the last row read (for resuming).
+    /// The version being read, where its changes start in the page, and
+    /// the last row read (for resuming).
     reading: Option<u64>,
+    reading_from: usize,
     last_row: Option<(String, Vec<u8>)>,
 }
 
@@ -307,6 +311,7 @@ impl PageBuilder {
             exclude,
             used: 0,
             reading: None,
+            reading_from: 0,
             last_row: None,
         }
     }
@@ -325,8 +330,15 @@ impl PageBuilder {
             if self.used >= self.budget {
                 return Ok(false);
             }
+            self.reading_from = self.page.changes.len();
         }
         self.reading = Some(version);
+        if self.used >= self.budget && self.page.until > self.cursor {
+            // Full in the middle of a version after whole ones: the page
+            // ends after those, and the next one starts with this version.
+            self.page.changes.truncate(self.reading_from);
+            return Ok(false);
+        }
         if self.used >= self.budget && self.page.until == self.cursor {
             if let Some((table, key)) = self.last_row.take() {
                 self.page.resume = Some(Resume {

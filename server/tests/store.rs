@@ -64,6 +64,7 @@ both_stores!(
     a_device_does_not_get_its_own_changes_back,
     cursors_and_resume_tokens_that_do_not_belong_are_refused,
     a_delete_and_a_later_revival_travel_as_causal_lengths,
+    pages_stay_near_their_budget_when_a_large_version_follows_a_small_one,
 );
 
 type Make = fn(Option<usize>) -> Fixture;
@@ -181,6 +182,49 @@ fn a_sliced_version_delivers_rows_that_moved_on_between_slices(make: Make) {
     let next = store.pull("s", 1, None, None, 1 << 20).unwrap();
     assert_eq!(next.until, 2);
     assert!(next.changes.iter().any(|c| c.hlc == Hlc(20)));
+}
+
+fn pages_stay_near_their_budget_when_a_large_version_follows_a_small_one(make: Make) {
+    let f = make(None);
+    let store = &*f.store;
+    let rows = |prefix: &str, n: usize| -> Vec<Change> {
+        (0..n)
+            .flat_map(|i| {
+                let r = format!("{prefix}{i:03}");
+                [change(&r, None, 10), change(&r, Some("a"), 10)]
+            })
+            .collect()
+    };
+    assert_eq!(push(store, rows("small", 2)).version, 1);
+    assert_eq!(push(store, rows("large", 300)).version, 2);
+    // A budget of some tens of changes: version 1 fits, version 2 does not.
+    let budget = 10 * (rows("x", 1).iter().map(change_bytes).sum::<usize>());
+    let first = store.pull("s", 0, None, None, budget).unwrap();
+    assert_eq!(first.until, 1, "the page ends after the whole version 1");
+    assert_eq!(first.changes.len(), 4, "and holds nothing of version 2");
+    assert!(first.more);
+    // Every later page stays near the budget, and all of version 2 arrives.
+    let (mut cursor, mut resume, mut got) = (1, None::<Resume>, 0);
+    loop {
+        let page = store
+            .pull("s", cursor, resume.as_ref(), None, budget)
+            .unwrap();
+        assert!(page.changes.len() <= 60, "{} changes", page.changes.len());
+        got += page.changes.len();
+        resume = page.resume;
+        if resume.is_none() {
+            cursor = page.until;
+        }
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!((got, cursor), (600, 2));
+}
+
+/// About what a change costs in a page's budget.
+fn change_bytes(c: &Change) -> usize {
+    encode(vec![c.clone()]).len()
 }
 
 fn a_page_carries_every_cell_of_its_versions_even_in_rows_that_moved_on(make: Make) {
