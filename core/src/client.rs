@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::callbacks::guarded;
-use crate::changeset::{Change, ChangeSet};
+use crate::changeset::ChangeSet;
 use crate::coding::{self, ZSTD};
 use crate::db::Database;
 use crate::error::{Error, Result};
@@ -144,7 +144,7 @@ pub struct SyncReport {
 
 /// How the server answered a request.
 pub(crate) enum Reply {
-    Page(Page),
+    Page(Box<Page>),
     /// A part of a multi-request push was staged (202).
     Staged,
     /// Our cursor is beyond the server's history (410): pull from scratch.
@@ -160,6 +160,8 @@ enum Round {
 /// A page of changes as the server sent it.
 pub(crate) struct Page {
     pub changes: ChangeSet,
+    /// `changes` as the server encoded them (kept when the page is staged).
+    pub encoded: Vec<u8>,
     pub more: bool,
     pub resume: Option<String>,
     /// The space's epoch, when the server named it.
@@ -333,8 +335,9 @@ impl Client {
             remember_zstd(&self.config.server_url, true);
         }
         match status {
-            200 => Ok(Reply::Page(Page {
+            200 => Ok(Reply::Page(Box::new(Page {
                 changes: ChangeSet::decode(&body)?,
+                encoded: body,
                 more: header("confluo-more").as_deref() == Some("1"),
                 resume: header("confluo-resume"),
                 epoch: header("confluo-epoch"),
@@ -342,7 +345,7 @@ impl Client {
                 push: header("confluo-server-version")
                     .and_then(|v| v.parse().ok())
                     .zip(header("confluo-push-tag")),
-            })),
+            }))),
             202 => Ok(Reply::Staged),
             410 => Ok(Reply::Gone),
             _ => {
@@ -548,12 +551,14 @@ impl Client {
     fn pull(
         &self,
         db: &Database,
-        first: Option<Page>,
+        first: Option<Box<Page>>,
         who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Round> {
         let (mut cursor, mut tag) = db.server_position()?;
-        let mut buffered: Vec<Change> = Vec::new();
+        // Pages of a version larger than one page wait on disk until its
+        // last page: memory stays bounded by a page, whatever the version.
+        let mut staged = 0usize;
         let mut next = first;
         let mut resume: Option<String> = None;
         loop {
@@ -573,22 +578,30 @@ impl Client {
                 },
             };
             report.pulled += page.changes.changes.len();
-            buffered.append(&mut page.changes.changes);
             resume = page.resume.take();
             if let Some(epoch) = &page.epoch {
                 if who.epoch.as_deref() != Some(epoch.as_str()) {
                     db.set_server_epoch(epoch)?;
                 }
             }
-            if resume.is_none() && (page.changes.until > cursor || !buffered.is_empty()) {
+            if resume.is_some() || staged > 0 {
+                db.stage_page(&page.encoded, staged == 0)?;
+                staged += 1;
+            }
+            if resume.is_none() && (page.changes.until > cursor || !page.changes.changes.is_empty())
+            {
                 let until = page.changes.until.max(cursor);
                 if until > cursor {
                     tag = page.tag.take();
                 }
-                let applied = db.apply_from_server(&buffered, until, tag.as_deref())?;
+                let applied = if staged > 0 {
+                    db.apply_staged_from_server(until, tag.as_deref())?
+                } else {
+                    db.apply_from_server(&page.changes.changes, until, tag.as_deref())?
+                };
                 report.applied += applied.applied;
                 report.rejected += applied.rejected;
-                buffered.clear();
+                staged = 0;
                 cursor = until;
             }
             self.tell_progress(report);
@@ -798,6 +811,7 @@ impl Database {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changeset::Change;
     use crate::hlc::Hlc;
     use crate::site::SiteId;
     use crate::value::Value;

@@ -80,7 +80,7 @@ impl Database {
         self.retry_rejected_where(|c| rows.contains(&(&*c.table, &*c.pk)))
     }
 
-    fn retry_rejected_where(&self, wanted: impl Fn(&Change) -> bool) -> Result<()> {
+    pub(crate) fn retry_rejected_where(&self, wanted: impl Fn(&Change) -> bool) -> Result<()> {
         let kept: Vec<Change> = self
             .rejected_changes()?
             .into_iter()

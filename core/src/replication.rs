@@ -213,17 +213,26 @@ impl Database {
         sender: Sender,
         bookkeeping: impl Fn(&Self, &Transaction<'_>, &mut ApplyCtx) -> Result<()>,
     ) -> Result<ApplyReport> {
-        let mut refused: Vec<Option<String>> = vec![None; changes.len()];
-        match sender {
-            Sender::Peer => self.validate(changes, sender)?,
-            Sender::Server => {
-                for (i, c) in changes.iter().enumerate() {
-                    if let Err(e) = self.validate(std::slice::from_ref(c), sender) {
-                        refused[i] = Some(e.to_string().replacen("change 0 ", "", 1));
-                    }
-                }
-            }
+        if sender == Sender::Peer {
+            // Refused whole before anything is written.
+            self.validate(changes, sender)?;
         }
+        self.apply_chunks(|_, merge| merge(changes), sender, bookkeeping)
+    }
+
+    /// As `apply_changes`, for changes that come in chunks (pages kept on
+    /// disk): `chunks` calls `merge` with each chunk in turn, and may be
+    /// called again from the start (with the same transaction's connection)
+    /// when a refused row makes the merge start over carefully. Memory is
+    /// bounded by a chunk, whatever the total; a row's changes should not
+    /// be split between chunks (merging them in two steps is correct, but
+    /// a refused row is then kept aside in parts).
+    pub(crate) fn apply_chunks(
+        &self,
+        chunks: impl Fn(&Connection, &mut dyn FnMut(&[Change]) -> Result<()>) -> Result<()>,
+        sender: Sender,
+        bookkeeping: impl Fn(&Self, &Transaction<'_>, &mut ApplyCtx) -> Result<()>,
+    ) -> Result<ApplyReport> {
         // First all rows in one go; if a row is refused (from a server), all
         // again with each row under a savepoint, so that a refused row is
         // undone alone: twice the work at worst, whatever the number of
@@ -233,12 +242,33 @@ impl Database {
             let tx = self.transaction()?;
             let remote = RemoteWrites::begin(&self.inner.state);
             let mut ctx = ApplyCtx::new(self.sites_in(tx.conn())?);
-            ctx.report.received = changes.len();
-            let merged = if careful {
-                self.merge_rows_guarded(&tx, &mut ctx, changes, &mut refused, None)
-            } else {
-                self.merge_changes(&tx, &mut ctx, changes, &refused, None)
-            };
+            // Refused changes are kept aside after the bookkeeping (which
+            // may clear earlier copies of them): few, so held in memory.
+            let mut aside: (Vec<Change>, Vec<Option<String>>) = Default::default();
+            let mut newest: Option<Hlc> = None;
+            let merged = chunks(tx.conn(), &mut |changes: &[Change]| {
+                let mut refused = self.refusals(changes, sender);
+                ctx.report.received += changes.len();
+                if careful {
+                    self.merge_rows_guarded(&tx, &mut ctx, changes, &mut refused, None)?;
+                } else {
+                    self.merge_changes(&tx, &mut ctx, changes, &refused, None)?;
+                }
+                for (c, r) in changes.iter().zip(&refused) {
+                    if r.is_some() {
+                        aside.0.push(c.clone());
+                        aside.1.push(r.clone());
+                    }
+                }
+                let chunk_newest = changes
+                    .iter()
+                    .zip(&refused)
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(c, _)| c.hlc)
+                    .max();
+                newest = newest.max(chunk_newest);
+                Ok(())
+            });
             if let Err(err) = merged {
                 if sender == Sender::Server
                     && !careful
@@ -254,13 +284,7 @@ impl Database {
             }
             ctx.report.db_version = lock(&self.inner.state).tx_dbv;
             bookkeeping(self, &tx, &mut ctx)?;
-            ctx.report.rejected = keep_aside(tx.conn(), changes, &refused)?;
-            let newest = changes
-                .iter()
-                .zip(&refused)
-                .filter(|(_, r)| r.is_none())
-                .map(|(c, _)| c.hlc)
-                .max();
+            ctx.report.rejected = keep_aside(tx.conn(), &aside.0, &aside.1)?;
             if let Some(max) = newest {
                 // The HLC receive rule: later local clocks exceed every clock
                 // seen, even one ahead of this device's wall clock.
@@ -277,6 +301,20 @@ impl Database {
             })?;
             return Ok(ctx.report);
         }
+    }
+
+    /// Why each change is refused, if it is: a server's changes one by one
+    /// (a refused one is kept aside); a peer's were checked whole before.
+    fn refusals(&self, changes: &[Change], sender: Sender) -> Vec<Option<String>> {
+        let mut refused: Vec<Option<String>> = vec![None; changes.len()];
+        if sender == Sender::Server {
+            for (i, c) in changes.iter().enumerate() {
+                if let Err(e) = self.validate(std::slice::from_ref(c), sender) {
+                    refused[i] = Some(e.to_string().replacen("change 0 ", "", 1));
+                }
+            }
+        }
+        refused
     }
 
     /// Merges `changes` row by row, each row under a savepoint: a row that

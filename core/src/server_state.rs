@@ -18,6 +18,7 @@ use crate::schema::quote;
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS confluo_sync(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS confluo_server_dbvs(dbv INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS confluo_inbox(seq INTEGER PRIMARY KEY, page BLOB NOT NULL);
 ";
 
 fn get(conn: &Connection, key: &str) -> Result<Option<rusqlite::types::Value>> {
@@ -42,6 +43,29 @@ fn heard_from_server(conn: &Connection) -> Result<bool> {
             "SELECT EXISTS(SELECT 1 FROM confluo_sync WHERE key IN ('confirmed', 'epoch', 'cursor', 'pushed', 'pushed_tag', 'cursor_tag'))",
         )?
         .query_row([], |r| r.get(0))?)
+}
+
+/// The bookkeeping of a pull, in the transaction that merged it: which
+/// local version came from the server (never pushed back), and the cursor.
+fn record_pulled(
+    conn: &Connection,
+    ctx: &crate::replication::ApplyCtx,
+    cursor: u64,
+    tag: Option<&str>,
+) -> Result<()> {
+    if let Some(dbv) = ctx.report.db_version {
+        conn.prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
+            .execute([dbv as i64])?;
+    }
+    set(conn, "cursor", cursor as i64)?;
+    match tag {
+        Some(tag) => set(conn, "cursor_tag", tag),
+        None => {
+            conn.prepare_cached("DELETE FROM confluo_sync WHERE key = 'cursor_tag'")?
+                .execute([])?;
+            Ok(())
+        }
+    }
 }
 
 fn set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> {
@@ -240,23 +264,59 @@ impl Database {
         tag: Option<&str>,
     ) -> Result<ApplyReport> {
         let report = self.apply_changes(changes, Sender::Server, |_, tx, ctx| {
-            let conn = tx.conn();
-            if let Some(dbv) = ctx.report.db_version {
-                conn.prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
-                    .execute([dbv as i64])?;
-            }
-            set(conn, "cursor", cursor as i64)?;
-            match tag {
-                Some(tag) => set(conn, "cursor_tag", tag),
-                None => {
-                    conn.prepare_cached("DELETE FROM confluo_sync WHERE key = 'cursor_tag'")?
-                        .execute([])?;
-                    Ok(())
-                }
-            }
+            record_pulled(tx.conn(), ctx, cursor, tag)
         })?;
         if report.applied > 0 {
             self.retry_rejected_rows(changes)?;
+        }
+        Ok(report)
+    }
+
+    /// Keeps one page of a server version too large for one page (encoded
+    /// as the server sent it) until the version's last page arrives: then
+    /// `apply_staged_from_server` merges them all in one transaction,
+    /// reading one page at a time. `first` starts a new version (what an
+    /// interrupted pull left is dropped).
+    pub(crate) fn stage_page(&self, encoded: &[u8], first: bool) -> Result<()> {
+        self.write(|tx| {
+            let conn = tx.conn();
+            if first {
+                conn.prepare_cached("DELETE FROM confluo_inbox")?
+                    .execute([])?;
+            }
+            conn.prepare_cached("INSERT INTO confluo_inbox(page) VALUES (?1)")?
+                .execute([encoded])?;
+            Ok(())
+        })
+    }
+
+    /// Merges the staged pages (see `stage_page`) and moves the cursor, as
+    /// `apply_from_server` does, in one transaction that also empties the
+    /// inbox.
+    pub(crate) fn apply_staged_from_server(
+        &self,
+        cursor: u64,
+        tag: Option<&str>,
+    ) -> Result<ApplyReport> {
+        let pages = |conn: &Connection, merge: &mut dyn FnMut(&[Change]) -> Result<()>| {
+            let mut stmt = conn.prepare_cached("SELECT page FROM confluo_inbox ORDER BY seq")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let page = ChangeSet::decode(row.get_ref(0)?.as_blob()?)?;
+                merge(&page.changes)?;
+            }
+            Ok(())
+        };
+        let report = self.apply_chunks(pages, Sender::Server, |_, tx, ctx| {
+            tx.conn()
+                .prepare_cached("DELETE FROM confluo_inbox")?
+                .execute([])?;
+            record_pulled(tx.conn(), ctx, cursor, tag)
+        })?;
+        if report.applied > 0 {
+            // The pages are gone: every change kept aside is tried again
+            // (there are few, and most often none).
+            self.retry_rejected_where(|_| true)?;
         }
         Ok(report)
     }

@@ -8,6 +8,10 @@
 //!    and during a maximal push the server takes, how long a one-row push
 //!    to another space waits.
 //!
+//! 5. The first sync of a 1,000,000-row space onto an empty device, the
+//!    device in a process of its own: peak RSS of that process and of the
+//!    server while it serves the sync (`initial_sync_1m_*`), and seconds.
+//!
 //! 4. Figures 1 and 2 again with two server processes sharing one
 //!    PostgreSQL database (a throwaway cluster the benchmark starts, fsync
 //!    on): device A pushes through one and B pulls through the other, the
@@ -290,9 +294,100 @@ fn maximal_pushes(dir: &std::path::Path) {
     );
 }
 
+/// How many rows the first-sync figure's space holds.
+const INITIAL_SYNC_ROWS: usize = 1_000_000;
+/// Set in the child process that plays the empty device: `url space dir`.
+const DEVICE_ROLE: &str = "CONFLUO_BENCH_EMPTY_DEVICE";
+
+/// The empty device's side of `initial_sync`: one `sync_now`, then its
+/// row count and its own peak RSS on stdout.
+fn empty_device(args: &str) {
+    let mut parts = args.splitn(3, ' ');
+    let (url, space, dir) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let db = device(std::path::Path::new(dir), "empty");
+    let report = db
+        .sync_now(&SyncConfig::new(url, space, "dev-token"))
+        .unwrap();
+    let count = db.query("SELECT count(*) FROM todo", &[]).unwrap().rows[0][0].clone();
+    println!(
+        "{count:?} {} {}",
+        report.bytes_received,
+        peak_rss_mb("self")
+    );
+}
+
+/// Fills a space with `INITIAL_SYNC_ROWS` rows (pushed 100,000 at a time
+/// by one device), then syncs an empty device in a process of its own
+/// through a server started afresh on that data (so that its peak is the
+/// sync's, not what the allocator kept from the seeding).
+fn initial_sync(dir: &std::path::Path) {
+    let db = dir.join("server.db");
+    let server = start_server(db.as_os_str());
+    let seed = device(dir, "seed");
+    let cfg = SyncConfig::new(&server.url, "large", "dev-token");
+    for round in 0..INITIAL_SYNC_ROWS / ROWS {
+        seed.write(|tx| {
+            for r in workload() {
+                tx.execute(
+                    "INSERT INTO todo VALUES (?1, ?2, ?3, ?4)",
+                    &[
+                        Value::Text(format!("{}-{round}", r.id)),
+                        Value::Text(r.title),
+                        Value::Text(r.status.into()),
+                        Value::Text(r.body),
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        seed.sync_now(&cfg).unwrap();
+    }
+    drop(seed);
+    drop(server);
+    let server = start_server(db.as_os_str());
+    let server_pid = server.child.id().to_string();
+    let started = Instant::now();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env(
+            DEVICE_ROLE,
+            format!("{} large {}", server.url, dir.display()),
+        )
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "the empty device failed");
+    let out = String::from_utf8(out.stdout).unwrap();
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        fields[0],
+        format!("Integer({INITIAL_SYNC_ROWS})"),
+        "the device's rows: {out}"
+    );
+    eprintln!("initial sync: {} bytes received", fields[1]);
+    result("initial_sync_1m_seconds", secs, "s");
+    result(
+        "initial_sync_1m_device_rss",
+        fields[2].parse().unwrap(),
+        "MB",
+    );
+    result("initial_sync_1m_server_rss", peak_rss_mb(&server_pid), "MB");
+}
+
 fn main() {
+    if let Ok(args) = std::env::var(DEVICE_ROLE) {
+        return empty_device(&args);
+    }
     if !std::env::args().any(|a| a == "--bench") {
         return;
+    }
+    if std::env::var("CONFLUO_BENCH_ONLY").as_deref() == Ok("initial_sync") {
+        return initial_sync(tempfile::tempdir().unwrap().path());
     }
     let seconds: u64 = std::env::var("CONFLUO_BENCH_CROWD_SECONDS")
         .ok()
@@ -303,6 +398,7 @@ fn main() {
     transfer(dir.path(), &server, &server, "");
     many_devices(dir.path(), &[&server], 50, Duration::from_secs(seconds), "");
     drop(server);
+    initial_sync(tempfile::tempdir().unwrap().path());
     std::fs::create_dir_all(dir.path().join("max")).unwrap();
     maximal_pushes(dir.path());
     // Two server processes on one PostgreSQL database.

@@ -113,6 +113,48 @@ fn large_pushes_and_versions_travel_in_parts() {
 }
 
 #[test]
+fn a_version_over_many_pages_lands_whole_or_not_at_all() {
+    use std::sync::atomic::AtomicBool;
+    let server = server(Config {
+        page_bytes: 2_000,
+        ..Config::default()
+    });
+    let cfg = SyncConfig::new(server.url(), "pages", "dev-token");
+    let (a, b) = (device(), device());
+    a.write(|tx| {
+        for i in 0..300 {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, ?2, 'open')",
+                &[format!("t{i:04}").into(), "x".repeat(40).into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    a.sync_now(&cfg).unwrap();
+    // B's pull stops after three of the version's pages.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let pages = Arc::new(AtomicUsize::new(0));
+    let mut cut = cfg.clone();
+    cut.cancel = Some(cancel.clone());
+    let (p, c) = (pages.clone(), cancel.clone());
+    cut.progress = Some(Arc::new(move |_: &confluo_core::SyncReport| {
+        if p.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
+            c.store(true, Ordering::SeqCst);
+        }
+    }));
+    let err = b.sync_now(&cut).unwrap_err();
+    assert!(matches!(err, confluo_core::Error::Cancelled), "{err}");
+    assert!(dump(&b).is_empty(), "part of a version was applied");
+    assert_eq!(b.server_cursor().unwrap(), 0);
+    // The next pull starts the version again and lands it whole.
+    let r = b.sync_now(&cfg).unwrap();
+    assert_eq!(r.applied, 900);
+    assert_eq!(dump(&a), dump(&b));
+    assert_eq!(b.server_cursor().unwrap(), 1);
+}
+
+#[test]
 fn a_space_is_bound_to_one_database() {
     let server = server(Config::default());
     let a = device();
