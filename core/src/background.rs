@@ -433,7 +433,7 @@ fn spawn_poller(
     std::thread::Builder::new()
         .name("confluo-long-poll".into())
         .spawn(move || {
-            let client = Client::new(config.clone());
+            let client = Client::without_token_refresh(config.clone());
             let mut failures = 0u32;
             // The cursor when we last reported news: news again at the same
             // cursor means the worker could not catch up (its sync fails),

@@ -223,6 +223,10 @@ impl Ident {
 pub(crate) struct Client {
     agent: ureq::Agent,
     config: SyncConfig,
+    /// Whether a 401 asks the provider for a fresh token (see `authorized`).
+    refresh_on_401: bool,
+    /// A refreshed token was refused in this sync: no second refresh.
+    refresh_refused: AtomicBool,
 }
 
 fn network(message: impl Into<String>, retryable: bool) -> Error {
@@ -255,6 +259,33 @@ impl Client {
         Client {
             agent: shared_agent(),
             config,
+            refresh_on_401: true,
+            refresh_refused: AtomicBool::new(false),
+        }
+    }
+
+    /// A client that takes a 401 as it is: background sync's long poll,
+    /// so that one refused token makes one refresh (the worker's), not one
+    /// per thread.
+    pub fn without_token_refresh(config: SyncConfig) -> Client {
+        Client {
+            refresh_on_401: false,
+            ..Client::new(config)
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.config
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+    }
+
+    fn unless_cancelled<T>(&self, outcome: Result<T>) -> Result<T> {
+        if self.cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            outcome
         }
     }
 
@@ -290,21 +321,27 @@ impl Client {
         &self,
         mut send: impl FnMut(&str, bool) -> Result<Answer, ureq::Error>,
     ) -> Result<Answer> {
-        if self
-            .config
-            .cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::SeqCst))
-        {
+        // Checked after the token too: a provider may take a while, and
+        // no request starts once cancelled. A request that fails after a
+        // cancel reports the cancel, not the failure it caused.
+        if self.cancelled() {
             return Err(Error::Cancelled);
         }
-        let auth = self.auth(false)?;
-        let answer = resend_on_lost_connection(|fresh| send(&auth, fresh))?;
-        if answer.status != 401 {
+        let auth = self.unless_cancelled(self.auth(false))?;
+        let answer =
+            self.unless_cancelled(resend_on_lost_connection(|fresh| send(&auth, fresh)))?;
+        if answer.status != 401
+            || !self.refresh_on_401
+            || self.refresh_refused.load(Ordering::SeqCst)
+        {
             return Ok(answer);
         }
-        let auth = self.auth(true)?;
-        resend_on_lost_connection(|fresh| send(&auth, fresh))
+        let auth = self.unless_cancelled(self.auth(true))?;
+        let answer =
+            self.unless_cancelled(resend_on_lost_connection(|fresh| send(&auth, fresh)))?;
+        self.refresh_refused
+            .store(answer.status == 401, Ordering::SeqCst);
+        Ok(answer)
     }
 
     /// Turns a response into a page or a typed error.
@@ -438,6 +475,9 @@ impl Client {
         })?;
         let started = Instant::now();
         let mut report = SyncReport::default();
+        // One refresh per sync at most (the push and the pull would each
+        // ask again for a token the server refuses).
+        self.refresh_refused.store(false, Ordering::SeqCst);
         db.bind_space(&self.config.space)?;
         if let Round::Gone = self.round(db, &Ident::of(db)?, &mut report)? {
             // The server no longer has the history our cursor points into:

@@ -233,6 +233,8 @@ fn background_sync_stops_retrying_when_the_token_is_refused_until_asked() {
             .any(|s| matches!(s.state, SyncState::AuthRequired { .. }))
     });
     let asked = tokens.refreshes.load(Ordering::SeqCst);
+    // One refused token, one refresh: the long poll does not refresh too.
+    assert_eq!(asked, 1);
     // Several backoff periods, and local writes: no new attempt.
     db.execute("INSERT INTO todo VALUES ('k2', 'y', 'open')", &[])
         .unwrap();
@@ -389,4 +391,37 @@ fn a_cancelled_sync_stops_between_requests_and_the_next_one_goes_on() {
         .sync_now(&SyncConfig::new(server.url(), "cancel", "dev-token"))
         .unwrap();
     assert_eq!(todos(&other).len(), 50);
+}
+
+#[test]
+fn a_cancel_while_the_token_is_fetched_sends_nothing() {
+    use std::sync::atomic::AtomicBool;
+    struct CancelsWhileFetching(Arc<AtomicBool>);
+    impl TokenProvider for CancelsWhileFetching {
+        fn token(&self) -> Result<String, String> {
+            self.0.store(true, Ordering::SeqCst);
+            Ok("dev-token".into())
+        }
+    }
+    let server = server();
+    let db = device();
+    db.execute("INSERT INTO todo VALUES ('k', 'x', 'open')", &[])
+        .unwrap();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut cfg = SyncConfig::with_token_provider(
+        server.url(),
+        "cancel",
+        Arc::new(CancelsWhileFetching(cancel.clone())),
+    );
+    cfg.cancel = Some(cancel);
+    let err = db.sync_now(&cfg).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+    let other = device();
+    other
+        .sync_now(&SyncConfig::new(server.url(), "cancel", "dev-token"))
+        .unwrap();
+    assert!(
+        todos(&other).is_empty(),
+        "the push went out after the cancel"
+    );
 }
