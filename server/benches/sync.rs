@@ -8,6 +8,8 @@
 //!    and during a maximal push the server takes, how long a one-row push
 //!    to another space waits.
 //!
+//! 6. 10,000 idle long polls held open: the server's resident memory.
+//!
 //! 5. The first sync of a 1,000,000-row space onto an empty device, the
 //!    device in a process of its own: peak RSS of that process and of the
 //!    server while it serves the sync (`initial_sync_1m_*`), and seconds.
@@ -50,6 +52,10 @@ impl Drop for Server {
 /// Starts the server binary on the store `db` (a SQLite file or a
 /// PostgreSQL URL).
 fn start_server(db: &std::ffi::OsStr) -> Server {
+    start_server_with(db, &[])
+}
+
+fn start_server_with(db: &std::ffi::OsStr, extra: &[&str]) -> Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -58,6 +64,7 @@ fn start_server(db: &std::ffi::OsStr) -> Server {
     let child = Command::new(env!("CARGO_BIN_EXE_confluo-server"))
         .args(["--dev", "--listen", &format!("127.0.0.1:{port}"), "--db"])
         .arg(db)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -74,10 +81,15 @@ fn start_server(db: &std::ffi::OsStr) -> Server {
 
 /// Peak resident memory of a process, in MB (VmHWM).
 fn peak_rss_mb(pid: &str) -> f64 {
+    memory_mb(pid, "VmHWM:")
+}
+
+/// A memory figure of `/proc/<pid>/status` (VmHWM, VmRSS...), in MB.
+fn memory_mb(pid: &str, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
@@ -294,6 +306,50 @@ fn maximal_pushes(dir: &std::path::Path) {
     );
 }
 
+/// How many idle long polls the server holds for its memory figure.
+const IDLE_POLLS: usize = 10_000;
+
+/// Opens `IDLE_POLLS` long polls on a space with nothing new (one device
+/// each would be one connection each), checks that the server holds them
+/// all, and reports the server's resident memory then.
+fn idle_long_polls(dir: &std::path::Path) {
+    use std::io::{Read, Write};
+    let server = start_server_with(
+        dir.join("idle.db").as_os_str(),
+        &["--max-connections", &(IDLE_POLLS + 100).to_string()],
+    );
+    let seed = device(dir, "idle-seed");
+    seed.execute("INSERT INTO todo VALUES ('k', 'x', 'open', '')", &[])
+        .unwrap();
+    seed.sync_now(&SyncConfig::new(&server.url, "idle", "dev-token"))
+        .unwrap();
+    let pid = server.child.id().to_string();
+    let before = memory_mb(&pid, "VmRSS:");
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let request = "GET /v1/spaces/idle/changes?cursor=1&wait=60 HTTP/1.1\r\nHost: bench\r\n\
+                   Authorization: Bearer dev-token\r\nConfluo-Protocol: 1\r\n\r\n";
+    let mut polls = Vec::with_capacity(IDLE_POLLS);
+    for _ in 0..IDLE_POLLS {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        polls.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    // Every poll is held: none has been answered.
+    let answered = polls
+        .iter()
+        .filter(|s| {
+            s.set_nonblocking(true).unwrap();
+            let mut stream: &std::net::TcpStream = s;
+            !matches!(stream.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .count();
+    assert_eq!(answered, 0, "polls answered before their wait ended");
+    let held = memory_mb(&pid, "VmRSS:");
+    eprintln!("idle polls: server RSS {before:.1} MB before, {held:.1} MB with {IDLE_POLLS}");
+    result("idle_long_polls_10k_server_rss", held, "MB");
+}
+
 /// How many rows the first-sync figure's space holds.
 const INITIAL_SYNC_ROWS: usize = 1_000_000;
 /// Set in the child process that plays the empty device: `url space dir`.
@@ -386,8 +442,10 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    if std::env::var("CONFLUO_BENCH_ONLY").as_deref() == Ok("initial_sync") {
-        return initial_sync(tempfile::tempdir().unwrap().path());
+    match std::env::var("CONFLUO_BENCH_ONLY").as_deref() {
+        Ok("initial_sync") => return initial_sync(tempfile::tempdir().unwrap().path()),
+        Ok("idle_long_polls") => return idle_long_polls(tempfile::tempdir().unwrap().path()),
+        _ => {}
     }
     let seconds: u64 = std::env::var("CONFLUO_BENCH_CROWD_SECONDS")
         .ok()
@@ -399,6 +457,7 @@ fn main() {
     many_devices(dir.path(), &[&server], 50, Duration::from_secs(seconds), "");
     drop(server);
     initial_sync(tempfile::tempdir().unwrap().path());
+    idle_long_polls(tempfile::tempdir().unwrap().path());
     std::fs::create_dir_all(dir.path().join("max")).unwrap();
     maximal_pushes(dir.path());
     // Two server processes on one PostgreSQL database.
