@@ -256,9 +256,37 @@ impl Drop for SpaceWatch<'_> {
     }
 }
 
+/// The router, with the connection's peer address put into each request
+/// (for the logs). The router is shared: layering it per connection would
+/// rebuild every route for every connection, kilobytes that an idle long
+/// poll holds for its whole wait.
+#[derive(Clone)]
+struct WithPeer {
+    router: axum::Router,
+    peer: std::net::SocketAddr,
+}
+
+impl tower::Service<axum::http::Request<hyper::body::Incoming>> for WithPeer {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(api::ClientAddr(self.peer));
+        tower::Service::call(&mut self.router, req)
+    }
+}
+
 /// One accepted connection, served over whatever stream it came on.
 struct Conn {
-    service: axum::Router,
+    service: WithPeer,
     header_timeout: Duration,
     keep_alive: bool,
     watcher: hyper_util::server::graceful::Watcher,
@@ -330,18 +358,20 @@ pub async fn serve(
         };
         let (permit, service, header_timeout, keep_alive) =
             if let Ok(permit) = slots.clone().try_acquire_owned() {
-                let service = router.clone().layer(axum::Extension(api::ClientAddr(peer)));
+                let service = WithPeer {
+                    router: router.clone(),
+                    peer,
+                };
                 (permit, service, app.config.header_timeout, true)
             } else if let Ok(permit) = overflow.clone().try_acquire_owned() {
                 app.metrics
                     .overflow
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                (
-                    permit,
-                    overflow_router.clone(),
-                    Duration::from_secs(2),
-                    false,
-                )
+                let service = WithPeer {
+                    router: overflow_router.clone(),
+                    peer,
+                };
+                (permit, service, Duration::from_secs(2), false)
             } else {
                 // Closed at once.
                 continue;
