@@ -2,7 +2,7 @@
 # benchmark figures (RESULT lines).
 CARGO ?= cargo
 
-.PHONY: test test-rust test-kotlin test-swift test-packaging lint bench size demo
+.PHONY: test test-rust test-kotlin test-swift test-packaging lint bench size instructions demo
 
 test: lint test-rust test-kotlin test-swift test-packaging
 
@@ -30,7 +30,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	scripts/lint-shell.sh
 
-bench: size
+bench: size instructions
 	$(CARGO) bench -p confluo-core
 	scripts/postgres.sh install
 	$(CARGO) bench -p confluo-server
@@ -38,6 +38,10 @@ bench: size
 # The shipped library's size (RESULT line).
 size:
 	scripts/size.sh
+
+# Exact instruction counts of the engine's phases (callgrind; RESULT lines).
+instructions:
+	scripts/instructions.sh
 
 demo:
 	$(CARGO) run -p todo-cli -- demo

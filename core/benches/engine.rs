@@ -45,9 +45,31 @@ fn plain(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
     conn.execute_batch(SCHEMA).unwrap();
-    let mut t = Times::default();
+    let mut t = Times {
+        insert: timed(|| plain_insert(&conn, rows)),
+        update: timed(|| plain_update(&conn, rows, order)),
+        update_all: timed(|| plain_update_all(&conn)),
+        delete: timed(|| plain_delete(&conn, rows, order)),
+        delete_range: timed(|| plain_delete_range(&conn, rows)),
+        ..Times::default()
+    };
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    t.size = file_size(&path);
+    t
+}
 
+fn timed(f: impl FnOnce()) -> Duration {
     let start = Instant::now();
+    f();
+    start.elapsed()
+}
+
+// Each phase is a function of its own, never inlined, so that
+// `scripts/instructions.sh` counts its instructions by name.
+
+#[inline(never)]
+fn plain_insert(conn: &Connection, rows: &[Row]) {
     let tx = conn.unchecked_transaction().unwrap();
     {
         let mut stmt = tx
@@ -58,9 +80,10 @@ fn plain(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
         }
     }
     tx.commit().unwrap();
-    t.insert = start.elapsed();
+}
 
-    let start = Instant::now();
+#[inline(never)]
+fn plain_update(conn: &Connection, rows: &[Row], order: &[usize]) {
     let tx = conn.unchecked_transaction().unwrap();
     {
         let mut stmt = tx
@@ -71,14 +94,16 @@ fn plain(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
         }
     }
     tx.commit().unwrap();
-    t.update = start.elapsed();
+}
 
-    let start = Instant::now();
+#[inline(never)]
+fn plain_update_all(conn: &Connection) {
     conn.execute("UPDATE todo SET status = ?1", ["open"])
         .unwrap();
-    t.update_all = start.elapsed();
+}
 
-    let start = Instant::now();
+#[inline(never)]
+fn plain_delete(conn: &Connection, rows: &[Row], order: &[usize]) {
     let tx = conn.unchecked_transaction().unwrap();
     {
         let mut stmt = tx.prepare("DELETE FROM todo WHERE id = ?1").unwrap();
@@ -87,17 +112,12 @@ fn plain(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
         }
     }
     tx.commit().unwrap();
-    t.delete = start.elapsed();
+}
 
-    let start = Instant::now();
+#[inline(never)]
+fn plain_delete_range(conn: &Connection, rows: &[Row]) {
     conn.execute("DELETE FROM todo WHERE id < ?1", [range_bound(rows)])
         .unwrap();
-    t.delete_range = start.elapsed();
-
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .unwrap();
-    t.size = file_size(&path);
-    t
 }
 
 /// The id below which about a tenth of the rows are (ids are random).
@@ -117,57 +137,14 @@ fn open(path: &Path) -> Database {
 fn confluo(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     let path = dir.join("confluo.db");
     let db = open(&path);
-    let mut t = Times::default();
-    let text = |s: &str| Value::Text(s.to_owned());
-
-    let start = Instant::now();
-    db.write(|tx| {
-        for r in rows {
-            tx.execute(
-                "INSERT INTO todo VALUES (?1, ?2, ?3, ?4)",
-                &[text(&r.id), text(&r.title), text(r.status), text(&r.body)],
-            )?;
-        }
-        Ok(())
-    })
-    .unwrap();
-    t.insert = start.elapsed();
-
-    let start = Instant::now();
-    db.write(|tx| {
-        for &i in order {
-            tx.execute(
-                "UPDATE todo SET status = ?1 WHERE id = ?2",
-                &[text("done"), text(&rows[i].id)],
-            )?;
-        }
-        Ok(())
-    })
-    .unwrap();
-    t.update = start.elapsed();
-
-    let start = Instant::now();
-    db.execute("UPDATE todo SET status = ?1", &[text("open")])
-        .unwrap();
-    t.update_all = start.elapsed();
-
-    let start = Instant::now();
-    db.write(|tx| {
-        for &i in &order[..ROWS / 10] {
-            tx.execute("DELETE FROM todo WHERE id = ?1", &[text(&rows[i].id)])?;
-        }
-        Ok(())
-    })
-    .unwrap();
-    t.delete = start.elapsed();
-
-    let start = Instant::now();
-    db.execute(
-        "DELETE FROM todo WHERE id < ?1",
-        &[text(&range_bound(rows))],
-    )
-    .unwrap();
-    t.delete_range = start.elapsed();
+    let mut t = Times {
+        insert: timed(|| confluo_insert(&db, rows)),
+        update: timed(|| confluo_update(&db, rows, order)),
+        update_all: timed(|| confluo_update_all(&db)),
+        delete: timed(|| confluo_delete(&db, rows, order)),
+        delete_range: timed(|| confluo_delete_range(&db, rows)),
+        ..Times::default()
+    };
 
     let live = db
         .query(
@@ -181,19 +158,14 @@ fn confluo(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     };
     (t.live_rows, t.live_raw_bytes) = (number(&live.rows[0][0]), number(&live.rows[0][1]));
 
-    let start = Instant::now();
-    let changes = db.changes_since(0, None).unwrap();
-    t.export = start.elapsed();
-    let bytes = changes.encode();
+    let mut changes = None;
+    t.export = timed(|| changes = Some(confluo_export(&db)));
+    let bytes = changes.unwrap().encode();
     t.wire_bytes = bytes.len();
     t.wire_compressed_bytes = confluo_core::coding::compress(&bytes).len();
-    drop(changes);
 
     let replica = open(&dir.join("replica.db"));
-    let start = Instant::now();
-    let decoded = ChangeSet::decode(&bytes).unwrap();
-    replica.apply(&decoded).unwrap();
-    t.apply = start.elapsed();
+    t.apply = timed(|| confluo_apply(&replica, &bytes));
     let dump = |d: &Database| d.query("SELECT * FROM todo ORDER BY id", &[]).unwrap();
     assert_eq!(
         dump(&db),
@@ -204,6 +176,75 @@ fn confluo(dir: &Path, rows: &[Row], order: &[usize]) -> Times {
     db.checkpoint().unwrap();
     t.size = file_size(&path);
     t
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_owned())
+}
+
+#[inline(never)]
+fn confluo_insert(db: &Database, rows: &[Row]) {
+    db.write(|tx| {
+        for r in rows {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, ?2, ?3, ?4)",
+                &[text(&r.id), text(&r.title), text(r.status), text(&r.body)],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[inline(never)]
+fn confluo_update(db: &Database, rows: &[Row], order: &[usize]) {
+    db.write(|tx| {
+        for &i in order {
+            tx.execute(
+                "UPDATE todo SET status = ?1 WHERE id = ?2",
+                &[text("done"), text(&rows[i].id)],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[inline(never)]
+fn confluo_update_all(db: &Database) {
+    db.execute("UPDATE todo SET status = ?1", &[text("open")])
+        .unwrap();
+}
+
+#[inline(never)]
+fn confluo_delete(db: &Database, rows: &[Row], order: &[usize]) {
+    db.write(|tx| {
+        for &i in &order[..ROWS / 10] {
+            tx.execute("DELETE FROM todo WHERE id = ?1", &[text(&rows[i].id)])?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[inline(never)]
+fn confluo_delete_range(db: &Database, rows: &[Row]) {
+    db.execute(
+        "DELETE FROM todo WHERE id < ?1",
+        &[text(&range_bound(rows))],
+    )
+    .unwrap();
+}
+
+#[inline(never)]
+fn confluo_export(db: &Database) -> ChangeSet {
+    db.changes_since(0, None).unwrap()
+}
+
+#[inline(never)]
+fn confluo_apply(replica: &Database, bytes: &[u8]) {
+    let decoded = ChangeSet::decode(bytes).unwrap();
+    replica.apply(&decoded).unwrap();
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
