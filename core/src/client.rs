@@ -160,7 +160,8 @@ enum Round {
 /// A page of changes as the server sent it.
 pub(crate) struct Page {
     pub changes: ChangeSet,
-    /// `changes` as the server encoded them (kept when the page is staged).
+    /// `changes` as the server encoded them (what is kept when the page is
+    /// staged).
     pub encoded: Vec<u8>,
     pub more: bool,
     pub resume: Option<String>,
@@ -624,7 +625,7 @@ impl Client {
                     db.set_server_epoch(epoch)?;
                 }
             }
-            if resume.is_some() || staged > 0 {
+            if resume.is_some() {
                 db.stage_page(&page.encoded, staged == 0)?;
                 staged += 1;
             }
@@ -635,7 +636,7 @@ impl Client {
                     tag = page.tag.take();
                 }
                 let applied = if staged > 0 {
-                    db.apply_staged_from_server(until, tag.as_deref())?
+                    db.apply_staged_from_server(&page.changes.changes, until, tag.as_deref())?
                 } else {
                     db.apply_from_server(&page.changes.changes, until, tag.as_deref())?
                 };

@@ -331,12 +331,7 @@ impl Database {
         let conn = tx.conn();
         let mut start = 0;
         while start < changes.len() {
-            let first = &changes[start];
-            let end = start
-                + changes[start..]
-                    .iter()
-                    .take_while(|c| c.table == first.table && c.pk == first.pk)
-                    .count();
+            let end = row_end(changes, start);
             let row = start..end;
             start = end;
             // What the row may leave behind in memory if it is undone.
@@ -425,14 +420,7 @@ impl Database {
         let mut start = 0;
         while start < changes.len() {
             let first = &changes[start];
-            let mut end = start + 1;
-            while end < changes.len()
-                && (Arc::ptr_eq(&changes[end].table, &first.table)
-                    || changes[end].table == first.table)
-                && (Arc::ptr_eq(&changes[end].pk, &first.pk) || changes[end].pk == first.pk)
-            {
-                end += 1;
-            }
+            let end = row_end(changes, start);
             let row = start..end;
             start = end;
             // Changes kept aside are left out (rare: the row is copied).
@@ -855,6 +843,22 @@ fn is_data_error(err: &Error) -> bool {
 
 /// A change set that breaks the app's schema (a STRICT column's type, a
 /// CHECK, a NOT NULL) is bad input, not a storage failure.
+/// Where the run of changes to the row of `changes[start]` ends.
+fn row_end(changes: &[Change], start: usize) -> usize {
+    let first = &changes[start];
+    // Decoded change sets share one Arc per table and key: compared first.
+    let same_row = |c: &Change| {
+        (Arc::ptr_eq(&c.table, &first.table) || c.table == first.table)
+            && (Arc::ptr_eq(&c.pk, &first.pk) || c.pk == first.pk)
+    };
+    start
+        + 1
+        + changes[start + 1..]
+            .iter()
+            .take_while(|c| same_row(c))
+            .count()
+}
+
 fn schema_violation_is_bad_input(err: Error) -> Error {
     const SQLITE_CONSTRAINT: i32 = 19;
     const SQLITE_MISMATCH: i32 = 20;

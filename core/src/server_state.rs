@@ -274,7 +274,7 @@ impl Database {
 
     /// Keeps one page of a server version too large for one page (encoded
     /// as the server sent it) until the version's last page arrives: then
-    /// `apply_staged_from_server` merges them all in one transaction,
+    /// `apply_staged_from_server` merges them and it in one transaction,
     /// reading one page at a time. `first` starts a new version (what an
     /// interrupted pull left is dropped).
     pub(crate) fn stage_page(&self, encoded: &[u8], first: bool) -> Result<()> {
@@ -290,11 +290,12 @@ impl Database {
         })
     }
 
-    /// Merges the staged pages (see `stage_page`) and moves the cursor, as
-    /// `apply_from_server` does, in one transaction that also empties the
-    /// inbox.
+    /// Merges the staged pages (see `stage_page`), then `last`, the
+    /// version's last page, and moves the cursor, as `apply_from_server`
+    /// does, in one transaction that also empties the inbox.
     pub(crate) fn apply_staged_from_server(
         &self,
+        last: &[Change],
         cursor: u64,
         tag: Option<&str>,
     ) -> Result<ApplyReport> {
@@ -305,7 +306,7 @@ impl Database {
                 let page = ChangeSet::decode(row.get_ref(0)?.as_blob()?)?;
                 merge(&page.changes)?;
             }
-            Ok(())
+            merge(last)
         };
         let report = self.apply_chunks(pages, Sender::Server, |_, tx, ctx| {
             tx.conn()

@@ -105,19 +105,15 @@ fn device(dir: &std::path::Path, name: &str) -> Database {
     db
 }
 
-/// Device A pushes through `up`, device B pulls through `down`; figure
-/// names end in `suffix`.
-fn transfer(dir: &std::path::Path, up: &Server, down: &Server, suffix: &str) {
-    let a = device(dir, "a");
-    let b = device(dir, "b");
-    let up_server_pid = up.child.id().to_string();
-    // The core benchmark's rows.
-    a.write(|tx| {
+/// Inserts the core benchmark's rows in one transaction, `id_suffix`
+/// appended to their ids (for more rows than one workload).
+fn insert_workload(db: &Database, id_suffix: &str) {
+    db.write(|tx| {
         for r in workload() {
             tx.execute(
                 "INSERT INTO todo VALUES (?1, ?2, ?3, ?4)",
                 &[
-                    Value::Text(r.id),
+                    Value::Text(r.id + id_suffix),
                     Value::Text(r.title),
                     Value::Text(r.status.into()),
                     Value::Text(r.body),
@@ -127,6 +123,15 @@ fn transfer(dir: &std::path::Path, up: &Server, down: &Server, suffix: &str) {
         Ok(())
     })
     .unwrap();
+}
+
+/// Device A pushes through `up`, device B pulls through `down`; figure
+/// names end in `suffix`.
+fn transfer(dir: &std::path::Path, up: &Server, down: &Server, suffix: &str) {
+    let a = device(dir, "a");
+    let b = device(dir, "b");
+    let up_server_pid = up.child.id().to_string();
+    insert_workload(&a, "");
     let started = Instant::now();
     let up_report = a
         .sync_now(&SyncConfig::new(&up.url, "bench", "dev-token"))
@@ -386,21 +391,7 @@ fn initial_sync(dir: &std::path::Path) {
     let seed = device(dir, "seed");
     let cfg = SyncConfig::new(&server.url, "large", "dev-token");
     for round in 0..INITIAL_SYNC_ROWS / ROWS {
-        seed.write(|tx| {
-            for r in workload() {
-                tx.execute(
-                    "INSERT INTO todo VALUES (?1, ?2, ?3, ?4)",
-                    &[
-                        Value::Text(format!("{}-{round}", r.id)),
-                        Value::Text(r.title),
-                        Value::Text(r.status.into()),
-                        Value::Text(r.body),
-                    ],
-                )?;
-            }
-            Ok(())
-        })
-        .unwrap();
+        insert_workload(&seed, &format!("-{round}"));
         seed.sync_now(&cfg).unwrap();
     }
     drop(seed);

@@ -37,6 +37,20 @@ fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
+/// `n` rows of 40 characters of title, in one transaction.
+fn insert_rows(db: &Database, n: usize) {
+    db.write(|tx| {
+        for i in 0..n {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, ?2, 'open')",
+                &[format!("t{i:04}").into(), "x".repeat(40).into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
 fn dump(db: &Database) -> Vec<Vec<Value>> {
     db.query("SELECT * FROM todo ORDER BY id", &[])
         .unwrap()
@@ -93,16 +107,7 @@ fn large_pushes_and_versions_travel_in_parts() {
     let mut cfg = SyncConfig::new(server.url(), "big", "dev-token");
     cfg.max_request_bytes = 4_000;
     let (a, b) = (device(), device());
-    a.write(|tx| {
-        for i in 0..500 {
-            tx.execute(
-                "INSERT INTO todo VALUES (?1, ?2, 'open')",
-                &[format!("t{i:04}").into(), "x".repeat(40).into()],
-            )?;
-        }
-        Ok(())
-    })
-    .unwrap();
+    insert_rows(&a, 500);
     let r = a.sync_now(&cfg).unwrap();
     assert_eq!(r.pushed, 1500);
     let r = b.sync_now(&cfg).unwrap();
@@ -121,16 +126,7 @@ fn a_version_over_many_pages_lands_whole_or_not_at_all() {
     });
     let cfg = SyncConfig::new(server.url(), "pages", "dev-token");
     let (a, b) = (device(), device());
-    a.write(|tx| {
-        for i in 0..300 {
-            tx.execute(
-                "INSERT INTO todo VALUES (?1, ?2, 'open')",
-                &[format!("t{i:04}").into(), "x".repeat(40).into()],
-            )?;
-        }
-        Ok(())
-    })
-    .unwrap();
+    insert_rows(&a, 300);
     a.sync_now(&cfg).unwrap();
     // B's pull stops after three of the version's pages.
     let cancel = Arc::new(AtomicBool::new(false));

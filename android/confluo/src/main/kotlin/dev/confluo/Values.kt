@@ -122,15 +122,7 @@ class Row internal constructor(
     fun boolean(column: String): Boolean = booleanOrNull(column) ?: nullValue(column)
 
     /** An instant stored as ISO-8601 text (as Confluo binds an [Instant] or a [Date]). */
-    fun instantOrNull(column: String): Instant? = when (val v = raw(column)) {
-        is SqlValue.Null -> null
-        is SqlValue.Text -> try {
-            Instant.parse(v.value)
-        } catch (e: DateTimeParseException) {
-            typeError(column, "an ISO-8601 instant")
-        }
-        else -> typeError(column, "an ISO-8601 instant")
-    }
+    fun instantOrNull(column: String): Instant? = parsedOrNull(column, "an ISO-8601 instant", Instant::parse)
 
     fun instant(column: String): Instant = instantOrNull(column) ?: nullValue(column)
 
@@ -139,15 +131,21 @@ class Row internal constructor(
     fun date(column: String): Date = Date.from(instant(column))
 
     /** A UUID stored as its canonical text (as Confluo binds a [UUID]). */
-    fun uuidOrNull(column: String): UUID? = when (val v = raw(column)) {
-        is SqlValue.Null -> null
-        is SqlValue.Text -> try {
-            UUID.fromString(v.value)
-        } catch (e: IllegalArgumentException) {
-            typeError(column, "a UUID")
+    fun uuidOrNull(column: String): UUID? = parsedOrNull(column, "a UUID", UUID::fromString)
+
+    /** A text value read by [parse] (which throws on text it cannot read: a type error, like any other). */
+    private inline fun <T> parsedOrNull(column: String, what: String, parse: (String) -> T): T? =
+        when (val v = raw(column)) {
+            is SqlValue.Null -> null
+            is SqlValue.Text -> try {
+                parse(v.value)
+            } catch (e: DateTimeParseException) {
+                typeError(column, what)
+            } catch (e: IllegalArgumentException) {
+                typeError(column, what)
+            }
+            else -> typeError(column, what)
         }
-        else -> typeError(column, "a UUID")
-    }
 
     fun uuid(column: String): UUID = uuidOrNull(column) ?: nullValue(column)
 
