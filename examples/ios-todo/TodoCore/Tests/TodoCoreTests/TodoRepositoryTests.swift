@@ -135,7 +135,8 @@ final class TodoRepositoryTests: XCTestCase {
         let server = try Server()
         let repo = try await TodoRepository.open(try await Confluo.openInMemory())
         try await repo.add("offline write")
-        let before = try await first(repo.syncStatus, "the status before sync") { _ in true }
+        // The stopped status follows commits a moment after them.
+        let before = try await first(repo.syncStatus, "the write pending before sync") { $0.pending == 1 }
         XCTAssertEqual(SyncChip(before), SyncChip(SyncStatus(state: .stopped, pending: 1, lastSynced: nil)))
         XCTAssertEqual(SyncChip(before).label, "Not syncing · 1 pending")
         try await repo.startSync(SyncSettings(serverURL: server.url, space: "chip", token: "dev-token"))
