@@ -31,7 +31,12 @@ let package = Package(
     targets: [
         ffi,
         // The UniFFI-generated Swift, produced from the built library.
-        .target(name: "ConfluoFFI", dependencies: ["ConfluoFFIC"], path: "ios/Generated/ConfluoFFI"),
+        // The core checks https servers with the platform's trust store.
+        .target(name: "ConfluoFFI", dependencies: ["ConfluoFFIC"], path: "ios/Generated/ConfluoFFI",
+                linkerSettings: [
+                    .linkedFramework("Security", .when(platforms: [.iOS, .macOS])),
+                    .linkedFramework("CoreFoundation", .when(platforms: [.iOS, .macOS])),
+                ]),
         // The idiomatic API apps use.
         .target(name: "Confluo", dependencies: ["ConfluoFFI"], path: "ios/Sources/Confluo",
                 exclude: notShipped, resources: privacy),

@@ -6,6 +6,8 @@
 # - every repository path the Android Gradle files name exists, resolved as
 #   each build (android/ and examples/android-todo) resolves it;
 # - the ABIs cargo-ndk builds are the ABIs the AAR packages, aligned to 16 KB;
+# - Android's certificate verifier is wired up: the JNI name, the startup
+#   initializer, its Kotlin half at Cargo.lock's version, its repository;
 # - the privacy manifest declares every required-reason API category that
 #   the library's symbols (and the bundled SQLite's Apple-only calls) need.
 # Prints "packaging: N passed, M failed" last; fails when any check fails.
@@ -119,6 +121,43 @@ expect "ndkVersion is pinned to r28 or newer (${ndk:-none}), which aligns to 16 
 expect "$lib_gradle: android.ndkVersion is the pinned NDK" grep -qx '    ndkVersion = pinnedNdkVersion' "$lib_gradle"
 expect "bindings/build.rs links Android libraries with max-page-size=16384" \
   grep -qF 'cargo:rustc-cdylib-link-arg=-Wl,-z,max-page-size=16384' bindings/build.rs
+expect "bindings/build.rs packs the Android library's relocations (API 23+)" \
+  grep -qF 'cargo:rustc-cdylib-link-arg=-Wl,--pack-dyn-relocs=android' bindings/build.rs
+
+# --- Platform trust store: Android's verifier gets the app's Context ---
+
+trust_kt=android/confluo/src/android/kotlin/dev/confluo/PlatformTrust.kt
+jni_rs=bindings/src/android.rs
+# The JNI name of PlatformTrust's native method, from the Kotlin source.
+jni_name() {
+  local pkg cls method
+  pkg=$(sed -nE 's/^package ([a-z.]+)$/\1/p' "$trust_kt")
+  cls=$(sed -nE 's/^object ([A-Za-z]+) \{$/\1/p' "$trust_kt")
+  method=$(grep -oE '@JvmStatic (private )?external fun [A-Za-z]+' "$trust_kt" | awk '{ print $NF }')
+  echo "Java_${pkg//./_}_${cls}_${method}"
+}
+jni=$(jni_name)
+expect "$jni_rs exports $jni, PlatformTrust's native method" grep -qE "pub extern \"system\" fn $jni\b" "$jni_rs"
+expect "bindings/src/lib.rs builds $jni_rs for Android" grep -qE '^#\[cfg\(target_os = "android"\)\]$' bindings/src/lib.rs
+expect "the library's manifest runs dev.confluo.ConfluoInitializer at startup" \
+  grep -qF 'android:name="dev.confluo.ConfluoInitializer"' android/confluo/src/main/AndroidManifest.xml
+expect "ConfluoInitializer is an androidx.startup Initializer" \
+  grep -qE '^class ConfluoInitializer : Initializer<' "$trust_kt"
+expect "$lib_gradle depends on androidx.startup" grep -qF '"androidx.startup:startup-runtime:' "$lib_gradle"
+# The verifier's Kotlin half must be the version of its Rust half.
+expect "Cargo.lock pins rustls-platform-verifier-android, whose version the AAR's dependency takes" \
+  grep -qx 'name = "rustls-platform-verifier-android"' Cargo.lock
+# shellcheck disable=SC2016 # a Kotlin string template, matched literally
+expect "$lib_gradle takes the verifier's version from Cargo.lock" \
+  grep -qF 'implementation("rustls:rustls-platform-verifier:$platformVerifierVersion")' "$lib_gradle"
+for settings in android/settings.gradle.kts examples/android-todo/settings.gradle.kts; do
+  expect "$settings declares the verifier's Maven repository" \
+    grep -qF 'rustls-platform-verifier/raw/maven-archive/android-release-support/maven/' "$settings"
+done
+expect "consumer-rules.pro keeps the verifier's classes" \
+  grep -qF 'class org.rustls.platformverifier.**' android/confluo/consumer-rules.pro
+expect "$pkg links Security.framework for the verifier on Apple platforms" \
+  grep -qF '.linkedFramework("Security", .when(platforms: [.iOS, .macOS]))' "$pkg"
 
 # --- iOS privacy manifest: a category for every required-reason API ---
 

@@ -21,6 +21,15 @@ val targetAbis = listOf("arm64-v8a", "armeabi-v7a", "x86_64")
 // this same NDK (ANDROID_NDK_HOME below).
 val pinnedNdkVersion = "28.0.13004108"
 
+// The Kotlin half of rustls-platform-verifier (Android's certificate checks for
+// the engine's https) at the version Cargo.lock pins for its Rust half: the two
+// must match. Its Maven repository is declared in settings.gradle.kts.
+val platformVerifierVersion: String = repoRoot.resolve("Cargo.lock").readLines().let { lines ->
+    val at = lines.indexOfFirst { it.trim() == "name = \"rustls-platform-verifier-android\"" }
+    check(at >= 0) { "rustls-platform-verifier-android is not in Cargo.lock" }
+    lines[at + 1].substringAfter('"').substringBefore('"')
+}
+
 /** Builds libconfluo_ffi.so for each ABI into <outputDir>/<abi>/ (needs the NDK and cargo-ndk). */
 abstract class CargoNdkTask : DefaultTask() {
     @get:InputFiles abstract val rustSources: ConfigurableFileCollection
@@ -141,7 +150,7 @@ android {
         unitTests.all { it.useJUnitPlatform() }
     }
 
-    // Code that needs the Android SDK (the Logcat logger): only this build
+    // Code that needs the Android SDK (the Logcat logger, PlatformTrust): only this build
     // compiles it; the JVM tests compile src/main/kotlin alone.
     sourceSets {
         getByName("main") {
@@ -173,6 +182,9 @@ dependencies {
     // JNA's AAR carries its native dispatch library for every ABI.
     implementation("net.java.dev.jna:jna:5.18.1@aar")
     api("org.jetbrains.kotlinx:kotlinx-coroutines-android:1.11.0")
+    // PlatformTrust: Android's trust store for https, set up at app startup.
+    implementation("androidx.startup:startup-runtime:1.2.0")
+    implementation("rustls:rustls-platform-verifier:$platformVerifierVersion")
 
     // The versions scripts/test-kotlin.sh (scripts/jvm-tools.sh) fetches.
     testImplementation(platform("org.junit:junit-bom:5.13.4"))

@@ -8,6 +8,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use confluo_core as core;
 
+#[cfg(target_os = "android")]
+mod android;
+
 uniffi::setup_scaffolding!();
 
 /// The one error type of the SDK's foreign API.

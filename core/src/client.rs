@@ -249,6 +249,11 @@ fn shared_agent() -> ureq::Agent {
                 .timeout_connect(Some(Duration::from_secs(10)))
                 .max_idle_connections(64)
                 .max_idle_connections_per_host(64)
+                .tls_config(
+                    ureq::tls::TlsConfig::builder()
+                        .root_certs(crate::trust::root_certs())
+                        .build(),
+                )
                 .build()
                 .into()
         })
@@ -328,6 +333,7 @@ impl Client {
         if self.cancelled() {
             return Err(Error::Cancelled);
         }
+        crate::trust::check_ready(&self.config.server_url)?;
         let auth = self.unless_cancelled(self.auth(false))?;
         let answer =
             self.unless_cancelled(resend_on_lost_connection(|fresh| send(&auth, fresh)))?;
@@ -798,12 +804,27 @@ fn connection_lost(e: &ureq::Error) -> bool {
 fn transport_error(e: ureq::Error) -> Error {
     match e {
         ureq::Error::BadUri(_) | ureq::Error::Http(_) => network(e.to_string(), false),
+        // The server answered but its certificate (or TLS setup) was
+        // refused: not offline, and retrying will not fix it.
+        ureq::Error::Io(ref io) if tls_refused(io) => {
+            network(format!("the TLS handshake failed: {io}"), false)
+        }
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) => {
+            network(format!("the TLS handshake failed: {e}"), false)
+        }
         ureq::Error::Io(_)
         | ureq::Error::Timeout(_)
         | ureq::Error::HostNotFound
         | ureq::Error::ConnectionFailed => Error::Unreachable(e.to_string()),
         other => network(other.to_string(), true),
     }
+}
+
+/// Whether an I/O failure is rustls refusing the connection (the handshake
+/// reports through the stream's I/O errors).
+fn tls_refused(io: &std::io::Error) -> bool {
+    io.get_ref()
+        .is_some_and(|inner| inner.is::<rustls::Error>())
 }
 
 /// Maps an HTTP failure to the engine's errors.

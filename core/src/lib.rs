@@ -42,6 +42,7 @@ mod server_state;
 mod site;
 mod tables;
 mod thread_lock;
+pub mod trust;
 mod validate;
 mod value;
 

@@ -12,6 +12,11 @@ dependencyResolutionManagement {
     repositories {
         google()
         mavenCentral()
+        // rustls-platform-verifier's Kotlin part, which the Confluo library uses for
+        // Android's trust store (its publishers serve it from GitHub, not Maven Central).
+        maven("https://github.com/rustls/rustls-platform-verifier/raw/maven-archive/android-release-support/maven/") {
+            content { includeGroup("rustls") }
+        }
     }
 }
 

@@ -953,6 +953,26 @@ fn the_server_speaks_https_with_the_certificate_it_is_given() {
         .get(format!("http://127.0.0.1:{port}/healthz"))
         .call()
         .is_err());
+    // A device checks the certificate: here against the bundled web roots,
+    // which did not sign this one. Its sync fails on the handshake (so no
+    // token or change left it) and its write stays pending.
+    let device = device();
+    device
+        .execute("INSERT INTO todo(id, title) VALUES ('t1', 'unsent')", &[])
+        .unwrap();
+    let pending = device.pending_changes().unwrap();
+    assert!(pending > 0);
+    match device.sync_now(&SyncConfig::new(base.clone(), "s", DEV)) {
+        Err(Error::Network {
+            message,
+            retryable: false,
+            ..
+        }) => {
+            assert!(message.contains("certificate"), "{message}")
+        }
+        other => panic!("a sync through an untrusted certificate: {other:?}"),
+    }
+    assert_eq!(device.pending_changes().unwrap(), pending);
     let _ = child.kill();
     let _ = child.wait();
 }
