@@ -251,3 +251,18 @@ fn a_table_too_wide_for_one_capture_call_is_tracked_all_the_same() {
     assert_eq!(dump(&replica, "w"), dump(&db, "w"));
     assert_eq!(dump(&db, "w").len(), 1);
 }
+
+#[test]
+fn a_deleted_key_inserted_again_comes_back_with_a_longer_causal_length() {
+    let db = three_rows();
+    db.execute("DELETE FROM t WHERE id = 2", &[]).unwrap();
+    let before = db.db_version();
+    db.execute("INSERT INTO t VALUES (2, 5, 'again', NULL)", &[])
+        .unwrap();
+    let changes = db.changes_since(before, None).unwrap().changes;
+    assert_eq!(changes.len(), 4, "{changes:?}");
+    assert!(changes.iter().all(|c| c.cl == 3), "{changes:?}");
+    let replica = synced(T, "t");
+    pull(&replica, &db);
+    assert_eq!(dump(&replica, "t"), dump(&db, "t"));
+}
