@@ -147,6 +147,187 @@ pub(crate) fn register_pure_functions(conn: &Connection) -> rusqlite::Result<()>
     )
 }
 
+fn check_fits(
+    ctx: &Context<'_>,
+    args: impl Iterator<Item = usize>,
+    max_value_bytes: usize,
+) -> rusqlite::Result<()> {
+    for i in args {
+        let len = match ctx.get_raw(i) {
+            ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
+            _ => 0,
+        };
+        if len > max_value_bytes {
+            return Err(user_err(format!(
+                "a value of {len} bytes is larger than sync carries ({max_value_bytes} bytes, Options::max_value_bytes); \
+                 store it elsewhere (a file, or a table that is not synced) and sync a reference"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two values are the same to SQL's `IS` under BINARY collation:
+/// what makes two primary keys one row (1 and 1.0 are the same key).
+fn same_key(a: ValueRef<'_>, b: ValueRef<'_>) -> bool {
+    let int_is_real = |i: i64, r: f64| {
+        // Exact, unlike `i as f64 == r` for integers beyond 2^53.
+        r.fract() == 0.0
+            && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&r)
+            && r as i64 == i
+    };
+    match (a, b) {
+        (ValueRef::Integer(i), ValueRef::Real(r)) | (ValueRef::Real(r), ValueRef::Integer(i)) => {
+            int_is_real(i, r)
+        }
+        _ => same_value(a, b),
+    }
+}
+
+/// Whether a column's new value is its old one: the same type and the same
+/// value, whatever the column's collation says (text compared byte for
+/// byte; 1 and 1.0 differ, as their stored types do).
+fn same_value(a: ValueRef<'_>, b: ValueRef<'_>) -> bool {
+    match (a, b) {
+        (ValueRef::Null, ValueRef::Null) => true,
+        (ValueRef::Integer(x), ValueRef::Integer(y)) => x == y,
+        // As SQL compares them: 0.0 is -0.0 (SQLite stores no NaN).
+        (ValueRef::Real(x), ValueRef::Real(y)) => x == y,
+        (ValueRef::Text(x), ValueRef::Text(y)) | (ValueRef::Blob(x), ValueRef::Blob(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// The metadata key of the row whose key columns are arguments
+/// `first..first + n`: one column's value as it is, several packed.
+fn key_arg(ctx: &Context<'_>, first: usize, n: usize) -> rusqlite::Result<Value> {
+    if n == 1 {
+        return Ok(Value::from_ref(ctx.get_raw(first)));
+    }
+    let values: Vec<Value> = (first..first + n)
+        .map(|i| Value::from_ref(ctx.get_raw(i)))
+        .collect();
+    if values.iter().any(Value::is_null) {
+        return Err(user_err("a primary key column of a synced table is NULL"));
+    }
+    Ok(Value::Blob(pack_values(&values)))
+}
+
+fn count_arg(ctx: &Context<'_>, i: usize) -> rusqlite::Result<usize> {
+    usize::try_from(ctx.get::<i64>(i)?).map_err(|_| user_err("confluo: bad argument count"))
+}
+
+/// The functions the capture triggers of `schema::row_triggers` call, one
+/// per written row (the table's id and key column count first):
+/// - `confluo_insert_row(table, npk, key..., values...)`
+/// - `confluo_update_row(table, npk, slots, new key..., old key...,
+///   new value, old value, ...)`, `slots` being the slot of each value
+///   pair, two bytes each (little-endian)
+/// - `confluo_delete_row(table, npk, key...)`
+///
+/// Every value a write puts in a row is checked against the size sync
+/// carries (`Options::max_value_bytes`).
+fn install_row_functions(
+    conn: &Connection,
+    state: &SharedState,
+    max_value_bytes: usize,
+) -> rusqlite::Result<()> {
+    let volatile = FunctionFlags::SQLITE_UTF8;
+    let s = state.clone();
+    conn.create_scalar_function("confluo_insert_row", -1, volatile, move |ctx| {
+        let table: i64 = ctx.get(0)?;
+        let npk = count_arg(ctx, 1)?;
+        if ctx.len() < 2 + npk {
+            return Err(user_err("confluo_insert_row: too few arguments"));
+        }
+        check_fits(ctx, 2..ctx.len(), max_value_bytes)?;
+        let key = key_arg(ctx, 2, npk)?;
+        lock(&s).events.push(Event {
+            table,
+            key,
+            kind: EventKind::Inserted,
+            uncertain: false,
+        });
+        Ok(true)
+    })?;
+
+    let s = state.clone();
+    conn.create_scalar_function("confluo_delete_row", -1, volatile, move |ctx| {
+        let table: i64 = ctx.get(0)?;
+        let npk = count_arg(ctx, 1)?;
+        if ctx.len() != 2 + npk {
+            return Err(user_err("confluo_delete_row: wrong number of arguments"));
+        }
+        let key = key_arg(ctx, 2, npk)?;
+        lock(&s).events.push(Event {
+            table,
+            key,
+            kind: EventKind::Deleted,
+            uncertain: false,
+        });
+        Ok(true)
+    })?;
+
+    let s = state.clone();
+    conn.create_scalar_function("confluo_update_row", -1, volatile, move |ctx| {
+        let table: i64 = ctx.get(0)?;
+        let npk = count_arg(ctx, 1)?;
+        let ValueRef::Blob(slots) = ctx.get_raw(2) else {
+            return Err(user_err("confluo_update_row: slots are not a blob"));
+        };
+        let (new_key, old_key, first_pair) = (3, 3 + npk, 3 + 2 * npk);
+        if slots.len() % 2 != 0 || ctx.len() != first_pair + slots.len() {
+            return Err(user_err("confluo_update_row: wrong number of arguments"));
+        }
+        let new_values = (new_key..old_key).chain((first_pair..ctx.len()).step_by(2));
+        let key_changed =
+            (0..npk).any(|i| !same_key(ctx.get_raw(new_key + i), ctx.get_raw(old_key + i)));
+        if key_changed {
+            // A delete of the old key and an insert of the new.
+            check_fits(ctx, new_values, max_value_bytes)?;
+            let old = key_arg(ctx, old_key, npk)?;
+            let new = key_arg(ctx, new_key, npk)?;
+            let mut st = lock(&s);
+            for (key, kind) in [(old, EventKind::Deleted), (new, EventKind::Inserted)] {
+                st.events.push(Event {
+                    table,
+                    key,
+                    kind,
+                    uncertain: false,
+                });
+            }
+            return Ok(true);
+        }
+        let mut masks: Vec<u64> = Vec::new();
+        for (pair, slot) in slots.chunks_exact(2).enumerate() {
+            let at = first_pair + 2 * pair;
+            if same_value(ctx.get_raw(at), ctx.get_raw(at + 1)) {
+                continue;
+            }
+            let slot = usize::from(u16::from_le_bytes([slot[0], slot[1]]));
+            let (word, bit) = (slot / 62, slot % 62);
+            if masks.len() <= word {
+                masks.resize(word + 1, 0);
+            }
+            masks[word] |= 1 << bit;
+        }
+        if masks.is_empty() {
+            // Every value stayed what it was: no write to record.
+            return Ok(false);
+        }
+        check_fits(ctx, new_values, max_value_bytes)?;
+        let key = key_arg(ctx, new_key, npk)?;
+        lock(&s).events.push(Event {
+            table,
+            key,
+            kind: EventKind::Updated(masks.into()),
+            uncertain: false,
+        });
+        Ok(true)
+    })?;
+    Ok(())
+}
+
 /// Registers the capture functions and hooks on the writer connection.
 ///
 /// The triggers only call these functions, which note the write in
@@ -179,20 +360,17 @@ pub(crate) fn install(
         -1,
         FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
         move |ctx| {
-            for i in 0..ctx.len() {
-                let len = match ctx.get_raw(i) {
-                    ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
-                    _ => 0,
-                };
-                if len > max_value_bytes {
-                    return Err(user_err(format!(
-                        "a value of {len} bytes is larger than sync carries ({max_value_bytes} bytes, Options::max_value_bytes); \
-                         store it elsewhere (a file, or a table that is not synced) and sync a reference"
-                    )));
-                }
-            }
+            check_fits(ctx, 0..ctx.len(), max_value_bytes)?;
             Ok(true)
         },
+    )?;
+
+    install_row_functions(conn, state, max_value_bytes)?;
+    conn.create_scalar_function(
+        "confluo_restamp",
+        7,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| crate::local::restamp_function(ctx).map_err(|e| user_err(e.to_string())),
     )?;
 
     // confluo_inserted(table_id, key) / confluo_deleted(table_id, key)

@@ -106,6 +106,15 @@ fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp)
         "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT(pk) DO UPDATE SET cl = excluded.cl, dbv = excluded.dbv, clocks = excluded.clocks"
     ))?;
+    // Updates change the clocks in place: one statement (and one lookup of
+    // the row) instead of a read and a write. SET expressions see the old
+    // row, so `confluo_restamp` gets the old cl, dbv and clocks.
+    let mut restamp = conn.prepare_cached(&format!(
+        "UPDATE {meta} SET cl = cl + 1 - cl % 2, dbv = ?2, \
+         clocks = confluo_restamp(cl, dbv, clocks, ?2, ?3, ?4, ?5) WHERE pk = ?1"
+    ))?;
+    let hlc = stamp.hlc.0 as i64;
+    let slots_arg = slots as i64;
 
     let mut start = 0;
     while start < events.len() {
@@ -131,6 +140,30 @@ fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp)
             }] => {
                 deleted.execute(params![key, dbv, tombstone])?;
             }
+            _ if group
+                .iter()
+                .all(|e| matches!(e.kind, EventKind::Updated(_))) =>
+            {
+                // One transaction stamps every cell alike: the updates of a
+                // row add up to the union of their columns.
+                let mut masks: Vec<u64> = Vec::new();
+                for e in group {
+                    if let EventKind::Updated(m) = &e.kind {
+                        if masks.len() < m.len() {
+                            masks.resize(m.len(), 0);
+                        }
+                        for (w, m) in masks.iter_mut().zip(m.iter()) {
+                            *w |= m;
+                        }
+                    }
+                }
+                let masks = masks_blob(&masks);
+                if restamp.execute(params![key, dbv, hlc, slots_arg, masks])? == 0 {
+                    // No metadata yet: the row is recorded as a new one,
+                    // every column written (as `apply_local` does).
+                    inserted.execute(params![key, dbv, uniform])?;
+                }
+            }
             _ => {
                 let old: Option<(i64, i64, Vec<u8>)> = read
                     .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -150,6 +183,49 @@ fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp)
         start = end;
     }
     Ok(())
+}
+
+/// The changed-column masks as `confluo_restamp` takes them: 8 bytes
+/// (little-endian) per 62 slots.
+fn masks_blob(masks: &[u64]) -> Vec<u8> {
+    masks.iter().flat_map(|m| m.to_le_bytes()).collect()
+}
+
+/// `confluo_restamp(cl, dbv, clocks, new_dbv, hlc, slots, masks)`: a row's
+/// clocks after a local update of the columns in `masks` (see
+/// `masks_blob`), stamped with this database's `hlc` at `new_dbv`.
+pub(crate) fn restamp_function(ctx: &rusqlite::functions::Context<'_>) -> Result<Vec<u8>> {
+    let bad = |what: &str| Error::invalid(format!("confluo_restamp: bad {what}"));
+    let cl = u64::try_from(ctx.get::<i64>(0)?).map_err(|_| bad("cl"))?;
+    let row_dbv = u64::try_from(ctx.get::<i64>(1)?).map_err(|_| bad("dbv"))?;
+    let rusqlite::types::ValueRef::Blob(blob) = ctx.get_raw(2) else {
+        return Err(bad("clocks"));
+    };
+    let dbv = u64::try_from(ctx.get::<i64>(3)?).map_err(|_| bad("db_version"))?;
+    let hlc = crate::hlc::Hlc(ctx.get::<i64>(4)? as u64);
+    let slots = usize::try_from(ctx.get::<i64>(5)?).map_err(|_| bad("slot count"))?;
+    let rusqlite::types::ValueRef::Blob(masks) = ctx.get_raw(6) else {
+        return Err(bad("masks"));
+    };
+    let masks: Box<[u64]> = masks
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+        .collect();
+    let stamp = Stamp {
+        hlc,
+        site: LOCAL_SITE,
+        dbv,
+    };
+    let mut cl = cl;
+    let mut clocks = RowClocks::decode(blob, row_dbv)?;
+    apply_local(
+        &mut cl,
+        &mut clocks,
+        &EventKind::Updated(masks),
+        stamp,
+        slots,
+    );
+    Ok(clocks.encode(dbv))
 }
 
 /// Records a row that a failed statement touched, from what the table holds

@@ -324,21 +324,94 @@ pub(crate) fn drop_triggers(conn: &Connection, t: &TableInfo) -> Result<()> {
 /// triggers of an older shape get them installed again when opened.
 /// 1: guarded by `confluo_tracking()` (silent while remote changes are
 /// applied); 2: guarded by `confluo_capturing()` (always reporting);
-/// 3: values checked against the size sync carries (`confluo_fits`).
-pub(crate) const TRIGGERS_VERSION: i64 = 3;
+/// 3: values checked against the size sync carries (`confluo_fits`);
+/// 4: one trigger per kind of write, one call into Rust per row, which
+/// compares the old and new values itself (`capture`).
+pub(crate) const TRIGGERS_VERSION: i64 = 4;
 
-/// Creates the metadata table and the capture triggers. Every trigger is
-/// guarded by `confluo_capturing()`, which only Confluo's connections
-/// define: a write from any other connection fails instead of going
-/// untracked. The triggers only report the write (see `capture`); they
-/// report writes made while remote changes are applied too, so that a
-/// write by an app trigger then is caught (see `Database::apply`).
+/// SQLite's limit on a function's arguments (`SQLITE_MAX_FUNCTION_ARG` of
+/// the bundled build).
+const MAX_FUNCTION_ARGS: usize = 1000;
+
+/// Creates the metadata table and the capture triggers. The triggers only
+/// report the write (see `capture`); they report writes made while remote
+/// changes are applied too, so that a write by an app trigger then is
+/// caught (see `Database::apply`). They call functions that only Confluo's
+/// writer defines: a write from any other connection fails instead of
+/// going untracked.
 pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
     let meta = t.meta_table();
+    let dbv_index = quote(&format!("confluo_rows_{}_dbv", t.name));
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {meta}(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS {dbv_index} ON {meta}(dbv);"
+    ))?;
+    let live = t.live_slots().count();
+    // The row functions take every value of the row, old and new.
+    let triggers = if 3 + 2 * (t.pk.len() + live) <= MAX_FUNCTION_ARGS {
+        row_triggers(t)
+    } else {
+        compared_in_sql_triggers(t)
+    };
+    conn.execute_batch(&triggers)?;
+    Ok(())
+}
+
+/// The triggers of tables of any width but the widest: each passes the
+/// row's values to one function (`capture`), which compares old and new
+/// values in Rust. Each comparison written in SQL costs a function call of
+/// its own (`typeof`), and a trigger's `WHEN` costs a call too.
+fn row_triggers(t: &TableInfo) -> String {
+    let table = quote(&t.name);
+    let id = t.id;
+    let npk = t.pk.len();
+    let [ai, au, _, ad] = trigger_names(t);
+    let cols = |alias: &str, names: &mut dyn Iterator<Item = &Arc<str>>| {
+        names
+            .map(|c| format!("{alias}.{}", quote(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let new_key = cols("NEW", &mut t.pk.iter());
+    let old_key = cols("OLD", &mut t.pk.iter());
+    let new_values = cols("NEW", &mut t.live_slots().map(|(_, c)| c));
+    let values = if new_values.is_empty() {
+        String::new()
+    } else {
+        format!(", {new_values}")
+    };
+    // The slot of each column passed, two bytes each (little-endian).
+    let slots: String = t
+        .live_slots()
+        .map(|(s, _)| format!("{:02x}{:02x}", s & 0xff, s >> 8))
+        .collect();
+    let pairs: String = t
+        .live_slots()
+        .map(|(_, c)| {
+            let c = quote(c);
+            format!(", NEW.{c}, OLD.{c}")
+        })
+        .collect();
+    format!(
+        "CREATE TRIGGER {ai} AFTER INSERT ON {table} BEGIN
+           SELECT confluo_insert_row({id}, {npk}, {new_key}{values});
+         END;
+         CREATE TRIGGER {au} AFTER UPDATE ON {table} BEGIN
+           SELECT confluo_update_row({id}, {npk}, X'{slots}', {new_key}, {old_key}{pairs});
+         END;
+         CREATE TRIGGER {ad} AFTER DELETE ON {table} BEGIN
+           SELECT confluo_delete_row({id}, {npk}, {old_key});
+         END;"
+    )
+}
+
+/// The triggers of tables too wide for `row_triggers` (a function takes at
+/// most `MAX_FUNCTION_ARGS` arguments): the changed columns are found in
+/// SQL, and each trigger is guarded by `confluo_capturing()`.
+fn compared_in_sql_triggers(t: &TableInfo) -> String {
     let table = quote(&t.name);
     let id = t.id;
     let slots = t.slots.len();
-    let dbv_index = quote(&format!("confluo_rows_{}_dbv", t.name));
     let [ai, au, aupk, ad] = trigger_names(t);
     let new_key = t.key_expr("NEW");
     let old_key = t.key_expr("OLD");
@@ -391,10 +464,8 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
                 .collect();
         format!("confluo_fits({})", values.join(", "))
     };
-    let sql = format!(
-        "CREATE TABLE IF NOT EXISTS {meta}(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
-         CREATE INDEX IF NOT EXISTS {dbv_index} ON {meta}(dbv);
-         CREATE TRIGGER {ai} AFTER INSERT ON {table} WHEN confluo_capturing() BEGIN
+    format!(
+        "CREATE TRIGGER {ai} AFTER INSERT ON {table} WHEN confluo_capturing() BEGIN
            SELECT confluo_inserted({id}, {new_key}), {fits};
          END;
          CREATE TRIGGER {au} AFTER UPDATE ON {table} WHEN confluo_capturing() AND {same_key} AND ({any_changed}) BEGIN
@@ -406,7 +477,5 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
          CREATE TRIGGER {ad} AFTER DELETE ON {table} WHEN confluo_capturing() BEGIN
            SELECT confluo_deleted({id}, {old_key});
          END;"
-    );
-    conn.execute_batch(&sql)?;
-    Ok(())
+    )
 }

@@ -568,7 +568,7 @@ fn layout1_replica_that_renamed(path: &std::path::Path) {
          UPDATE confluo_state SET value = 1 WHERE key = 'format';
          DELETE FROM confluo_state WHERE key = 'triggers';
          DROP TRIGGER confluo_ai_todo; DROP TRIGGER confluo_au_todo;
-         DROP TRIGGER confluo_aupk_todo; DROP TRIGGER confluo_ad_todo;
+         DROP TRIGGER IF EXISTS confluo_aupk_todo; DROP TRIGGER confluo_ad_todo;
          ALTER TABLE todo RENAME COLUMN name TO task;
          UPDATE confluo_columns SET live = 0 WHERE name = 'name';
          INSERT INTO confluo_columns(tbl, name, pk_pos, slot, live)
@@ -633,7 +633,7 @@ fn a_column_remade_under_layout_1_keeps_what_was_written_since() {
              UPDATE confluo_state SET value = 1 WHERE key = 'format';
              DELETE FROM confluo_state WHERE key = 'triggers';
              DROP TRIGGER confluo_ai_todo; DROP TRIGGER confluo_au_todo;
-             DROP TRIGGER confluo_aupk_todo; DROP TRIGGER confluo_ad_todo;
+             DROP TRIGGER IF EXISTS confluo_aupk_todo; DROP TRIGGER confluo_ad_todo;
              {remake};"
         ))
         .unwrap();
