@@ -417,14 +417,31 @@ impl<T> Default for Interner<T> {
     }
 }
 
+/// Up to this many items an interner searches its list: a row's cells (as
+/// the server stores them) name a few columns and sites, and hashing them
+/// cost more than comparing.
+const INTERNER_LIST: usize = 8;
+
 impl<T: Clone + Eq + std::hash::Hash> Interner<T> {
     fn index(&mut self, item: &T) -> u64 {
-        if let Some(&i) = self.index.get(item) {
+        if self.items.len() <= INTERNER_LIST {
+            if let Some(i) = self.items.iter().position(|x| x == item) {
+                return i as u64;
+            }
+        } else if let Some(&i) = self.index.get(item) {
             return i;
         }
         let i = self.items.len() as u64;
         self.items.push(item.clone());
-        self.index.insert(item.clone(), i);
+        if self.items.len() > INTERNER_LIST {
+            if self.index.is_empty() {
+                // The list outgrew searching: hashed from now on.
+                let all = self.items.iter().enumerate();
+                self.index.extend(all.map(|(j, x)| (x.clone(), j as u64)));
+            } else {
+                self.index.insert(item.clone(), i);
+            }
+        }
         i
     }
 }
@@ -515,6 +532,23 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(ChangeSet::key_shapes(&bytes[..cut]).is_err(), "cut {cut}");
         }
+    }
+
+    #[test]
+    fn many_names_and_sites_round_trip() {
+        // Past the interners' short lists, into their hash maps.
+        let mut cs = sample();
+        let first = cs.changes[0].clone();
+        for i in 0..40u8 {
+            cs.changes.push(Change {
+                column: Some(Arc::from(format!("c{}", i % 20))),
+                site: SiteId::from_bytes([i % 13 + 10; 16]),
+                hlc: Hlc(1000 + u64::from(i)),
+                cl: 9,
+                ..first.clone()
+            });
+        }
+        assert_eq!(ChangeSet::decode(&cs.encode()).unwrap(), cs);
     }
 
     #[test]
