@@ -155,40 +155,15 @@ impl ChangeSet {
     /// receiver's memory stays bounded whatever the bytes say.
     pub fn decode_at_most(bytes: &[u8], max_changes: usize) -> Result<ChangeSet> {
         let mut r = Reader::new(bytes);
-        if r.take(4).map_err(|_| Error::malformed("too short"))? != MAGIC {
-            return Err(Error::malformed("not a Confluo change set"));
-        }
-        let version = r.u8()?;
-        if version != FORMAT_VERSION {
-            return Err(Error::malformed(format!(
-                "change set format {version} is not supported (this build reads {FORMAT_VERSION})"
-            )));
-        }
-        let flags = r.u8()?;
-        if flags > 1 {
-            return Err(Error::malformed("unknown header flags"));
-        }
-        let site = |r: &mut Reader| -> Result<SiteId> {
-            Ok(SiteId::from_slice(r.take(16)?).expect("16 bytes"))
-        };
-        let source = site(&mut r)?;
-        let recipient = if flags & 1 == 1 {
-            Some(site(&mut r)?)
-        } else {
-            None
-        };
-        let since = r.varint()?;
-        let until = r.varint()?;
-        let name_count = r.len("name count")?;
-        let mut names: Vec<Arc<str>> = Vec::with_capacity(name_count.min(r.remaining()));
-        for _ in 0..name_count {
-            names.push(Arc::from(r.str(MAX_NAME_BYTES)?));
-        }
-        let site_count = r.len("site count")?;
-        let mut sites = Vec::with_capacity(site_count.min(r.remaining() / 16));
-        for _ in 0..site_count {
-            sites.push(site(&mut r)?);
-        }
+        let head = Header::read(&mut r)?;
+        let Header {
+            source,
+            recipient,
+            since,
+            until,
+            names,
+            sites,
+        } = head;
         let name = |r: &mut Reader| -> Result<Arc<str>> {
             let i = r.varint()?;
             names
@@ -277,20 +252,154 @@ impl ChangeSet {
             changes,
         })
     }
+
+    /// The tables an encoded change set writes, each with the number of
+    /// values of its keys: every distinct pair, in order of appearance.
+    /// Reads the whole set, with `decode`'s checks of its structure, but
+    /// keeps no value: a receiver checks a large set's keys against what
+    /// it knows at a fraction of a decode's cost.
+    pub fn key_shapes(bytes: &[u8]) -> Result<Vec<(Arc<str>, usize)>> {
+        let mut r = Reader::new(bytes);
+        let Header { names, sites, .. } = Header::read(&mut r)?;
+        let index = |r: &mut Reader, len: usize, what: &str| -> Result<usize> {
+            let i = r.varint()?;
+            if i >= len as u64 {
+                return Err(Error::malformed(format!("{what} index {i} out of range")));
+            }
+            Ok(i as usize)
+        };
+        let mut shapes: Vec<(usize, usize)> = Vec::new();
+        let group_count = r.len("group count")?;
+        for _ in 0..group_count {
+            let table = index(&mut r, names.len(), "name")?;
+            let pk_len = r.len("key length")?;
+            for _ in 0..pk_len {
+                r.skip_value()?;
+            }
+            if !shapes.contains(&(table, pk_len)) {
+                shapes.push((table, pk_len));
+            }
+            r.varint()?;
+            r.u64_le()?;
+            index(&mut r, sites.len(), "site")?;
+            r.varint()?;
+            let n = r.len("change count")?;
+            if n == 0 {
+                return Err(Error::malformed("empty change group"));
+            }
+            for _ in 0..n {
+                let flags = r.u8()?;
+                if flags > 7 {
+                    return Err(Error::malformed("unknown change flags"));
+                }
+                if flags & 1 != 0 {
+                    index(&mut r, names.len(), "name")?;
+                }
+                if flags & 2 != 0 {
+                    r.u64_le()?;
+                    index(&mut r, sites.len(), "site")?;
+                    r.varint()?;
+                }
+                if flags & 4 != 0 {
+                    r.varint()?;
+                }
+                r.skip_value()?;
+            }
+        }
+        if !r.is_empty() {
+            return Err(Error::malformed(format!(
+                "{} trailing bytes",
+                r.remaining()
+            )));
+        }
+        Ok(shapes
+            .into_iter()
+            .map(|(table, arity)| (names[table].clone(), arity))
+            .collect())
+    }
+}
+
+/// What precedes a change set's rows: who sent it, what it covers, and the
+/// names and sites its rows refer to by index.
+struct Header {
+    source: SiteId,
+    recipient: Option<SiteId>,
+    since: u64,
+    until: u64,
+    names: Vec<Arc<str>>,
+    sites: Vec<SiteId>,
+}
+
+impl Header {
+    fn read(r: &mut Reader) -> Result<Header> {
+        if r.take(4).map_err(|_| Error::malformed("too short"))? != MAGIC {
+            return Err(Error::malformed("not a Confluo change set"));
+        }
+        let version = r.u8()?;
+        if version != FORMAT_VERSION {
+            return Err(Error::malformed(format!(
+                "change set format {version} is not supported (this build reads {FORMAT_VERSION})"
+            )));
+        }
+        let flags = r.u8()?;
+        if flags > 1 {
+            return Err(Error::malformed("unknown header flags"));
+        }
+        let site = |r: &mut Reader| -> Result<SiteId> {
+            Ok(SiteId::from_slice(r.take(16)?).expect("16 bytes"))
+        };
+        let source = site(r)?;
+        let recipient = if flags & 1 == 1 { Some(site(r)?) } else { None };
+        let since = r.varint()?;
+        let until = r.varint()?;
+        let name_count = r.len("name count")?;
+        let mut names: Vec<Arc<str>> = Vec::with_capacity(name_count.min(r.remaining()));
+        for _ in 0..name_count {
+            names.push(Arc::from(r.str(MAX_NAME_BYTES)?));
+        }
+        let site_count = r.len("site count")?;
+        let mut sites = Vec::with_capacity(site_count.min(r.remaining() / 16));
+        for _ in 0..site_count {
+            sites.push(site(r)?);
+        }
+        Ok(Header {
+            source,
+            recipient,
+            since,
+            until,
+            names,
+            sites,
+        })
+    }
 }
 
 /// Seq runs 0, 1, 2... within each db_version in the order changes appear;
 /// the encoding only spells it out when it breaks that pattern.
+///
+/// The last db_version seen is kept aside from the map: consecutive
+/// changes mostly share one, and then cost no hashing.
 #[derive(Default)]
-struct SeqCounter(HashMap<u64, u32>);
+struct SeqCounter {
+    last: Option<(u64, u32)>,
+    earlier: HashMap<u64, u32>,
+}
 
 impl SeqCounter {
     fn next(&self, db_version: u64) -> u32 {
-        self.0.get(&db_version).map_or(0, |s| s.wrapping_add(1))
+        match self.last {
+            Some((v, seq)) if v == db_version => seq.wrapping_add(1),
+            _ => self
+                .earlier
+                .get(&db_version)
+                .map_or(0, |s| s.wrapping_add(1)),
+        }
     }
 
     fn saw(&mut self, db_version: u64, seq: u32) {
-        self.0.insert(db_version, seq);
+        if let Some((v, last)) = self.last.filter(|(v, _)| *v != db_version) {
+            self.earlier.insert(v, last);
+        }
+        self.last = Some((db_version, seq));
     }
 }
 
@@ -308,14 +417,31 @@ impl<T> Default for Interner<T> {
     }
 }
 
+/// Up to this many items an interner searches its list: a row's cells (as
+/// the server stores them) name a few columns and sites, and hashing them
+/// cost more than comparing.
+const INTERNER_LIST: usize = 8;
+
 impl<T: Clone + Eq + std::hash::Hash> Interner<T> {
     fn index(&mut self, item: &T) -> u64 {
-        if let Some(&i) = self.index.get(item) {
+        if self.items.len() <= INTERNER_LIST {
+            if let Some(i) = self.items.iter().position(|x| x == item) {
+                return i as u64;
+            }
+        } else if let Some(&i) = self.index.get(item) {
             return i;
         }
         let i = self.items.len() as u64;
         self.items.push(item.clone());
-        self.index.insert(item.clone(), i);
+        if self.items.len() > INTERNER_LIST {
+            if self.index.is_empty() {
+                // The list outgrew searching: hashed from now on.
+                let all = self.items.iter().enumerate();
+                self.index.extend(all.map(|(j, x)| (x.clone(), j as u64)));
+            } else {
+                self.index.insert(item.clone(), i);
+            }
+        }
         i
     }
 }
@@ -382,6 +508,47 @@ mod tests {
         let json = serde_json::to_string(&cs).unwrap();
         assert!(json.contains("\"title\""));
         assert_eq!(serde_json::from_str::<ChangeSet>(&json).unwrap(), cs);
+    }
+
+    #[test]
+    fn key_shapes_are_read_without_decoding() {
+        let mut cs = sample();
+        let wide: Arc<[Value]> = vec![Value::Integer(1), Value::Blob(vec![2])].into();
+        cs.changes.push(Change {
+            table: Arc::from("pair"),
+            pk: wide.clone(),
+            ..cs.changes[0].clone()
+        });
+        cs.changes.push(Change {
+            pk: vec![Value::Null].into(),
+            cl: 3,
+            ..cs.changes[0].clone()
+        });
+        let shapes = ChangeSet::key_shapes(&cs.encode()).unwrap();
+        let expected: Vec<(Arc<str>, usize)> = vec![(Arc::from("todo"), 1), (Arc::from("pair"), 2)];
+        assert_eq!(shapes, expected);
+        // Bad input is refused as `decode` refuses it.
+        let bytes = cs.encode();
+        for cut in 0..bytes.len() {
+            assert!(ChangeSet::key_shapes(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn many_names_and_sites_round_trip() {
+        // Past the interners' short lists, into their hash maps.
+        let mut cs = sample();
+        let first = cs.changes[0].clone();
+        for i in 0..40u8 {
+            cs.changes.push(Change {
+                column: Some(Arc::from(format!("c{}", i % 20))),
+                site: SiteId::from_bytes([i % 13 + 10; 16]),
+                hlc: Hlc(1000 + u64::from(i)),
+                cl: 9,
+                ..first.clone()
+            });
+        }
+        assert_eq!(ChangeSet::decode(&cs.encode()).unwrap(), cs);
     }
 
     #[test]

@@ -158,6 +158,29 @@ impl<'a> Reader<'a> {
             .map_err(|_| Error::malformed("text is not valid UTF-8"))
     }
 
+    /// Reads past a value, checking it as `value` does.
+    pub fn skip_value(&mut self) -> Result<()> {
+        match self.u8()? {
+            TAG_NULL => {}
+            TAG_INTEGER => {
+                self.varint()?;
+            }
+            TAG_REAL => {
+                if f64::from_bits(self.u64_le()?).is_nan() {
+                    return Err(Error::invalid("NaN is not a value SQLite keeps"));
+                }
+            }
+            TAG_TEXT => {
+                self.str(usize::MAX)?;
+            }
+            TAG_BLOB => {
+                self.bytes(usize::MAX)?;
+            }
+            tag => return Err(Error::malformed(format!("unknown value tag {tag}"))),
+        }
+        Ok(())
+    }
+
     pub fn value(&mut self, max_len: usize) -> Result<Value> {
         Ok(match self.u8()? {
             TAG_NULL => Value::Null,

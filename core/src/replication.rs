@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Statement};
 
 use crate::capture::{lock, SharedState};
 use crate::changeset::{Change, ChangeSet};
@@ -82,18 +82,34 @@ struct Local {
     from: Option<usize>,
 }
 
+/// The statements that merge rows into one table, prepared once per apply
+/// on its transaction's connection: fetching them from the connection's
+/// cache for each row (hashing their text, resetting them on return) cost
+/// more than the rows' own B-tree work.
+struct TableStatements<'c> {
+    load: Statement<'c>,
+    /// The row's metadata, inserted (a row new here) or updated.
+    insert_meta: Statement<'c>,
+    update_meta: Statement<'c>,
+    /// The app table's writes by kind and written slots (a table sees few
+    /// shapes, so a short list is searched without building a key).
+    writes: Vec<(u8, Vec<usize>, Statement<'c>)>,
+}
+
 /// State shared by the rows of one apply.
-pub(crate) struct ApplyCtx {
+pub(crate) struct ApplyCtx<'c> {
     sites: Vec<SiteId>,
     site_ords: HashMap<SiteId, u32>,
     first_new_site: usize,
-    sql: HashMap<(i64, u8, Vec<usize>), String>,
+    last_site: Option<(SiteId, u32)>,
+    /// By table id.
+    statements: HashMap<i64, TableStatements<'c>>,
     pub(crate) report: ApplyReport,
     /// The changes of the row being merged when a merge failed.
     failed_row: Option<std::ops::Range<usize>>,
 }
 
-impl ApplyCtx {
+impl<'c> ApplyCtx<'c> {
     fn new(sites: Vec<SiteId>) -> Self {
         let site_ords = sites
             .iter()
@@ -104,14 +120,21 @@ impl ApplyCtx {
             first_new_site: sites.len(),
             sites,
             site_ords,
-            sql: HashMap::new(),
+            last_site: None,
+            statements: HashMap::new(),
             report: ApplyReport::default(),
             failed_row: None,
         }
     }
 
     pub(crate) fn ord(&mut self, conn: &Connection, site: SiteId) -> Result<u32> {
+        // Most changes of an apply come from the site before them.
+        match self.last_site {
+            Some((s, o)) if s == site => return Ok(o),
+            _ => {}
+        }
         if let Some(&o) = self.site_ords.get(&site) {
+            self.last_site = Some((site, o));
             return Ok(o);
         }
         let ord = self.sites.len() as u32;
@@ -120,6 +143,57 @@ impl ApplyCtx {
         self.sites.push(site);
         self.site_ords.insert(site, ord);
         Ok(ord)
+    }
+
+    /// The statements of `t`, prepared the first time.
+    fn statements(
+        &mut self,
+        conn: &'c Connection,
+        t: &TableInfo,
+    ) -> Result<&mut TableStatements<'c>> {
+        Ok(match self.statements.entry(t.id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let meta = t.meta_table();
+                e.insert(TableStatements {
+                    load: conn
+                        .prepare(&format!("SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"))?,
+                    insert_meta: conn.prepare(&format!(
+                        "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, ?2, ?3, ?4)"
+                    ))?,
+                    update_meta: conn.prepare(&format!(
+                        "UPDATE {meta} SET cl = ?2, dbv = ?3, clocks = ?4 WHERE pk = ?1"
+                    ))?,
+                    writes: Vec::new(),
+                })
+            }
+        })
+    }
+}
+
+impl<'c> TableStatements<'c> {
+    /// The app-table statement of `kind` writing `slots`, made from the SQL
+    /// `sql` gives the first time.
+    fn write(
+        &mut self,
+        conn: &'c Connection,
+        kind: u8,
+        slots: &[usize],
+        sql: impl FnOnce() -> String,
+    ) -> Result<&mut Statement<'c>> {
+        let i = match self
+            .writes
+            .iter()
+            .position(|(k, s, _)| *k == kind && s == slots)
+        {
+            Some(i) => i,
+            None => {
+                self.writes
+                    .push((kind, slots.to_vec(), conn.prepare(&sql())?));
+                self.writes.len() - 1
+            }
+        };
+        Ok(&mut self.writes[i].2)
     }
 }
 
@@ -275,6 +349,7 @@ impl Database {
                     && ctx.failed_row.is_some()
                     && is_data_error(&err)
                 {
+                    drop(ctx);
                     drop(remote);
                     drop(tx);
                     careful = true;
@@ -292,6 +367,9 @@ impl Database {
             }
             drop(remote);
             let new_sites = ctx.sites.len() > ctx.first_new_site;
+            // Its statements go before the transaction they were made on.
+            let report = std::mem::take(&mut ctx.report);
+            drop(ctx);
             tx.commit_then(|conn| {
                 if new_sites {
                     self.refresh_caches(conn, None)
@@ -299,7 +377,7 @@ impl Database {
                     Ok(())
                 }
             })?;
-            return Ok(ctx.report);
+            return Ok(report);
         }
     }
 
@@ -320,10 +398,10 @@ impl Database {
     /// Merges `changes` row by row, each row under a savepoint: a row that
     /// this database refuses (a data error) is undone, marked `refused`
     /// with the reason, and the others go on.
-    fn merge_rows_guarded(
+    fn merge_rows_guarded<'c>(
         &self,
-        tx: &Transaction<'_>,
-        ctx: &mut ApplyCtx,
+        tx: &'c Transaction<'_>,
+        ctx: &mut ApplyCtx<'c>,
         changes: &[Change],
         refused: &mut [Option<String>],
         adding: Option<&Arc<TableInfo>>,
@@ -349,6 +427,7 @@ impl Database {
                 Ok(()) => conn.execute_batch("RELEASE confluo_row")?,
                 Err(err) if is_data_error(&err) => {
                     conn.execute_batch("ROLLBACK TO confluo_row; RELEASE confluo_row")?;
+                    ctx.last_site = None;
                     for s in ctx.sites.drain(sites..) {
                         ctx.site_ords.remove(&s);
                     }
@@ -408,10 +487,10 @@ impl Database {
     /// together; a row may appear again later, which is just slower).
     /// `adding` is a table being made synced in this transaction, not yet
     /// in the cache.
-    fn merge_changes(
+    fn merge_changes<'c>(
         &self,
-        tx: &Transaction<'_>,
-        ctx: &mut ApplyCtx,
+        tx: &'c Transaction<'_>,
+        ctx: &mut ApplyCtx<'c>,
         changes: &[Change],
         refused: &[Option<String>],
         adding: Option<&Arc<TableInfo>>,
@@ -463,19 +542,19 @@ impl Database {
         Ok(())
     }
 
-    fn merge_row(
+    fn merge_row<'c>(
         &self,
-        conn: &Connection,
-        ctx: &mut ApplyCtx,
+        conn: &'c Connection,
+        ctx: &mut ApplyCtx<'c>,
         t: &TableInfo,
         changes: &[Change],
         range: std::ops::Range<usize>,
     ) -> Result<()> {
-        let meta = t.meta_table();
         let pk = &changes[range.start].pk;
         let key = meta_key(t, pk);
-        let stored: Option<(i64, i64, Vec<u8>)> = conn
-            .prepare_cached(&format!("SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"))?
+        let stored: Option<(i64, i64, Vec<u8>)> = ctx
+            .statements(conn, t)?
+            .load
             .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         let mut row: RowState<Local> = match &stored {
@@ -572,61 +651,53 @@ impl Database {
         };
         let now_alive = row.is_alive();
         if now_alive && (reset || !was_alive) {
-            let sql = ctx
-                .sql
-                .entry((t.id, b'i', written.clone()))
-                .or_insert_with(|| {
-                    let cols: Vec<String> =
-                        t.pk.iter()
-                            .map(|c| quote(c))
-                            .chain(
-                                written
-                                    .iter()
-                                    .map(|&s| quote(t.slots[s].as_deref().expect("live"))),
-                            )
-                            .collect();
-                    let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
-                    format!(
-                        "INSERT OR REPLACE INTO {}({}) VALUES ({})",
-                        quote(&t.name),
-                        cols.join(", "),
-                        marks.join(", ")
-                    )
-                });
-            let values = pk.iter().chain(written.iter().map(|&s| value_of(s)));
-            conn.prepare_cached(sql)?
-                .execute(params_from_iter(values))?;
-        } else if now_alive && !written.is_empty() {
-            let sql = ctx
-                .sql
-                .entry((t.id, b'u', written.clone()))
-                .or_insert_with(|| {
-                    let sets: Vec<String> = written
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &s)| {
-                            format!(
-                                "{} = ?{}",
-                                quote(t.slots[s].as_deref().expect("live")),
-                                i + 1
-                            )
-                        })
+            let stmt = ctx.statements(conn, t)?.write(conn, b'i', &written, || {
+                let cols: Vec<String> =
+                    t.pk.iter()
+                        .map(|c| quote(c))
+                        .chain(
+                            written
+                                .iter()
+                                .map(|&s| quote(t.slots[s].as_deref().expect("live"))),
+                        )
                         .collect();
-                    format!(
-                        "UPDATE {} SET {} WHERE {}",
-                        quote(&t.name),
-                        sets.join(", "),
-                        t.key_where(written.len() + 1)
-                    )
-                });
-            let values = written.iter().map(|&s| value_of(s)).chain(pk.iter());
-            conn.prepare_cached(sql)?
-                .execute(params_from_iter(values))?;
-        } else if !now_alive && was_alive {
-            let sql = ctx.sql.entry((t.id, b'd', Vec::new())).or_insert_with(|| {
-                format!("DELETE FROM {} WHERE {}", quote(&t.name), t.key_where(1))
+                let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+                format!(
+                    "INSERT OR REPLACE INTO {}({}) VALUES ({})",
+                    quote(&t.name),
+                    cols.join(", "),
+                    marks.join(", ")
+                )
             });
-            conn.prepare_cached(sql)?
+            let values = pk.iter().chain(written.iter().map(|&s| value_of(s)));
+            stmt?.execute(params_from_iter(values))?;
+        } else if now_alive && !written.is_empty() {
+            let stmt = ctx.statements(conn, t)?.write(conn, b'u', &written, || {
+                let sets: Vec<String> = written
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &s)| {
+                        format!(
+                            "{} = ?{}",
+                            quote(t.slots[s].as_deref().expect("live")),
+                            i + 1
+                        )
+                    })
+                    .collect();
+                format!(
+                    "UPDATE {} SET {} WHERE {}",
+                    quote(&t.name),
+                    sets.join(", "),
+                    t.key_where(written.len() + 1)
+                )
+            });
+            let values = written.iter().map(|&s| value_of(s)).chain(pk.iter());
+            stmt?.execute(params_from_iter(values))?;
+        } else if !now_alive && was_alive {
+            ctx.statements(conn, t)?
+                .write(conn, b'd', &[], || {
+                    format!("DELETE FROM {} WHERE {}", quote(&t.name), t.key_where(1))
+                })?
                 .execute(params_from_iter(pk.iter()))?;
         }
         self.check_no_trigger_writes(t)?;
@@ -647,10 +718,15 @@ impl Database {
             marker: row.marker.as_ref().map(stamp),
             cells: row.cells.iter().map(|c| c.as_ref().map(stamp)).collect(),
         };
-        conn.prepare_cached(&format!(
-            "INSERT OR REPLACE INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, ?2, ?3, ?4)"
-        ))?
-        .execute(params![key, row.cl as i64, dbv as i64, clocks.encode(dbv)])?;
+        let statements = ctx.statements(conn, t)?;
+        // Known to exist or not by the load above, in this transaction: an
+        // INSERT OR REPLACE would make SQLite journal the statement.
+        let save = if stored.is_some() {
+            &mut statements.update_meta
+        } else {
+            &mut statements.insert_meta
+        };
+        save.execute(params![key, row.cl as i64, dbv as i64, clocks.encode(dbv)])?;
         Ok(())
     }
 
@@ -877,11 +953,22 @@ fn schema_violation_is_bad_input(err: Error) -> Error {
 /// export keeps a row's changes side by side, so the wire encoding writes
 /// its key once).
 fn number_seqs(changes: &mut [Change]) {
+    // The next seq of the last db_version seen is kept out of the map:
+    // consecutive changes mostly share one.
     let mut seqs: HashMap<u64, u32> = HashMap::new();
+    let mut last: Option<(u64, u32)> = None;
     for c in changes {
-        let seq = seqs.entry(c.db_version).or_insert(0);
-        c.seq = *seq;
-        *seq += 1;
+        let next = match last {
+            Some((v, next)) if v == c.db_version => next,
+            _ => {
+                if let Some((v, next)) = last {
+                    seqs.insert(v, next);
+                }
+                seqs.get(&c.db_version).copied().unwrap_or(0)
+            }
+        };
+        c.seq = next;
+        last = Some((c.db_version, next + 1));
     }
 }
 
@@ -911,8 +998,11 @@ fn export_table(
             .collect::<Vec<_>>()
             .join(" AND ")
     };
+    // Everything (since 0) is read in the metadata's own order: walking the
+    // dbv index would add a lookup of the metadata row for each entry.
+    let scan = if since == 0 { " NOT INDEXED" } else { "" };
     let sql = format!(
-        "SELECT m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m \
+        "SELECT m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m{scan} \
          LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.dbv > ?1",
         table = quote(&t.name)
     );

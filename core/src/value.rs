@@ -94,7 +94,12 @@ impl Value {
             ValueRef::Real(f) => Value::Real(f),
             // SQLite text is UTF-8 unless the app stored invalid bytes;
             // keep them readable rather than failing the whole read.
-            ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+            // (`from_utf8` first: its check is several times faster than
+            // the lossy one's, and valid text is the rule.)
+            ValueRef::Text(t) => Value::Text(match std::str::from_utf8(t) {
+                Ok(s) => s.to_owned(),
+                Err(_) => String::from_utf8_lossy(t).into_owned(),
+            }),
             ValueRef::Blob(b) => Value::Blob(b.to_vec()),
         }
     }

@@ -19,7 +19,9 @@
 //!    on): device A pushes through one and B pulls through the other, the
 //!    50 devices are spread over both. Their names end in `_pg`.
 //!
-//! Prints one `RESULT {json}` line per figure.
+//! Prints one `RESULT {json}` line per figure. `CONFLUO_BENCH_ONLY` runs
+//! one figure alone: `transfer` (1, on SQLite), `crowd` (2, on SQLite),
+//! `initial_sync` (5) or `idle_long_polls` (6).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -444,6 +446,14 @@ fn main() {
         .unwrap_or(30);
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path().join("server.db").as_os_str());
+    // One figure alone, on the SQLite store, to judge a change quickly.
+    match std::env::var("CONFLUO_BENCH_ONLY").as_deref() {
+        Ok("transfer") => return transfer(dir.path(), &server, &server, ""),
+        Ok("crowd") => {
+            return many_devices(dir.path(), &[&server], 50, Duration::from_secs(seconds), "")
+        }
+        _ => {}
+    }
     transfer(dir.path(), &server, &server, "");
     many_devices(dir.path(), &[&server], 50, Duration::from_secs(seconds), "");
     drop(server);

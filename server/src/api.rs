@@ -15,7 +15,7 @@ use confluo_core::{check_change, ChangeSet, SiteId};
 
 use crate::auth::Denied;
 use crate::quota::OverQuota;
-use crate::store::{Page, Resume, SpaceState, StoreError};
+use crate::store::{Page, PushPart, Resume, SpaceState, StoreError};
 use crate::App;
 use confluo_core::coding;
 
@@ -707,15 +707,14 @@ async fn sync_inner(
     let mut extra = Vec::new();
     if !body.is_empty() {
         let (app2, bytes) = (app.clone(), body.clone());
-        let (source, pushed) = tokio::task::spawn_blocking(move || {
-            validate_push(&app2, &bytes).map(|cs| (cs.source, cs.changes.len()))
-        })
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+        let validated = tokio::task::spawn_blocking(move || validate_push(&app2, &bytes))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??;
+        let (source, pushed) = (validated.source, validated.changes.len());
         exclude = exclude.or(Some(source));
-        let parts = match push_part(&headers)? {
+        let staged = match push_part(&headers)? {
             Some((id, i, n)) => {
                 if i < n {
                     let (store, sp, bytes) = (app.store.clone(), space.clone(), body.to_vec());
@@ -728,20 +727,25 @@ async fn sync_inner(
                 }
                 // The last part: merge the staged parts and this one together.
                 let (store, sp) = (app.store.clone(), space.clone());
-                let Some(mut parts) = blocking(move || store.take_staged(&sp, &id, n)).await?
-                else {
+                let Some(parts) = blocking(move || store.take_staged(&sp, &id, n)).await? else {
                     return Err(ApiError::bad(
                         "invalid_push_part",
                         format!("push is missing some of its {n} parts; send them all again"),
                     ));
                 };
-                parts.push(body.to_vec());
                 parts
             }
-            None => vec![body.to_vec()],
+            None => Vec::new(),
         };
         let (store, sp) = (app.store.clone(), space.clone());
-        let outcome = blocking(move || store.push(&sp, &parts)).await?;
+        let outcome = blocking(move || {
+            // This part was decoded by its validation: not decoded again.
+            let mut parts: Vec<PushPart<'_>> =
+                staged.iter().map(|p| PushPart::Encoded(p)).collect();
+            parts.push(PushPart::Decoded(validated));
+            store.push_parts(&sp, parts)
+        })
+        .await?;
         app.metrics
             .pushed_changes
             .fetch_add(pushed as u64, Ordering::Relaxed);

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use confluo_core::{pack_key, Change, ChangeSet, SiteId};
+use confluo_core::{pack_key, Change, SiteId};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, IsolationLevel};
@@ -31,7 +31,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
     cell_versions, check_pull, decode_stored, merge_row, row_runs, Page, PageBuilder, PushFeed,
-    PushOutcome, Resume, SpaceState, Store, StoreError, StoreResult, MAX_STAGED_BYTES, STAGED_TTL,
+    PushOutcome, PushPart, Resume, SpaceState, Store, StoreError, StoreResult, MAX_STAGED_BYTES,
+    STAGED_TTL,
 };
 
 /// The schema, one migration per layout change. Each runs once, in order,
@@ -241,7 +242,7 @@ impl PgStore {
             .block_on(f)
     }
 
-    async fn push_async(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
+    async fn push_async(&self, space: &str, parts: Vec<PushPart<'_>>) -> StoreResult<PushOutcome> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         // The space's lock: pushes to it, from any process, take turns.
@@ -261,7 +262,7 @@ impl PgStore {
             }
         };
         let (sid, current): (i64, i64) = (row.get(0), row.get(1));
-        check_shapes(&tx, sid, parts).await?;
+        check_shapes(&tx, sid, &parts).await?;
         let version = current as u64 + 1;
         let mut outcome = PushOutcome {
             version: current as u64,
@@ -270,7 +271,7 @@ impl PgStore {
             stale: 0,
         };
         for part in parts {
-            let cs = ChangeSet::decode(part)?;
+            let cs = part.decode()?;
             let runs: Vec<&[Change]> = row_runs(&cs.changes).collect();
             for batch in runs.chunks(PUSH_BATCH) {
                 self.merge_batch(&tx, sid, version, batch, &mut outcome)
@@ -625,7 +626,7 @@ async fn prepare(pool: &Pool) -> StoreResult<SiteId> {
 async fn check_shapes(
     tx: &deadpool_postgres::Transaction<'_>,
     sid: i64,
-    parts: &[Vec<u8>],
+    parts: &[PushPart<'_>],
 ) -> StoreResult<()> {
     let mut arity: HashMap<Arc<str>, usize> = HashMap::new();
     let known = tx
@@ -636,16 +637,14 @@ async fn check_shapes(
     }
     let mut learned: Vec<(Arc<str>, usize)> = Vec::new();
     for part in parts {
-        for c in ChangeSet::decode(part)?.changes {
-            let n = *arity.entry(c.table.clone()).or_insert_with(|| {
-                learned.push((c.table.clone(), c.pk.len()));
-                c.pk.len()
+        for (table, len) in part.key_shapes()? {
+            let n = *arity.entry(table.clone()).or_insert_with(|| {
+                learned.push((table.clone(), len));
+                len
             });
-            if c.pk.len() != n {
+            if len != n {
                 return Err(StoreError::BadInput(format!(
-                    "table {:?} has keys of {n} value(s) in this space, but a change has a key of {}",
-                    c.table,
-                    c.pk.len()
+                    "table {table:?} has keys of {n} value(s) in this space, but a change has a key of {len}"
                 )));
             }
         }
@@ -702,7 +701,7 @@ async fn listen(
 }
 
 impl Store for PgStore {
-    fn push(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
+    fn push_parts(&self, space: &str, parts: Vec<PushPart<'_>>) -> StoreResult<PushOutcome> {
         self.run(self.push_async(space, parts))
     }
 

@@ -87,10 +87,49 @@ pub struct SpaceState {
     pub epoch: String,
 }
 
+/// One part of a push, already validated: as it was received (a part kept
+/// until the last one arrived), or decoded by the request that brought it
+/// (the last part), so that it is not decoded again.
+pub enum PushPart<'a> {
+    Encoded(&'a [u8]),
+    Decoded(ChangeSet),
+}
+
+impl PushPart<'_> {
+    /// The tables the part writes, with the number of values of their
+    /// keys (see `ChangeSet::key_shapes`).
+    pub(crate) fn key_shapes(&self) -> StoreResult<Vec<(Arc<str>, usize)>> {
+        match self {
+            PushPart::Encoded(bytes) => Ok(ChangeSet::key_shapes(bytes)?),
+            PushPart::Decoded(cs) => {
+                let mut shapes: Vec<(Arc<str>, usize)> = Vec::new();
+                for run in row_runs(&cs.changes) {
+                    let (table, arity) = (&run[0].table, run[0].pk.len());
+                    if !shapes.iter().any(|(t, n)| t == table && *n == arity) {
+                        shapes.push((table.clone(), arity));
+                    }
+                }
+                Ok(shapes)
+            }
+        }
+    }
+
+    pub(crate) fn decode(self) -> StoreResult<ChangeSet> {
+        match self {
+            PushPart::Encoded(bytes) => Ok(ChangeSet::decode(bytes)?),
+            PushPart::Decoded(cs) => Ok(cs),
+        }
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
-    /// Merges a push (one or more encoded, already validated change sets)
-    /// into `space` in one transaction, under one new version.
-    fn push(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome>;
+    /// Merges a push (one or more already validated change sets) into
+    /// `space` in one transaction, under one new version.
+    fn push_parts(&self, space: &str, parts: Vec<PushPart<'_>>) -> StoreResult<PushOutcome>;
+    /// `push_parts` of encoded parts.
+    fn push(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
+        self.push_parts(space, parts.iter().map(|p| PushPart::Encoded(p)).collect())
+    }
     /// Changes after `cursor` (or after `resume`), up to about `budget`
     /// bytes, never cutting a version unless it alone exceeds the budget.
     /// Changes that originated at `exclude` are left out.
@@ -547,6 +586,28 @@ impl SqliteStore {
         result
     }
 
+    /// `in_transaction`, committed without waiting for the disk (see
+    /// `push_parts`): durable once a later transaction commits.
+    fn in_transaction_unsynced<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let conn = self.writer.lock();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = f(&conn);
+        let ended = match &result {
+            Ok(_) => conn.execute_batch("COMMIT"),
+            Err(_) => conn.execute_batch("ROLLBACK"),
+        };
+        // Whatever happened: every other write waits for the disk.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        if result.is_ok() {
+            ended?;
+        }
+        result
+    }
+
     /// The lock pushes to `space` take (one of a fixed set: spaces that
     /// share one wait for each other, rarely and briefly).
     fn space_lock(&self, space: &str) -> &Mutex<()> {
@@ -626,7 +687,14 @@ impl Store for SqliteStore {
     /// before any row is written; a later step can only fail on storage,
     /// and the device then sends the same push again, which merges the
     /// same way over what the first attempt left.
-    fn push(&self, space: &str, parts: &[Vec<u8>]) -> StoreResult<PushOutcome> {
+    ///
+    /// The steps before the last are committed without waiting for the
+    /// disk: the last step's commit writes the log through to the disk,
+    /// and with it every step before (SQLite's log is replayed in order up
+    /// to its first incomplete commit). A crash before it loses no
+    /// acknowledged push: this one was not acknowledged, and its rows were
+    /// not visible.
+    fn push_parts(&self, space: &str, parts: Vec<PushPart<'_>>) -> StoreResult<PushOutcome> {
         let _space_lock = self
             .space_lock(space)
             .lock()
@@ -643,9 +711,9 @@ impl Store for SqliteStore {
                 }
             };
             let mut shapes = TableShapes::default();
-            for part in parts {
-                for c in ChangeSet::decode(part)?.changes {
-                    shapes.check(conn, sid, &c)?;
+            for part in &parts {
+                for (table, len) in part.key_shapes()? {
+                    shapes.check(conn, sid, &table, len)?;
                 }
             }
             Ok((sid, current))
@@ -658,9 +726,9 @@ impl Store for SqliteStore {
             stale: 0,
         };
         for part in parts {
-            let cs = ChangeSet::decode(part)?;
+            let cs = part.decode()?;
             for step in cs.changes.chunks(PUSH_STEP) {
-                self.in_transaction(|conn| {
+                self.in_transaction_unsynced(|conn| {
                     merge_into(conn, sid, version, self.site, step, &mut outcome)
                 })?;
                 #[cfg(test)]
@@ -781,7 +849,45 @@ impl Store for SqliteStore {
         part: u32,
         body: &[u8],
     ) -> StoreResult<()> {
-        let conn = self.writer.lock();
+        // Not waited for on disk: a part lost in a crash is missed when the
+        // last part comes, and the device is told to send them all again.
+        self.in_transaction_unsynced(|conn| self.stage_in(conn, space, site, push_id, part, body))
+    }
+
+    fn take_staged(
+        &self,
+        space: &str,
+        push_id: &str,
+        last: u32,
+    ) -> StoreResult<Option<Vec<Vec<u8>>>> {
+        // Parts forgotten here and found again after a crash are harmless:
+        // kept an hour at most, and replaced by the same push sent again.
+        self.in_transaction_unsynced(|conn| take_staged_in(conn, space, push_id, last))
+    }
+
+    fn server_site(&self) -> SiteId {
+        self.site
+    }
+
+    fn version_tag(&self, space: &str, version: u64) -> StoreResult<Option<String>> {
+        self.with_reader(|conn| match space_id(conn, space)? {
+            Some((sid, _)) => tag_of(conn, sid, version),
+            None => Ok(None),
+        })
+    }
+}
+
+impl SqliteStore {
+    /// Keeps a part as `Store::stage` says, in the caller's transaction.
+    fn stage_in(
+        &self,
+        conn: &Connection,
+        space: &str,
+        site: SiteId,
+        push_id: &str,
+        part: u32,
+        body: &[u8],
+    ) -> StoreResult<()> {
         conn.execute(
             "DELETE FROM staged WHERE created < ?1",
             [now_secs() - STAGED_TTL.as_secs() as i64],
@@ -810,15 +916,16 @@ impl Store for SqliteStore {
         )?;
         Ok(())
     }
+}
 
-    fn take_staged(
-        &self,
-        space: &str,
-        push_id: &str,
-        last: u32,
-    ) -> StoreResult<Option<Vec<Vec<u8>>>> {
-        let conn = self.writer.lock();
-        let parts = conn
+/// Takes the parts of a push `SqliteStore::take_staged` asks for.
+fn take_staged_in(
+    conn: &Connection,
+    space: &str,
+    push_id: &str,
+    last: u32,
+) -> StoreResult<Option<Vec<Vec<u8>>>> {
+    let parts = conn
             .prepare_cached(
                 "SELECT part, body FROM staged WHERE space = ?1 AND push_id = ?2 AND part < ?3 ORDER BY part",
             )?
@@ -826,24 +933,12 @@ impl Store for SqliteStore {
                 Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        conn.execute(
-            "DELETE FROM staged WHERE space = ?1 AND push_id = ?2",
-            params![space, push_id],
-        )?;
-        let complete = parts.iter().map(|(i, _)| *i).eq(1..last);
-        Ok(complete.then(|| parts.into_iter().map(|(_, body)| body).collect()))
-    }
-
-    fn server_site(&self) -> SiteId {
-        self.site
-    }
-
-    fn version_tag(&self, space: &str, version: u64) -> StoreResult<Option<String>> {
-        self.with_reader(|conn| match space_id(conn, space)? {
-            Some((sid, _)) => tag_of(conn, sid, version),
-            None => Ok(None),
-        })
-    }
+    conn.execute(
+        "DELETE FROM staged WHERE space = ?1 AND push_id = ?2",
+        params![space, push_id],
+    )?;
+    let complete = parts.iter().map(|(i, _)| *i).eq(1..last);
+    Ok(complete.then(|| parts.into_iter().map(|(_, body)| body).collect()))
 }
 
 /// The shape of each table of a space, learned from the first push that
@@ -855,15 +950,22 @@ struct TableShapes {
 }
 
 impl TableShapes {
-    fn check(&mut self, conn: &Connection, space: i64, c: &Change) -> StoreResult<()> {
-        let arity = match self.key_arity.get(&c.table) {
+    /// Checks that keys of `table` have `len` values.
+    fn check(
+        &mut self,
+        conn: &Connection,
+        space: i64,
+        table: &Arc<str>,
+        len: usize,
+    ) -> StoreResult<()> {
+        let arity = match self.key_arity.get(table) {
             Some(&n) => n,
             None => {
                 let known: Option<i64> = conn
                     .prepare_cached(
                         "SELECT key_arity FROM space_tables WHERE space = ?1 AND tbl = ?2",
                     )?
-                    .query_row(params![space, &*c.table], |r| r.get(0))
+                    .query_row(params![space, &**table], |r| r.get(0))
                     .optional()?;
                 let n = match known {
                     Some(n) => n as usize,
@@ -873,30 +975,28 @@ impl TableShapes {
                             .prepare_cached(
                                 "SELECT pk FROM rows WHERE space = ?1 AND tbl = ?2 LIMIT 1",
                             )?
-                            .query_row(params![space, &*c.table], |r| r.get(0))
+                            .query_row(params![space, &**table], |r| r.get(0))
                             .optional()?;
                         let n = match stored {
                             Some(pk) => confluo_core::unpack_key(&pk)
                                 .map_err(|e| StoreError::Storage(format!("stored key: {e}")))?
                                 .len(),
-                            None => c.pk.len(),
+                            None => len,
                         };
                         conn.prepare_cached(
                             "INSERT INTO space_tables(space, tbl, key_arity) VALUES (?1, ?2, ?3)",
                         )?
-                        .execute(params![space, &*c.table, n as i64])?;
+                        .execute(params![space, &**table, n as i64])?;
                         n
                     }
                 };
-                self.key_arity.insert(c.table.clone(), n);
+                self.key_arity.insert(table.clone(), n);
                 n
             }
         };
-        if c.pk.len() != arity {
+        if len != arity {
             return Err(StoreError::BadInput(format!(
-                "table {:?} has keys of {arity} value(s) in this space, but a change has a key of {}",
-                c.table,
-                c.pk.len()
+                "table {table:?} has keys of {arity} value(s) in this space, but a change has a key of {len}"
             )));
         }
         Ok(())
@@ -927,7 +1027,7 @@ fn merge_into(
     let mut shapes = TableShapes::default();
     for run in row_runs(changes) {
         let first = &run[0];
-        shapes.check(conn, space, first)?;
+        shapes.check(conn, space, &first.table, first.pk.len())?;
         let key = pack_key(&first.pk);
         let stored: Vec<Change> = match load
             .query_row(params![space, &*first.table, key], |r| {
@@ -1146,6 +1246,31 @@ mod tests {
             2,
             "only version 2's cells after cursor 1"
         );
+    }
+
+    #[test]
+    fn every_write_but_a_push_s_inner_steps_waits_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("server.db")).unwrap();
+        let synchronous = |store: &SqliteStore| -> i64 {
+            store
+                .writer
+                .lock()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        const FULL: i64 = 2;
+        let big: Vec<Change> = (0..PUSH_STEP + 10)
+            .map(|i| change(&format!("r{i}"), None, 10))
+            .collect();
+        assert_eq!(push(&store, big).version, 1);
+        assert_eq!(synchronous(&store), FULL);
+        // Also after a step that failed.
+        let failed = store.in_transaction_unsynced(|_| -> StoreResult<()> {
+            Err(StoreError::Storage("injected".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(synchronous(&store), FULL);
     }
 
     #[test]

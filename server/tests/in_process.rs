@@ -783,12 +783,12 @@ fn a_wiped_server_that_grew_past_our_cursor_is_noticed_by_its_epoch() {
 struct Deaf(Arc<SqliteStore>);
 
 impl confluo_server::Store for Deaf {
-    fn push(
+    fn push_parts(
         &self,
         space: &str,
-        parts: &[Vec<u8>],
+        parts: Vec<confluo_server::store::PushPart<'_>>,
     ) -> confluo_server::store::StoreResult<confluo_server::store::PushOutcome> {
-        self.0.push(space, parts)
+        self.0.push_parts(space, parts)
     }
     fn pull(
         &self,
