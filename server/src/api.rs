@@ -705,6 +705,9 @@ async fn sync_inner(
     // must resync first; its push is not merged, so it is sent again after.
     let state = check_history(app, &space, &params).await?;
     let mut extra = Vec::new();
+    // Where the answer's page starts reading: past this push's own version
+    // when the device was current before it (see below).
+    let mut from = params.cursor;
     if !body.is_empty() {
         let (app2, bytes) = (app.clone(), body.clone());
         let validated = tokio::task::spawn_blocking(move || validate_push(&app2, &bytes))
@@ -765,8 +768,15 @@ async fn sync_inner(
             extra.push(("confluo-push-tag", tag));
         }
         extra.push(("confluo-applied", outcome.applied.to_string()));
+        // A device that had every version before its push has nothing to
+        // learn from the push's own: that version holds only the cells of
+        // its changes that won. Reading them back only to leave them out
+        // (the whole push, for a large one) is skipped.
+        if resume.is_none() && params.cursor == outcome.previous {
+            from = outcome.version;
+        }
     }
-    pull_page(app, &space, &params, resume, exclude, state, extra).await
+    pull_page(app, &space, &params, from, resume, exclude, state, extra).await
 }
 
 /// The checks every request of a space passes first: protocol version,
@@ -794,11 +804,14 @@ fn over_quota(q: OverQuota) -> ApiError {
     }
 }
 
-/// Answers with the page of changes after the request's cursor.
+/// Answers with the page of changes after the request's cursor, read from
+/// version `from` on (the cursor, or past versions the device already has).
+#[allow(clippy::too_many_arguments)]
 async fn pull_page(
     app: &Arc<App>,
     space: &str,
     params: &PullParams,
+    from: u64,
     resume: Option<Resume>,
     exclude: Option<SiteId>,
     state: Option<SpaceState>,
@@ -807,7 +820,7 @@ async fn pull_page(
     let (store, sp, cursor, budget) = (
         app.store.clone(),
         space.to_owned(),
-        params.cursor,
+        from,
         app.config.page_bytes,
     );
     let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
@@ -952,5 +965,15 @@ async fn changes_inner(
             }
         }
     }
-    pull_page(app, &space, &params, resume, exclude, state, extra).await
+    pull_page(
+        app,
+        &space,
+        &params,
+        params.cursor,
+        resume,
+        exclude,
+        state,
+        extra,
+    )
+    .await
 }

@@ -265,6 +265,7 @@ impl PgStore {
         check_shapes(&tx, sid, &parts).await?;
         let version = current as u64 + 1;
         let mut outcome = PushOutcome {
+            previous: current as u64,
             version: current as u64,
             tag: None,
             applied: 0,

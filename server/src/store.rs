@@ -51,6 +51,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// What a push did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushOutcome {
+    /// The space's version before the push.
+    pub previous: u64,
     /// The space's version after the push (unchanged if nothing won).
     pub version: u64,
     /// That version's tag (see `Store::version_tag`).
@@ -720,6 +722,7 @@ impl Store for SqliteStore {
         })?;
         let version = current + 1;
         let mut outcome = PushOutcome {
+            previous: current,
             version: current,
             tag: None,
             applied: 0,
@@ -1285,6 +1288,7 @@ mod tests {
             .in_transaction(|conn| Ok(space_id(conn, "s")?.unwrap().0))
             .unwrap();
         let mut outcome = PushOutcome {
+            previous: 0,
             version: 1,
             tag: None,
             applied: 0,

@@ -778,17 +778,37 @@ fn a_wiped_server_that_grew_past_our_cursor_is_noticed_by_its_epoch() {
     assert_eq!(dump(&a), dump(&b));
 }
 
-/// A store shared by several servers whose reports of each other's pushes
-/// never arrive (every notification lost).
-struct Deaf(Arc<SqliteStore>);
+/// A store that remembers the cursor of every pull, and may be deaf: a store
+/// shared by several servers whose reports of each other's pushes never
+/// arrive (every notification lost).
+struct Spy {
+    store: Arc<SqliteStore>,
+    deaf: bool,
+    pulled_from: std::sync::Mutex<Vec<u64>>,
+}
 
-impl confluo_server::Store for Deaf {
+impl Spy {
+    fn new(store: Arc<SqliteStore>, deaf: bool) -> Arc<Spy> {
+        Arc::new(Spy {
+            store,
+            deaf,
+            pulled_from: Default::default(),
+        })
+    }
+
+    /// The cursors of the pulls since the last call.
+    fn take_pull_cursors(&self) -> Vec<u64> {
+        std::mem::take(&mut self.pulled_from.lock().unwrap())
+    }
+}
+
+impl confluo_server::Store for Spy {
     fn push_parts(
         &self,
         space: &str,
         parts: Vec<confluo_server::store::PushPart<'_>>,
     ) -> confluo_server::store::StoreResult<confluo_server::store::PushOutcome> {
-        self.0.push_parts(space, parts)
+        self.store.push_parts(space, parts)
     }
     fn pull(
         &self,
@@ -798,13 +818,14 @@ impl confluo_server::Store for Deaf {
         exclude: Option<confluo_core::SiteId>,
         budget: usize,
     ) -> confluo_server::store::StoreResult<confluo_server::store::Page> {
-        self.0.pull(space, cursor, resume, exclude, budget)
+        self.pulled_from.lock().unwrap().push(cursor);
+        self.store.pull(space, cursor, resume, exclude, budget)
     }
     fn space(
         &self,
         space: &str,
     ) -> confluo_server::store::StoreResult<Option<confluo_server::store::SpaceState>> {
-        self.0.space(space)
+        self.store.space(space)
     }
     fn stage(
         &self,
@@ -814,7 +835,7 @@ impl confluo_server::Store for Deaf {
         part: u32,
         body: &[u8],
     ) -> confluo_server::store::StoreResult<()> {
-        self.0.stage(space, site, push_id, part, body)
+        self.store.stage(space, site, push_id, part, body)
     }
     fn take_staged(
         &self,
@@ -822,20 +843,21 @@ impl confluo_server::Store for Deaf {
         push_id: &str,
         last: u32,
     ) -> confluo_server::store::StoreResult<Option<Vec<Vec<u8>>>> {
-        self.0.take_staged(space, push_id, last)
+        self.store.take_staged(space, push_id, last)
     }
     fn server_site(&self) -> confluo_core::SiteId {
-        self.0.server_site()
+        self.store.server_site()
     }
     fn version_tag(
         &self,
         space: &str,
         version: u64,
     ) -> confluo_server::store::StoreResult<Option<String>> {
-        self.0.version_tag(space, version)
+        self.store.version_tag(space, version)
     }
-    fn follow_pushes(&self, _feed: confluo_server::store::PushFeed) -> bool {
-        true
+    fn follow_pushes(&self, feed: confluo_server::store::PushFeed) -> bool {
+        // Deaf: claims to follow pushes, and never reports one.
+        self.deaf || self.store.follow_pushes(feed)
     }
 }
 
@@ -848,7 +870,7 @@ fn a_long_poll_on_a_shared_store_wakes_on_a_push_it_was_never_told_of() {
     };
     let start = |store: &Arc<SqliteStore>| {
         BackgroundServer::start(
-            Arc::new(Deaf(store.clone())),
+            Spy::new(store.clone(), true),
             Auth::default().with_dev_token(),
             config.clone(),
         )
@@ -934,4 +956,51 @@ fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
     );
     assert_eq!(dump(&b), dump(&a));
     assert_eq!(dump(&b).len(), 600);
+}
+
+#[test]
+fn the_answer_to_a_push_from_a_current_device_starts_past_that_push() {
+    let spy = Spy::new(Arc::new(SqliteStore::open_in_memory().unwrap()), false);
+    let server = BackgroundServer::start(
+        spy.clone(),
+        Auth::default().with_dev_token(),
+        Config::default(),
+    )
+    .unwrap();
+    let cfg = SyncConfig::new(server.url(), "s", "dev-token");
+    let (a, b) = (device(), device());
+    // The space is empty, so `a` has every version before its push: the
+    // answer is read from the push's own version (1), not from 0, where it
+    // would read back every row of the push only to leave them out.
+    for i in 0..3 {
+        a.execute(
+            "INSERT INTO todo VALUES (?1, 'from a', 'open')",
+            &[format!("a{i}").into()],
+        )
+        .unwrap();
+    }
+    a.sync_now(&cfg).unwrap();
+    assert_eq!(spy.take_pull_cursors().first(), Some(&1));
+    // `b` was not current (it never pulled version 1): its answer starts at
+    // its cursor and brings `a`'s rows.
+    b.execute("INSERT INTO todo VALUES ('b0', 'from b', 'open')", &[])
+        .unwrap();
+    let rows = |db: &Database| {
+        db.query("SELECT * FROM todo ORDER BY id", &[])
+            .unwrap()
+            .rows
+    };
+    b.sync_now(&cfg).unwrap();
+    assert_eq!(spy.take_pull_cursors().first(), Some(&0));
+    assert_eq!(rows(&b).len(), 4);
+    // Nor is `a` now: its next push is answered from its cursor (1), with
+    // `b`'s row.
+    a.execute("UPDATE todo SET status = 'done' WHERE id = 'a0'", &[])
+        .unwrap();
+    a.sync_now(&cfg).unwrap();
+    assert_eq!(spy.take_pull_cursors().first(), Some(&1));
+    assert_eq!(rows(&a).len(), 4);
+    b.sync_now(&cfg).unwrap();
+    assert_eq!(rows(&a), rows(&b));
+    assert_eq!(rows(&a).len(), 4);
 }
