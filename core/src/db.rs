@@ -384,7 +384,7 @@ impl Database {
     pub fn transaction(&self) -> Result<Transaction<'_>> {
         let guard = self.writer()?;
         let conn = guard.as_ref().expect("checked open");
-        conn.execute_batch("BEGIN IMMEDIATE")?;
+        run_cached(conn, "BEGIN IMMEDIATE")?;
         let tx = Transaction {
             db: self,
             conn: Some(guard),
@@ -473,9 +473,9 @@ impl Database {
     /// in-memory databases.
     pub(crate) fn read_snapshot<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let run = |conn: &Connection| {
-            conn.execute_batch("BEGIN")?;
+            run_cached(conn, "BEGIN")?;
             let out = f(conn);
-            let end = conn.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
+            let end = run_cached(conn, if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
             let out = out?;
             end?;
             Ok(out)
@@ -534,9 +534,10 @@ impl Database {
         let mut persisted = None;
         let result = (|| -> Result<()> {
             self.flush_captured(conn)?;
-            let hlc = {
+            let (hlc, dbv) = {
                 let st = lock(&self.inner.state);
-                (st.hlc.last() > st.persisted_hlc).then(|| st.hlc.last())
+                let hlc = (st.hlc.last() > st.persisted_hlc).then(|| st.hlc.last());
+                (hlc, st.tx_dbv)
             };
             if let Some(hlc) = hlc {
                 conn.prepare_cached("UPDATE confluo_state SET value = ?1 WHERE key = 'hlc'")?
@@ -546,7 +547,6 @@ impl Database {
             // The db_version counter is kept too: the newest db_version in the
             // metadata can disappear (a kept change merged away), and a
             // reused db_version would hide later changes from peers.
-            let dbv = lock(&self.inner.state).tx_dbv;
             if let Some(dbv) = dbv {
                 conn.prepare_cached(
                     "INSERT INTO confluo_state(key, value) VALUES ('dbv', ?1) \
@@ -554,7 +554,7 @@ impl Database {
                 )?
                 .execute([dbv as i64])?;
             }
-            conn.execute_batch("COMMIT")?;
+            run_cached(conn, "COMMIT")?;
             Ok(())
         })();
         {
@@ -670,6 +670,13 @@ pub(crate) fn load_sites(conn: &Connection) -> Result<Vec<SiteId>> {
         sites.push(site);
     }
     Ok(sites)
+}
+
+/// Runs a statement without rows from the connection's cache: the begin
+/// and commit of every write would otherwise be parsed again each time.
+fn run_cached(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)?.raw_execute()?;
+    Ok(())
 }
 
 /// Confluo runs every write in its own transaction; app SQL that begins,
