@@ -182,14 +182,20 @@ fn text(s: &str) -> Value {
     Value::Text(s.to_owned())
 }
 
+// As plain SQLite's side: one statement prepared for the whole loop, and
+// the rows' own strings bound as parameters.
+
 #[inline(never)]
 fn confluo_insert(db: &Database, rows: &[Row]) {
     db.write(|tx| {
+        let mut stmt = tx.prepare("INSERT INTO todo VALUES (?1, ?2, ?3, ?4)")?;
         for r in rows {
-            tx.execute(
-                "INSERT INTO todo VALUES (?1, ?2, ?3, ?4)",
-                &[text(&r.id), text(&r.title), text(r.status), text(&r.body)],
-            )?;
+            stmt.execute(&[
+                (&r.id).into(),
+                (&r.title).into(),
+                r.status.into(),
+                (&r.body).into(),
+            ])?;
         }
         Ok(())
     })
@@ -199,11 +205,9 @@ fn confluo_insert(db: &Database, rows: &[Row]) {
 #[inline(never)]
 fn confluo_update(db: &Database, rows: &[Row], order: &[usize]) {
     db.write(|tx| {
+        let mut stmt = tx.prepare("UPDATE todo SET status = ?1 WHERE id = ?2")?;
         for &i in order {
-            tx.execute(
-                "UPDATE todo SET status = ?1 WHERE id = ?2",
-                &[text("done"), text(&rows[i].id)],
-            )?;
+            stmt.execute(&["done".into(), (&rows[i].id).into()])?;
         }
         Ok(())
     })
@@ -219,8 +223,9 @@ fn confluo_update_all(db: &Database) {
 #[inline(never)]
 fn confluo_delete(db: &Database, rows: &[Row], order: &[usize]) {
     db.write(|tx| {
+        let mut stmt = tx.prepare("DELETE FROM todo WHERE id = ?1")?;
         for &i in &order[..ROWS / 10] {
-            tx.execute("DELETE FROM todo WHERE id = ?1", &[text(&rows[i].id)])?;
+            stmt.execute(&[(&rows[i].id).into()])?;
         }
         Ok(())
     })

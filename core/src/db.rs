@@ -15,7 +15,7 @@ use crate::observe::{ChangeListener, Observation, Observers};
 use crate::schema::{self, TableInfo};
 use crate::site::SiteId;
 use crate::thread_lock::{ThreadLock, ThreadLockGuard};
-use crate::value::Value;
+use crate::value::{Value, ValueRef};
 
 /// How a database behaves; `Options::default()` suits most apps.
 #[derive(Clone)]
@@ -384,7 +384,7 @@ impl Database {
     pub fn transaction(&self) -> Result<Transaction<'_>> {
         let guard = self.writer()?;
         let conn = guard.as_ref().expect("checked open");
-        conn.execute_batch("BEGIN IMMEDIATE")?;
+        run_cached(conn, "BEGIN IMMEDIATE")?;
         let tx = Transaction {
             db: self,
             conn: Some(guard),
@@ -473,9 +473,9 @@ impl Database {
     /// in-memory databases.
     pub(crate) fn read_snapshot<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let run = |conn: &Connection| {
-            conn.execute_batch("BEGIN")?;
+            run_cached(conn, "BEGIN")?;
             let out = f(conn);
-            let end = conn.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
+            let end = run_cached(conn, if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
             let out = out?;
             end?;
             Ok(out)
@@ -534,9 +534,10 @@ impl Database {
         let mut persisted = None;
         let result = (|| -> Result<()> {
             self.flush_captured(conn)?;
-            let hlc = {
+            let (hlc, dbv) = {
                 let st = lock(&self.inner.state);
-                (st.hlc.last() > st.persisted_hlc).then(|| st.hlc.last())
+                let hlc = (st.hlc.last() > st.persisted_hlc).then(|| st.hlc.last());
+                (hlc, st.tx_dbv)
             };
             if let Some(hlc) = hlc {
                 conn.prepare_cached("UPDATE confluo_state SET value = ?1 WHERE key = 'hlc'")?
@@ -546,7 +547,6 @@ impl Database {
             // The db_version counter is kept too: the newest db_version in the
             // metadata can disappear (a kept change merged away), and a
             // reused db_version would hide later changes from peers.
-            let dbv = lock(&self.inner.state).tx_dbv;
             if let Some(dbv) = dbv {
                 conn.prepare_cached(
                     "INSERT INTO confluo_state(key, value) VALUES ('dbv', ?1) \
@@ -554,7 +554,7 @@ impl Database {
                 )?
                 .execute([dbv as i64])?;
             }
-            conn.execute_batch("COMMIT")?;
+            run_cached(conn, "COMMIT")?;
             Ok(())
         })();
         {
@@ -672,6 +672,13 @@ pub(crate) fn load_sites(conn: &Connection) -> Result<Vec<SiteId>> {
     Ok(sites)
 }
 
+/// Runs a statement without rows from the connection's cache: the begin
+/// and commit of every write would otherwise be parsed again each time.
+fn run_cached(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)?.raw_execute()?;
+    Ok(())
+}
+
 /// Confluo runs every write in its own transaction; app SQL that begins,
 /// ends or partly rolls back one would skip its bookkeeping.
 fn refuse_transaction_control(sql: &str) -> Result<()> {
@@ -700,9 +707,29 @@ fn refuse_transaction_control(sql: &str) -> Result<()> {
     Ok(())
 }
 
-fn collect_rows(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<Rows> {
+/// Binds `params` to `stmt`, refusing a count that differs from the
+/// statement's (SQL NULL would silently fill the missing ones).
+fn bind<P: rusqlite::ToSql>(stmt: &mut rusqlite::Statement<'_>, params: &[P]) -> Result<()> {
+    let expected = stmt.parameter_count();
+    if params.len() != expected {
+        return Err(Error::invalid(format!(
+            "the statement takes {expected} parameters, {} were given",
+            params.len()
+        )));
+    }
+    for (i, p) in params.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, p)?;
+    }
+    Ok(())
+}
+
+fn collect_rows<P: rusqlite::ToSql>(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: &[P],
+) -> Result<Rows> {
+    bind(stmt, params)?;
     let mut rows = Vec::new();
-    let mut cursor = stmt.query(rusqlite::params_from_iter(params))?;
+    let mut cursor = stmt.raw_query();
     while let Some(row) = cursor.next()? {
         let n = row.as_ref().column_count();
         rows.push(
@@ -734,12 +761,29 @@ impl Transaction<'_> {
     }
 
     pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
-        refuse_transaction_control(sql)?;
-        self.statement(|conn| {
-            Ok(conn
-                .prepare_cached(sql)?
-                .execute(rusqlite::params_from_iter(params))?)
+        let mut stmt = self.prepare_cached(sql)?;
+        self.statement(|_| {
+            bind(&mut stmt, params)?;
+            Ok(stmt.raw_execute()?)
         })
+    }
+
+    /// Prepares one statement to run many times in this transaction, with
+    /// borrowed parameters: a loop over rows then pays neither the lookup
+    /// of its SQL text nor a copy of each parameter per row.
+    pub fn prepare(&self, sql: &str) -> Result<Statement<'_>> {
+        Ok(Statement {
+            tx: self,
+            stmt: self.prepare_cached(sql)?,
+        })
+    }
+
+    /// One statement from the writer's cache, refused if it controls
+    /// transactions (the cache only holds single statements: the first
+    /// word is the whole story).
+    fn prepare_cached(&self, sql: &str) -> Result<rusqlite::CachedStatement<'_>> {
+        refuse_transaction_control(sql)?;
+        Ok(self.conn().prepare_cached(sql)?)
     }
 
     /// Runs several statements. Each one that succeeds stays done, as in
@@ -759,8 +803,8 @@ impl Transaction<'_> {
     }
 
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
-        refuse_transaction_control(sql)?;
-        self.statement(|conn| collect_rows(&mut *conn.prepare_cached(sql)?, params))
+        let mut stmt = self.prepare_cached(sql)?;
+        self.statement(|_| collect_rows(&mut stmt, params))
     }
 
     /// Runs one statement. A failed statement is usually undone by SQLite,
@@ -803,6 +847,33 @@ impl Transaction<'_> {
             .expect("checked open")
             .execute_batch("ROLLBACK")?;
         Ok(())
+    }
+}
+
+/// A statement prepared by `Transaction::prepare`, run as often as needed
+/// while its transaction is open: what plain SQLite code does with one
+/// prepared statement and a bind per row. Each run is tracked as any other
+/// statement of the transaction.
+pub struct Statement<'tx> {
+    tx: &'tx Transaction<'tx>,
+    stmt: rusqlite::CachedStatement<'tx>,
+}
+
+impl Statement<'_> {
+    /// Runs the statement with `params`; returns the number of rows it
+    /// changed.
+    pub fn execute(&mut self, params: &[ValueRef<'_>]) -> Result<usize> {
+        let stmt = &mut self.stmt;
+        self.tx.statement(|_| {
+            bind(stmt, params)?;
+            Ok(stmt.raw_execute()?)
+        })
+    }
+
+    /// Runs the statement as a query and returns its rows.
+    pub fn query(&mut self, params: &[ValueRef<'_>]) -> Result<Rows> {
+        let stmt = &mut self.stmt;
+        self.tx.statement(|_| collect_rows(stmt, params))
     }
 }
 

@@ -54,7 +54,7 @@ pub use client::{ProgressListener, StaticToken, SyncConfig, SyncReport, TokenPro
 /// Packs a primary key (one or more values) into bytes, and back: how keys
 /// are stored where the schema is not known (the sync server).
 pub use codec::{pack_values as pack_key, unpack_values as unpack_key};
-pub use db::{Database, Options, Rows, Transaction};
+pub use db::{Database, Options, Rows, Statement, Transaction};
 pub use error::{Error, ErrorKind, Result};
 pub use hlc::{Hlc, ManualTimeSource, SystemTimeSource, TimeSource};
 pub use observe::{ChangeListener, Observation};
@@ -62,4 +62,4 @@ pub use rejected::RejectedChange;
 pub use replication::ApplyReport;
 pub use site::SiteId;
 pub use validate::{check_change, Limits};
-pub use value::Value;
+pub use value::{Value, ValueRef};

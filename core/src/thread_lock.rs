@@ -2,35 +2,46 @@
 //! again (which would wait for itself for ever) is refused at once.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::thread::ThreadId;
 
 pub(crate) struct ThreadLock<T> {
     value: Mutex<T>,
-    /// The thread holding `value`, set and cleared only by that thread: so
-    /// it equals the current thread exactly when the current thread holds it.
-    holder: Mutex<Option<ThreadId>>,
+    /// The `this_thread` number of the thread holding `value` (0: none),
+    /// set and cleared only by that thread: so it equals the current
+    /// thread's exactly when the current thread holds it. Only a thread's
+    /// own stores can show its number, and it sees its own stores in order,
+    /// so relaxed atomics suffice (no second mutex per lock and unlock).
+    holder: AtomicU64,
+}
+
+/// A number for the current thread, never reused (unlike the address of a
+/// thread local, or a `ThreadId`, which costs an `Arc` clone to read).
+fn this_thread() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+    ID.with(|id| *id)
 }
 
 impl<T> ThreadLock<T> {
     pub fn new(value: T) -> Self {
         ThreadLock {
             value: Mutex::new(value),
-            holder: Mutex::new(None),
+            holder: AtomicU64::new(0),
         }
     }
 
     /// Locks, waiting while another thread holds the lock; `None` when this
     /// thread holds it already.
     pub fn lock(&self) -> Option<ThreadLockGuard<'_, T>> {
-        let me = std::thread::current().id();
-        if *unpoisoned(&self.holder) == Some(me) {
+        let me = this_thread();
+        if self.holder.load(Ordering::Relaxed) == me {
             return None;
         }
         // A panic while locked leaves nothing half-done that matters more
         // than refusing every later caller would.
         let value = self.value.lock().unwrap_or_else(|e| e.into_inner());
-        *unpoisoned(&self.holder) = Some(me);
+        self.holder.store(me, Ordering::Relaxed);
         Some(ThreadLockGuard {
             value,
             holder: &self.holder,
@@ -38,14 +49,10 @@ impl<T> ThreadLock<T> {
     }
 }
 
-fn unpoisoned<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Holds a `ThreadLock` (on the thread that locked it: it is not `Send`).
 pub(crate) struct ThreadLockGuard<'a, T> {
     value: MutexGuard<'a, T>,
-    holder: &'a Mutex<Option<ThreadId>>,
+    holder: &'a AtomicU64,
 }
 
 impl<T> Deref for ThreadLockGuard<'_, T> {
@@ -65,7 +72,7 @@ impl<T> DerefMut for ThreadLockGuard<'_, T> {
 impl<T> Drop for ThreadLockGuard<'_, T> {
     fn drop(&mut self) {
         // Before `value` unlocks (fields drop after this).
-        *unpoisoned(self.holder) = None;
+        self.holder.store(0, Ordering::Relaxed);
     }
 }
 

@@ -1,7 +1,7 @@
 //! Typed SQLite values, as the app reads and writes them and as they travel
 //! in change sets.
 
-use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
+use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef as SqlRef};
 use serde::{Deserialize, Serialize};
 
 /// One SQLite value. `Real` compares by bit pattern, so equality means
@@ -87,20 +87,20 @@ impl Value {
         }
     }
 
-    pub(crate) fn from_ref(v: ValueRef<'_>) -> Value {
+    pub(crate) fn from_ref(v: SqlRef<'_>) -> Value {
         match v {
-            ValueRef::Null => Value::Null,
-            ValueRef::Integer(i) => Value::Integer(i),
-            ValueRef::Real(f) => Value::Real(f),
+            SqlRef::Null => Value::Null,
+            SqlRef::Integer(i) => Value::Integer(i),
+            SqlRef::Real(f) => Value::Real(f),
             // SQLite text is UTF-8 unless the app stored invalid bytes;
             // keep them readable rather than failing the whole read.
             // (`from_utf8` first: its check is several times faster than
             // the lossy one's, and valid text is the rule.)
-            ValueRef::Text(t) => Value::Text(match std::str::from_utf8(t) {
+            SqlRef::Text(t) => Value::Text(match std::str::from_utf8(t) {
                 Ok(s) => s.to_owned(),
                 Err(_) => String::from_utf8_lossy(t).into_owned(),
             }),
-            ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+            SqlRef::Blob(b) => Value::Blob(b.to_vec()),
         }
     }
 }
@@ -108,17 +108,17 @@ impl Value {
 impl ToSql for Value {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(ToSqlOutput::Borrowed(match self {
-            Value::Null => ValueRef::Null,
-            Value::Integer(i) => ValueRef::Integer(*i),
-            Value::Real(f) => ValueRef::Real(*f),
-            Value::Text(s) => ValueRef::Text(s.as_bytes()),
-            Value::Blob(b) => ValueRef::Blob(b),
+            Value::Null => SqlRef::Null,
+            Value::Integer(i) => SqlRef::Integer(*i),
+            Value::Real(f) => SqlRef::Real(*f),
+            Value::Text(s) => SqlRef::Text(s.as_bytes()),
+            Value::Blob(b) => SqlRef::Blob(b),
         }))
     }
 }
 
 impl FromSql for Value {
-    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+    fn column_result(value: SqlRef<'_>) -> FromSqlResult<Self> {
         Ok(Value::from_ref(value))
     }
 }
@@ -166,5 +166,98 @@ impl From<&[u8]> for Value {
 impl<T: Into<Value>> From<Option<T>> for Value {
     fn from(v: Option<T>) -> Self {
         v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// A borrowed `Value`: a parameter of a prepared `Statement`, bound without
+/// copying the caller's text or bytes into a `Value` first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ValueRef<'a> {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+impl ToSql for ValueRef<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match *self {
+            ValueRef::Null => SqlRef::Null,
+            ValueRef::Integer(i) => SqlRef::Integer(i),
+            ValueRef::Real(f) => SqlRef::Real(f),
+            ValueRef::Text(s) => SqlRef::Text(s.as_bytes()),
+            ValueRef::Blob(b) => SqlRef::Blob(b),
+        }))
+    }
+}
+
+impl<'a> From<&'a Value> for ValueRef<'a> {
+    fn from(v: &'a Value) -> Self {
+        match v {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(f) => ValueRef::Real(*f),
+            Value::Text(s) => ValueRef::Text(s),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }
+    }
+}
+
+impl From<ValueRef<'_>> for Value {
+    fn from(v: ValueRef<'_>) -> Self {
+        match v {
+            ValueRef::Null => Value::Null,
+            ValueRef::Integer(i) => Value::Integer(i),
+            ValueRef::Real(f) => Value::Real(f),
+            ValueRef::Text(s) => Value::Text(s.to_owned()),
+            ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+        }
+    }
+}
+
+impl From<i64> for ValueRef<'_> {
+    fn from(v: i64) -> Self {
+        ValueRef::Integer(v)
+    }
+}
+impl From<i32> for ValueRef<'_> {
+    fn from(v: i32) -> Self {
+        ValueRef::Integer(v.into())
+    }
+}
+impl From<bool> for ValueRef<'_> {
+    fn from(v: bool) -> Self {
+        ValueRef::Integer(v.into())
+    }
+}
+impl From<f64> for ValueRef<'_> {
+    fn from(v: f64) -> Self {
+        ValueRef::Real(v)
+    }
+}
+impl<'a> From<&'a str> for ValueRef<'a> {
+    fn from(v: &'a str) -> Self {
+        ValueRef::Text(v)
+    }
+}
+impl<'a> From<&'a String> for ValueRef<'a> {
+    fn from(v: &'a String) -> Self {
+        ValueRef::Text(v)
+    }
+}
+impl<'a> From<&'a [u8]> for ValueRef<'a> {
+    fn from(v: &'a [u8]) -> Self {
+        ValueRef::Blob(v)
+    }
+}
+impl<'a> From<&'a Vec<u8>> for ValueRef<'a> {
+    fn from(v: &'a Vec<u8>) -> Self {
+        ValueRef::Blob(v)
+    }
+}
+impl<'a, T: Into<ValueRef<'a>>> From<Option<T>> for ValueRef<'a> {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(ValueRef::Null, Into::into)
     }
 }

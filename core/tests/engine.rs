@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use confluo_core::{
-    Change, ChangeSet, Database, Error, Hlc, ManualTimeSource, Options, TimeSource, Value,
+    Change, ChangeSet, Database, Error, Hlc, ManualTimeSource, Options, TimeSource, Value, ValueRef,
 };
 
 fn synced(sql: &str, table: &str) -> Database {
@@ -240,6 +240,107 @@ fn a_failed_statement_leaves_no_trace_in_the_metadata() {
     let peer = synced(TODO_SCHEMA, "todo");
     pull(&peer, &db);
     assert_eq!(dump(&peer, "todo"), dump(&db, "todo"));
+}
+
+#[test]
+fn a_prepared_statement_runs_for_many_rows_and_every_row_syncs() {
+    let db = synced(TODO_SCHEMA, "todo");
+    let ids: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
+    let selected = db
+        .write(|tx| {
+            let mut insert = tx.prepare("INSERT INTO todo VALUES (?1, ?2, ?3)")?;
+            for id in &ids {
+                assert_eq!(
+                    insert.execute(&[id.into(), "title".into(), None::<&str>.into()])?,
+                    1
+                );
+            }
+            let mut update = tx.prepare("UPDATE todo SET status = ?1 WHERE id = ?2")?;
+            assert_eq!(update.execute(&["done".into(), (&ids[1]).into()])?, 1);
+            assert_eq!(update.execute(&["done".into(), "absent".into()])?, 0);
+            let mut delete = tx.prepare("DELETE FROM todo WHERE id = ?1")?;
+            delete.execute(&[(&ids[4]).into()])?;
+            // A query in the transaction sees its own writes.
+            let mut select = tx.prepare("SELECT id FROM todo WHERE status = ?1")?;
+            select.query(&[ValueRef::Text("done")])
+        })
+        .unwrap();
+    assert_eq!(selected.rows, vec![vec![text("k1")]]);
+    assert_eq!(dump(&db, "todo").len(), 4);
+    let peer = synced(TODO_SCHEMA, "todo");
+    pull(&peer, &db);
+    assert_eq!(dump(&peer, "todo"), dump(&db, "todo"));
+    assert_eq!(dump(&peer, "todo")[1][2], text("done"));
+}
+
+#[test]
+fn a_prepared_statement_refuses_bad_input_and_changes_nothing() {
+    let db = synced(TODO_SCHEMA, "todo");
+    let tx = db.transaction().unwrap();
+    for sql in ["BEGIN", " /* x */ commit", "SAVEPOINT s"] {
+        let err = tx.prepare(sql).err().expect("refused");
+        assert!(matches!(err, Error::InvalidInput(_)), "{sql}: {err}");
+    }
+    assert!(
+        tx.prepare("INSERT INTO todo(id) VALUES ('a'); COMMIT")
+            .is_err(),
+        "one statement only"
+    );
+    let mut insert = tx.prepare("INSERT INTO todo VALUES (?1, ?2, ?3)").unwrap();
+    for params in [&["k1".into(), "t".into()][..], &["k1".into(); 4][..], &[]] {
+        let err = insert.execute(params).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    }
+    let err = tx
+        .execute("INSERT INTO todo VALUES (?1, ?2, ?3)", &[text("k9")])
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidInput(_)),
+        "by SQL text too: {err}"
+    );
+    insert
+        .execute(&["k1".into(), "t".into(), "open".into()])
+        .unwrap();
+    // A failing run (a duplicate key) leaves the statement usable.
+    assert!(insert
+        .execute(&["k1".into(), "t".into(), "open".into()])
+        .is_err());
+    insert
+        .execute(&["k2".into(), "t".into(), "open".into()])
+        .unwrap();
+    drop(insert);
+    tx.commit().unwrap();
+    assert_eq!(dump(&db, "todo").len(), 2);
+    let peer = synced(TODO_SCHEMA, "todo");
+    pull(&peer, &db);
+    assert_eq!(dump(&peer, "todo"), dump(&db, "todo"));
+}
+
+#[test]
+fn borrowed_values_bind_as_their_owned_counterparts() {
+    let db = synced("CREATE TABLE vals(id INTEGER PRIMARY KEY, v)", "vals");
+    let values = [
+        Value::Null,
+        Value::Integer(i64::MIN),
+        Value::Real(-0.0),
+        Value::Text("naïve".into()),
+        Value::Blob(vec![0, 255]),
+    ];
+    db.write(|tx| {
+        let mut insert = tx.prepare("INSERT INTO vals VALUES (?1, ?2)")?;
+        for (i, v) in values.iter().enumerate() {
+            insert.execute(&[(i as i64).into(), v.into()])?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let kept: Vec<Value> = dump(&db, "vals")
+        .into_iter()
+        .map(|r| r[1].clone())
+        .collect();
+    assert_eq!(kept, values);
+    let back: Vec<Value> = values.iter().map(|v| ValueRef::from(v).into()).collect();
+    assert_eq!(back, values);
 }
 
 #[test]
