@@ -129,6 +129,9 @@ CREATE TABLE IF NOT EXISTS confluo_rejected(
 /// name; 2: by identity (`cid`, see `evolution`), names being aliases.
 const METADATA_FORMAT: i64 = 2;
 
+/// The writer connection's page cache at most, in KiB.
+const WRITER_CACHE_KIB: i64 = 16 * 1024;
+
 /// Brings metadata of layout 1 to layout 2: every table and column gets its
 /// name as its identity, provisionally: layout 1 recorded a rename as a
 /// drop and an add, so the identities are right only for tables never
@@ -186,6 +189,10 @@ impl Database {
             }
             conn.pragma_update(None, "synchronous", "NORMAL")?;
         }
+        // The writer's page cache: SQLite's default 2 MB spills a large
+        // transaction's metadata pages (clocks, the dbv index) and reads them
+        // again. Pages are only allocated as they are used.
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         conn.execute_batch(&format!(
             "BEGIN IMMEDIATE;{METADATA_SCHEMA}{}",
             crate::server_state::SCHEMA
