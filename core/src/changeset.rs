@@ -164,59 +164,32 @@ impl ChangeSet {
             names,
             sites,
         } = head;
-        let name = |r: &mut Reader| -> Result<Arc<str>> {
-            let i = r.varint()?;
-            names
-                .get(i as usize)
-                .cloned()
-                .ok_or_else(|| Error::malformed(format!("name index {i} out of range")))
-        };
-        let site_at = |r: &mut Reader| -> Result<SiteId> {
-            let i = r.varint()?;
-            sites
-                .get(i as usize)
-                .copied()
-                .ok_or_else(|| Error::malformed(format!("site index {i} out of range")))
-        };
-
         let group_count = r.len("group count")?;
         let mut changes = Vec::with_capacity(group_count.min(r.remaining()).min(1 << 16));
         let mut seqs = SeqCounter::default();
         for _ in 0..group_count {
-            let table = name(&mut r)?;
-            let pk_len = r.len("key length")?;
+            let (table, pk_len) = read_group_key(&mut r, names.len())?;
+            let table = names[table].clone();
             let mut pk = Vec::with_capacity(pk_len.min(r.remaining()));
             for _ in 0..pk_len {
                 pk.push(r.value(usize::MAX)?);
             }
             let pk: Arc<[Value]> = pk.into();
-            let cl = r.varint()?;
-            let base_hlc = Hlc(r.u64_le()?);
-            let base_site = site_at(&mut r)?;
-            let base_dbv = r.varint()?;
-            let n = r.len("change count")?;
-            if n == 0 {
-                return Err(Error::malformed("empty change group"));
-            }
-            for _ in 0..n {
-                let flags = r.u8()?;
-                if flags > 7 {
-                    return Err(Error::malformed("unknown change flags"));
-                }
-                let column = if flags & 1 != 0 {
-                    Some(name(&mut r)?)
-                } else {
-                    None
+            let group = GroupStamp::read(&mut r, sites.len())?;
+            let (cl, base_hlc, base_site, base_dbv) =
+                (group.cl, Hlc(group.hlc), sites[group.site], group.dbv);
+            for _ in 0..group.changes {
+                let head = ChangeHead::read(&mut r, names.len(), sites.len())?;
+                let column = head.column.map(|i| names[i].clone());
+                let (hlc, site, db_version) = match head.stamp {
+                    Some((hlc, site, dbv)) => (Hlc(hlc), sites[site], dbv),
+                    None => (base_hlc, base_site, base_dbv),
                 };
-                let (hlc, site, db_version) = if flags & 2 != 0 {
-                    (Hlc(r.u64_le()?), site_at(&mut r)?, r.varint()?)
-                } else {
-                    (base_hlc, base_site, base_dbv)
-                };
-                let seq = if flags & 4 != 0 {
-                    u32::try_from(r.varint()?).map_err(|_| Error::malformed("seq out of range"))?
-                } else {
-                    seqs.next(db_version)
+                let seq = match head.seq {
+                    Some(seq) => {
+                        u32::try_from(seq).map_err(|_| Error::malformed("seq out of range"))?
+                    }
+                    None => seqs.next(db_version),
                 };
                 let value = r.value(usize::MAX)?;
                 seqs.saw(db_version, seq);
@@ -261,48 +234,19 @@ impl ChangeSet {
     pub fn key_shapes(bytes: &[u8]) -> Result<Vec<(Arc<str>, usize)>> {
         let mut r = Reader::new(bytes);
         let Header { names, sites, .. } = Header::read(&mut r)?;
-        let index = |r: &mut Reader, len: usize, what: &str| -> Result<usize> {
-            let i = r.varint()?;
-            if i >= len as u64 {
-                return Err(Error::malformed(format!("{what} index {i} out of range")));
-            }
-            Ok(i as usize)
-        };
         let mut shapes: Vec<(usize, usize)> = Vec::new();
         let group_count = r.len("group count")?;
         for _ in 0..group_count {
-            let table = index(&mut r, names.len(), "name")?;
-            let pk_len = r.len("key length")?;
-            for _ in 0..pk_len {
+            let shape = read_group_key(&mut r, names.len())?;
+            for _ in 0..shape.1 {
                 r.skip_value()?;
             }
-            if !shapes.contains(&(table, pk_len)) {
-                shapes.push((table, pk_len));
+            if !shapes.contains(&shape) {
+                shapes.push(shape);
             }
-            r.varint()?;
-            r.u64_le()?;
-            index(&mut r, sites.len(), "site")?;
-            r.varint()?;
-            let n = r.len("change count")?;
-            if n == 0 {
-                return Err(Error::malformed("empty change group"));
-            }
-            for _ in 0..n {
-                let flags = r.u8()?;
-                if flags > 7 {
-                    return Err(Error::malformed("unknown change flags"));
-                }
-                if flags & 1 != 0 {
-                    index(&mut r, names.len(), "name")?;
-                }
-                if flags & 2 != 0 {
-                    r.u64_le()?;
-                    index(&mut r, sites.len(), "site")?;
-                    r.varint()?;
-                }
-                if flags & 4 != 0 {
-                    r.varint()?;
-                }
+            let group = GroupStamp::read(&mut r, sites.len())?;
+            for _ in 0..group.changes {
+                ChangeHead::read(&mut r, names.len(), sites.len())?;
                 r.skip_value()?;
             }
         }
@@ -316,6 +260,85 @@ impl ChangeSet {
             .into_iter()
             .map(|(table, arity)| (names[table].clone(), arity))
             .collect())
+    }
+}
+
+/// An index into the header's names or sites, checked against their count.
+fn read_index(r: &mut Reader, len: usize, what: &str) -> Result<usize> {
+    let i = r.varint()?;
+    if i >= len as u64 {
+        return Err(Error::malformed(format!("{what} index {i} out of range")));
+    }
+    Ok(i as usize)
+}
+
+/// A group's table (a name index) and how many values its key has; the key
+/// values follow.
+fn read_group_key(r: &mut Reader, names: usize) -> Result<(usize, usize)> {
+    let table = read_index(r, names, "name")?;
+    Ok((table, r.len("key length")?))
+}
+
+/// What follows a group's key: the row's causal length, the stamp its
+/// changes share unless they carry their own, and how many changes follow.
+struct GroupStamp {
+    cl: u64,
+    hlc: u64,
+    site: usize,
+    dbv: u64,
+    changes: usize,
+}
+
+impl GroupStamp {
+    fn read(r: &mut Reader, sites: usize) -> Result<GroupStamp> {
+        let cl = r.varint()?;
+        let hlc = r.u64_le()?;
+        let site = read_index(r, sites, "site")?;
+        let dbv = r.varint()?;
+        let changes = r.len("change count")?;
+        if changes == 0 {
+            return Err(Error::malformed("empty change group"));
+        }
+        Ok(GroupStamp {
+            cl,
+            hlc,
+            site,
+            dbv,
+            changes,
+        })
+    }
+}
+
+/// One change up to its value, as its flags say: a column (a name index;
+/// none for a row-level change), its own stamp, its own sequence number.
+struct ChangeHead {
+    column: Option<usize>,
+    stamp: Option<(u64, usize, u64)>,
+    seq: Option<u64>,
+}
+
+impl ChangeHead {
+    fn read(r: &mut Reader, names: usize, sites: usize) -> Result<ChangeHead> {
+        let flags = r.u8()?;
+        if flags > 7 {
+            return Err(Error::malformed("unknown change flags"));
+        }
+        let column = if flags & 1 != 0 {
+            Some(read_index(r, names, "name")?)
+        } else {
+            None
+        };
+        let stamp = if flags & 2 != 0 {
+            Some((r.u64_le()?, read_index(r, sites, "site")?, r.varint()?))
+        } else {
+            None
+        };
+        let seq = if flags & 4 != 0 {
+            Some(r.varint()?)
+        } else {
+            None
+        };
+        Ok(ChangeHead { column, stamp, seq })
     }
 }
 
