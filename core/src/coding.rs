@@ -6,6 +6,9 @@
 //! working.
 
 use std::io::Read;
+use std::sync::Mutex;
+
+use zstd::zstd_safe::DCtx;
 
 /// The content coding's token in HTTP headers.
 pub const ZSTD: &str = "zstd";
@@ -15,9 +18,43 @@ pub const ZSTD: &str = "zstd";
 /// this kind of data.
 const LEVEL: i32 = 3;
 
+/// Contexts kept for the next body: making one allocates and clears
+/// hundreds of kilobytes of tables, more work than compressing the few
+/// kilobytes of a typical sync. A few are kept, so idle threads hold no
+/// memory and a burst of threads makes its own.
+struct Pool<T>(Mutex<Vec<T>>);
+
+const POOLED: usize = 4;
+
+impl<T> Pool<T> {
+    const fn new() -> Self {
+        Pool(Mutex::new(Vec::new()))
+    }
+
+    fn with<R>(&self, make: impl FnOnce() -> T, f: impl FnOnce(&mut T) -> R) -> R {
+        let taken = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut item = taken.unwrap_or_else(make);
+        let out = f(&mut item);
+        let mut idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < POOLED {
+            idle.push(item);
+        }
+        out
+    }
+}
+
+static COMPRESSORS: Pool<zstd::bulk::Compressor<'static>> = Pool::new();
+static DECOMPRESSORS: Pool<DCtx<'static>> = Pool::new();
+
 /// `body` compressed with zstd.
 pub fn compress(body: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(body, LEVEL).expect("compressing into memory cannot fail")
+    COMPRESSORS.with(
+        || zstd::bulk::Compressor::new(LEVEL).expect("a zstd context"),
+        |c| {
+            c.compress(body)
+                .expect("compressing into memory cannot fail")
+        },
+    )
 }
 
 /// Why a compressed body was refused.
@@ -32,17 +69,20 @@ pub enum DecodeError {
 /// `body` decompressed, refusing one that decodes to more than `limit`
 /// bytes (a small body can decode to a huge one) without decoding more.
 pub fn decompress(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
-    let decoder = zstd::stream::read::Decoder::new(body)
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    let mut out = Vec::new();
-    decoder
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if out.len() > limit {
-        return Err(DecodeError::TooLarge { limit });
-    }
-    Ok(out)
+    DECOMPRESSORS.with(DCtx::create, |context| {
+        // A context starts each body afresh (`with_context` resets it), and
+        // one left mid-frame by an error is reset the same way next time.
+        let decoder = zstd::stream::read::Decoder::with_context(body, context);
+        let mut out = Vec::new();
+        decoder
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if out.len() > limit {
+            return Err(DecodeError::TooLarge { limit });
+        }
+        Ok(out)
+    })
 }
 
 /// Whether an `Accept-Encoding` header value accepts zstd (listed, and
@@ -84,6 +124,18 @@ mod tests {
             decompress(b"not zstd at all", 1 << 20),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_context_left_by_a_refused_body_decodes_the_next_one_whole() {
+        let body: Vec<u8> = b"walk the dog ".repeat(500);
+        let packed = compress(&body);
+        for _ in 0..2 * POOLED {
+            assert!(decompress(&packed[..packed.len() / 2], 1 << 20).is_err());
+            assert!(decompress(&compress(&vec![7u8; 1 << 16]), 100).is_err());
+            assert_eq!(decompress(&packed, body.len()), Ok(body.clone()));
+            assert_eq!(compress(&body), packed, "a reused compressor");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Statement};
+use rusqlite::{params, params_from_iter, CachedStatement, Connection, OptionalExtension};
 
 use crate::capture::{lock, SharedState};
 use crate::changeset::{Change, ChangeSet};
@@ -82,18 +82,19 @@ struct Local {
     from: Option<usize>,
 }
 
-/// The statements that merge rows into one table, prepared once per apply
-/// on its transaction's connection: fetching them from the connection's
-/// cache for each row (hashing their text, resetting them on return) cost
-/// more than the rows' own B-tree work.
+/// The statements that merge rows into one table, taken from the
+/// connection's cache once per apply and held to its end: fetching them for
+/// each row (hashing their text, resetting them on return) cost more than
+/// the rows' own B-tree work, and preparing them again for each apply cost
+/// more than a small apply's rows (a sync of a few edits).
 struct TableStatements<'c> {
-    load: Statement<'c>,
+    load: CachedStatement<'c>,
     /// The row's metadata, inserted (a row new here) or updated.
-    insert_meta: Statement<'c>,
-    update_meta: Statement<'c>,
+    insert_meta: CachedStatement<'c>,
+    update_meta: CachedStatement<'c>,
     /// The app table's writes by kind and written slots (a table sees few
     /// shapes, so a short list is searched without building a key).
-    writes: Vec<(u8, Vec<usize>, Statement<'c>)>,
+    writes: Vec<(u8, Vec<usize>, CachedStatement<'c>)>,
 }
 
 /// State shared by the rows of one apply.
@@ -156,12 +157,13 @@ impl<'c> ApplyCtx<'c> {
             std::collections::hash_map::Entry::Vacant(e) => {
                 let meta = t.meta_table();
                 e.insert(TableStatements {
-                    load: conn
-                        .prepare(&format!("SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"))?,
-                    insert_meta: conn.prepare(&format!(
+                    load: conn.prepare_cached(&format!(
+                        "SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"
+                    ))?,
+                    insert_meta: conn.prepare_cached(&format!(
                         "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, ?2, ?3, ?4)"
                     ))?,
-                    update_meta: conn.prepare(&format!(
+                    update_meta: conn.prepare_cached(&format!(
                         "UPDATE {meta} SET cl = ?2, dbv = ?3, clocks = ?4 WHERE pk = ?1"
                     ))?,
                     writes: Vec::new(),
@@ -180,7 +182,7 @@ impl<'c> TableStatements<'c> {
         kind: u8,
         slots: &[usize],
         sql: impl FnOnce() -> String,
-    ) -> Result<&mut Statement<'c>> {
+    ) -> Result<&mut CachedStatement<'c>> {
         let i = match self
             .writes
             .iter()
@@ -189,7 +191,7 @@ impl<'c> TableStatements<'c> {
             Some(i) => i,
             None => {
                 self.writes
-                    .push((kind, slots.to_vec(), conn.prepare(&sql())?));
+                    .push((kind, slots.to_vec(), conn.prepare_cached(&sql())?));
                 self.writes.len() - 1
             }
         };
@@ -1006,12 +1008,11 @@ fn export_table(
          LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.dbv > ?1",
         table = quote(&t.name)
     );
-    let max_dbv: i64 = conn.query_row(
-        &format!("SELECT coalesce(max(dbv), 0) FROM {meta}"),
-        [],
-        |r| r.get(0),
-    )?;
-    let mut stmt = conn.prepare(&sql)?;
+    // Cached: a device exports at every sync, most often a few rows.
+    let max_dbv: i64 = conn
+        .prepare_cached(&format!("SELECT coalesce(max(dbv), 0) FROM {meta}"))?
+        .query_row([], |r| r.get(0))?;
+    let mut stmt = conn.prepare_cached(&sql)?;
     let mut rows = stmt.query([since as i64])?;
     let site_of = |ord: u32| -> Result<SiteId> {
         sites

@@ -577,12 +577,12 @@ impl SqliteStore {
     /// Runs `f` in one write transaction on the writer.
     fn in_transaction<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
         let conn = self.writer.lock();
-        conn.execute_batch("BEGIN IMMEDIATE")?;
+        run_cached(&conn, "BEGIN IMMEDIATE")?;
         let result = f(&conn);
         match &result {
-            Ok(_) => conn.execute_batch("COMMIT")?,
+            Ok(_) => run_cached(&conn, "COMMIT")?,
             Err(_) => {
-                let _ = conn.execute_batch("ROLLBACK");
+                let _ = run_cached(&conn, "ROLLBACK");
             }
         }
         result
@@ -596,11 +596,11 @@ impl SqliteStore {
     ) -> StoreResult<T> {
         let conn = self.writer.lock();
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch("BEGIN IMMEDIATE")?;
+        run_cached(&conn, "BEGIN IMMEDIATE")?;
         let result = f(&conn);
         let ended = match &result {
-            Ok(_) => conn.execute_batch("COMMIT"),
-            Err(_) => conn.execute_batch("ROLLBACK"),
+            Ok(_) => run_cached(&conn, "COMMIT"),
+            Err(_) => run_cached(&conn, "ROLLBACK"),
         };
         // Whatever happened: every other write waits for the disk.
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -642,15 +642,22 @@ impl SqliteStore {
                 c
             }
         };
-        conn.execute_batch("BEGIN")?;
+        run_cached(&conn, "BEGIN")?;
         let out = f(&conn);
-        let _ = conn.execute_batch("COMMIT");
+        let _ = run_cached(&conn, "COMMIT");
         let mut idle = self.readers.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < 8 {
             idle.push(conn);
         }
         out
     }
+}
+
+/// Runs a statement without parameters through the connection's cache:
+/// transactions begin and end on every request, and parsing their SQL each
+/// time costs more than a small push's rows.
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// Where a cell's winning change is: among the stored cells of the row,
@@ -701,33 +708,23 @@ impl Store for SqliteStore {
             .space_lock(space)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let (sid, current) = self.in_transaction(|conn| {
-            let (sid, current) = match space_id(conn, space)? {
-                Some(s) => s,
-                None => {
-                    conn.execute(
-                        "INSERT INTO spaces(name, version, epoch) VALUES (?1, 0, ?2)",
-                        params![space, uuid::Uuid::new_v4().to_string()],
-                    )?;
-                    (conn.last_insert_rowid(), 0)
-                }
-            };
-            let mut shapes = TableShapes::default();
-            for part in &parts {
-                for (table, len) in part.key_shapes()? {
-                    shapes.check(conn, sid, &table, len)?;
-                }
+        // The common push (a device's few edits, decoded by its validation)
+        // is merged in one transaction: one commit and one wait for the disk
+        // instead of three commits.
+        if let [PushPart::Decoded(cs)] = &parts[..] {
+            if cs.changes.len() <= PUSH_STEP {
+                let changes = &cs.changes;
+                return self.in_transaction(|conn| {
+                    let (sid, mut outcome) = begin_push(conn, space, &parts)?;
+                    let version = outcome.previous + 1;
+                    merge_into(conn, sid, version, self.site, changes, &mut outcome)?;
+                    finish_push(conn, sid, &mut outcome)?;
+                    Ok(outcome)
+                });
             }
-            Ok((sid, current))
-        })?;
-        let version = current + 1;
-        let mut outcome = PushOutcome {
-            previous: current,
-            version: current,
-            tag: None,
-            applied: 0,
-            stale: 0,
-        };
+        }
+        let (sid, mut outcome) = self.in_transaction(|conn| begin_push(conn, space, &parts))?;
+        let version = outcome.previous + 1;
         for part in parts {
             let cs = part.decode()?;
             for step in cs.changes.chunks(PUSH_STEP) {
@@ -743,25 +740,7 @@ impl Store for SqliteStore {
                 }
             }
         }
-        self.in_transaction(|conn| {
-            if outcome.applied > 0 {
-                conn.execute(
-                    "UPDATE spaces SET version = ?1 WHERE id = ?2",
-                    params![version as i64, sid],
-                )?;
-                conn.prepare_cached(
-                    "INSERT OR REPLACE INTO versions(space, version, tag) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![
-                    sid,
-                    version as i64,
-                    uuid::Uuid::new_v4().simple().to_string()
-                ])?;
-                outcome.version = version;
-            }
-            outcome.tag = tag_of(conn, sid, outcome.version)?;
-            Ok(())
-        })?;
+        self.in_transaction(|conn| finish_push(conn, sid, &mut outcome))?;
         Ok(outcome)
     }
 
@@ -1007,6 +986,59 @@ impl TableShapes {
 }
 
 /// Merges pushed changes row by row with the engine's merge rules.
+/// A push's first step: the space (made on its first push) and its
+/// version, and every check that can refuse the push, before any row is
+/// written. The outcome starts at the space's current version.
+fn begin_push(
+    conn: &Connection,
+    space: &str,
+    parts: &[PushPart<'_>],
+) -> StoreResult<(i64, PushOutcome)> {
+    let (sid, current) = match space_id(conn, space)? {
+        Some(s) => s,
+        None => {
+            conn.prepare_cached("INSERT INTO spaces(name, version, epoch) VALUES (?1, 0, ?2)")?
+                .execute(params![space, uuid::Uuid::new_v4().to_string()])?;
+            (conn.last_insert_rowid(), 0)
+        }
+    };
+    let mut shapes = TableShapes::default();
+    for part in parts {
+        for (table, len) in part.key_shapes()? {
+            shapes.check(conn, sid, &table, len)?;
+        }
+    }
+    let outcome = PushOutcome {
+        previous: current,
+        version: current,
+        tag: None,
+        applied: 0,
+        stale: 0,
+    };
+    Ok((sid, outcome))
+}
+
+/// A push's last step: the space moves to the push's version (which makes
+/// its rows visible) when a change won, and the outcome gets its tag.
+fn finish_push(conn: &Connection, sid: i64, outcome: &mut PushOutcome) -> StoreResult<()> {
+    if outcome.applied > 0 {
+        let version = outcome.previous + 1;
+        conn.prepare_cached("UPDATE spaces SET version = ?1 WHERE id = ?2")?
+            .execute(params![version as i64, sid])?;
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO versions(space, version, tag) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![
+            sid,
+            version as i64,
+            uuid::Uuid::new_v4().simple().to_string()
+        ])?;
+        outcome.version = version;
+    }
+    outcome.tag = tag_of(conn, sid, outcome.version)?;
+    Ok(())
+}
+
 fn merge_into(
     conn: &Connection,
     space: i64,
