@@ -16,7 +16,7 @@ use crate::value::Value;
 /// Orders values as SQLite orders them in an index (NULL, numbers, text,
 /// blobs), so metadata rows are written in key order: sorted writes touch
 /// each B-tree page once instead of at random.
-fn sqlite_order(a: &Value, b: &Value) -> Ordering {
+pub(crate) fn sqlite_order(a: &Value, b: &Value) -> Ordering {
     fn rank(v: &Value) -> u8 {
         match v {
             Value::Null => 0,

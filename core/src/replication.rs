@@ -14,6 +14,7 @@ use crate::codec::{pack_values, unpack_values};
 use crate::db::{load_sites, Database, Transaction};
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
+use crate::local::sqlite_order;
 use crate::merge::{Cell, Outcome, RowState, Target, Version};
 use crate::rejected::keep_aside;
 use crate::schema::{quote, TableInfo};
@@ -956,8 +957,9 @@ fn schema_violation_is_bad_input(err: Error) -> Error {
 /// its key once).
 fn number_seqs(changes: &mut [Change]) {
     // The next seq of the last db_version seen is kept out of the map:
-    // consecutive changes mostly share one.
-    let mut seqs: HashMap<u64, u32> = HashMap::new();
+    // consecutive changes mostly share one. A B-tree: integer keys compare
+    // faster than SipHash hashes them, and an export sees few versions.
+    let mut seqs: std::collections::BTreeMap<u64, u32> = Default::default();
     let mut last: Option<(u64, u32)> = None;
     for c in changes {
         let next = match last {
@@ -985,12 +987,80 @@ fn export_table(
     out: &mut Vec<Change>,
 ) -> Result<u64> {
     let meta = t.meta_table();
-    // Columns by slot: the SQL name to read, the identity to send.
-    let live: Vec<(usize, Arc<str>)> = t.live_slots().map(|(s, n)| (s, n.clone())).collect();
-    let cols: String = live
+    // Cached: a device exports at every sync, most often a few rows.
+    let max_dbv: i64 = conn
+        .prepare_cached(&format!("SELECT coalesce(max(dbv), 0) FROM {meta}"))?
+        .query_row([], |r| r.get(0))?;
+    let mut export = RowExport {
+        t,
+        since,
+        exclude,
+        sites,
+        live: t.live_slots().map(|(s, n)| (s, n.clone())).collect(),
+        out,
+    };
+    let cols: String = export
+        .live
         .iter()
         .map(|(_, n)| format!(", t.{}", quote(n)))
         .collect();
+    if since == 0 && t.pk.len() == 1 {
+        // Everything, of a table with a one-column key: the metadata and the
+        // table are both read in key order and matched as they go, instead
+        // of looking each row up in the table's key index.
+        let mut meta_rows = conn.prepare_cached(&format!(
+            "SELECT pk, cl, dbv, clocks FROM {meta} ORDER BY pk"
+        ))?;
+        let mut meta_rows = meta_rows.query([])?;
+        let mut table_rows = conn.prepare_cached(&format!(
+            "SELECT t.{key}{cols} FROM {table} AS t ORDER BY t.{key}",
+            key = quote(&t.pk[0]),
+            table = quote(&t.name)
+        ))?;
+        let mut table_rows = table_rows.query([])?;
+        // The table's row at the cursor: its key and column values.
+        let mut at: Option<(Value, Vec<Value>)> = None;
+        let mut table_done = false;
+        while let Some(r) = meta_rows.next()? {
+            let key = Value::from_ref(r.get_ref(0)?);
+            let cl = r.get::<_, i64>(1)? as u64;
+            if cl % 2 == 1 {
+                while !table_done
+                    && at
+                        .as_ref()
+                        .is_none_or(|(k, _)| sqlite_order(k, &key) == std::cmp::Ordering::Less)
+                {
+                    at = match table_rows.next()? {
+                        Some(row) => Some((
+                            Value::from_ref(row.get_ref(0)?),
+                            (0..export.live.len())
+                                .map(|i| Ok(Value::from_ref(row.get_ref(1 + i)?)))
+                                .collect::<Result<_>>()?,
+                        )),
+                        None => {
+                            table_done = true;
+                            None
+                        }
+                    };
+                }
+            }
+            // A live row missing from the table reads as NULLs, as the
+            // join below reads it.
+            let mut values = match &mut at {
+                Some((k, values)) if sqlite_order(k, &key) == std::cmp::Ordering::Equal => {
+                    Some(values)
+                }
+                _ => None,
+            };
+            let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
+            export.row(vec![key].into(), cl, &clocks, |i| {
+                Ok(values
+                    .as_mut()
+                    .map_or(Value::Null, |v| std::mem::replace(&mut v[i], Value::Null)))
+            })?;
+        }
+        return Ok(max_dbv as u64);
+    }
     let join = if t.pk.len() == 1 {
         format!("t.{} = m.pk", quote(&t.pk[0]))
     } else {
@@ -1008,27 +1078,12 @@ fn export_table(
          LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.dbv > ?1",
         table = quote(&t.name)
     );
-    // Cached: a device exports at every sync, most often a few rows.
-    let max_dbv: i64 = conn
-        .prepare_cached(&format!("SELECT coalesce(max(dbv), 0) FROM {meta}"))?
-        .query_row([], |r| r.get(0))?;
     let mut stmt = conn.prepare_cached(&sql)?;
     let mut rows = stmt.query([since as i64])?;
-    let site_of = |ord: u32| -> Result<SiteId> {
-        sites
-            .get(ord as usize)
-            .copied()
-            .ok_or_else(|| Error::Sqlite {
-                message: "corrupt confluo metadata: unknown site ordinal".into(),
-                code: None,
-            })
-    };
     while let Some(r) = rows.next()? {
         let key = Value::from_ref(r.get_ref(0)?);
         let cl = r.get::<_, i64>(1)? as u64;
-        let dbv = r.get::<_, i64>(2)? as u64;
-        let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, dbv)?;
-        let fresh = |s: &Stamp| s.dbv > since && Some(s.site) != exclude;
+        let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
         let pk: Arc<[Value]> = if t.pk.len() == 1 {
             vec![key].into()
         } else {
@@ -1042,9 +1097,47 @@ fn export_table(
                 }
             }
         };
+        export.row(pk, cl, &clocks, |i| Ok(Value::from_ref(r.get_ref(4 + i)?)))?;
+    }
+    Ok(max_dbv as u64)
+}
+
+/// What one table's export needs to turn a row into changes.
+struct RowExport<'a> {
+    t: &'a TableInfo,
+    since: u64,
+    exclude: Option<u32>,
+    sites: &'a [SiteId],
+    /// The live columns by slot: the slot, and the SQL name to read.
+    live: Vec<(usize, Arc<str>)>,
+    out: &'a mut Vec<Change>,
+}
+
+impl RowExport<'_> {
+    /// The changes of one row: its marker and the cells stamped after
+    /// `since` by another site than `exclude`; `value(i)` reads the `i`-th
+    /// live column of the row.
+    fn row(
+        &mut self,
+        pk: Arc<[Value]>,
+        cl: u64,
+        clocks: &RowClocks,
+        mut value: impl FnMut(usize) -> Result<Value>,
+    ) -> Result<()> {
+        let (since, exclude) = (self.since, self.exclude);
+        let fresh = |s: &Stamp| s.dbv > since && Some(s.site) != exclude;
+        let site_of = |ord: u32| -> Result<SiteId> {
+            self.sites
+                .get(ord as usize)
+                .copied()
+                .ok_or_else(|| Error::Sqlite {
+                    message: "corrupt confluo metadata: unknown site ordinal".into(),
+                    code: None,
+                })
+        };
         if let Some(s) = clocks.marker.filter(fresh) {
-            out.push(Change {
-                table: t.cid.clone(),
+            self.out.push(Change {
+                table: self.t.cid.clone(),
                 pk: pk.clone(),
                 column: None,
                 value: Value::Null,
@@ -1056,15 +1149,15 @@ fn export_table(
             });
         }
         if cl % 2 == 0 {
-            continue;
+            return Ok(());
         }
-        for (i, (slot, _)) in live.iter().enumerate() {
+        for (i, (slot, _)) in self.live.iter().enumerate() {
             if let Some(s) = clocks.cells.get(*slot).copied().flatten().filter(fresh) {
-                out.push(Change {
-                    table: t.cid.clone(),
+                self.out.push(Change {
+                    table: self.t.cid.clone(),
                     pk: pk.clone(),
-                    column: Some(t.cids[*slot].clone()),
-                    value: Value::from_ref(r.get_ref(4 + i)?),
+                    column: Some(self.t.cids[*slot].clone()),
+                    value: value(i)?,
                     hlc: s.hlc,
                     site: site_of(s.site)?,
                     cl,
@@ -1073,8 +1166,8 @@ fn export_table(
                 });
             }
         }
+        Ok(())
     }
-    Ok(max_dbv as u64)
 }
 
 /// A change kept in `confluo_pending` or `confluo_rejected`, from a row
