@@ -45,17 +45,12 @@ impl Database {
             return Ok(());
         }
         self.catch_up_counters(conn)?;
-        let (mut events, hlc, dbv) = {
+        let (events, hlc, dbv) = {
             let mut st = lock(&self.inner.state);
             let events = std::mem::take(&mut st.events);
             (events, st.tx_hlc(), st.db_version())
         };
-        // Stable: the writes to one row keep their order.
-        events.sort_by(|a, b| {
-            a.table
-                .cmp(&b.table)
-                .then_with(|| sqlite_order(&a.key, &b.key))
-        });
+        let events = sorted_by_row(events);
         let stamp = Stamp {
             hlc,
             site: LOCAL_SITE,
@@ -83,6 +78,29 @@ impl Database {
         }
         Ok(())
     }
+}
+
+/// The events in (table, key) order, the writes to one row in the order
+/// they were made. Rows written in key order (sequential keys) are left as
+/// they are; otherwise positions are sorted, not the events themselves,
+/// which are several times larger.
+fn sorted_by_row(events: Vec<Event>) -> Vec<Event> {
+    let row_order = |a: &Event, b: &Event| {
+        a.table
+            .cmp(&b.table)
+            .then_with(|| sqlite_order(&a.key, &b.key))
+    };
+    if events.is_sorted_by(|a, b| row_order(a, b) != Ordering::Greater) {
+        return events;
+    }
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    // Ties broken by position: as stable as a stable sort.
+    order.sort_unstable_by(|&a, &b| row_order(&events[a], &events[b]).then(a.cmp(&b)));
+    let mut taken: Vec<Option<Event>> = events.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .map(|i| taken[i].take().expect("each position once"))
+        .collect()
 }
 
 /// Records one table's captured writes; `events` are sorted by key.
@@ -369,5 +387,47 @@ mod tests {
         );
         assert_eq!(clocks.cells, vec![Some(old), Some(old), Some(new)]);
         assert_eq!(clocks.marker, Some(old));
+    }
+
+    #[test]
+    fn events_are_ordered_by_row_and_one_row_keeps_its_order() {
+        let event = |table: i64, key: Value, kind: EventKind| Event {
+            table,
+            key,
+            kind,
+            uncertain: false,
+        };
+        let events = vec![
+            event(2, Value::Integer(1), EventKind::Inserted),
+            event(1, Value::Text("b".into()), EventKind::Deleted),
+            event(1, Value::Integer(7), EventKind::Inserted),
+            event(1, Value::Text("b".into()), EventKind::Inserted),
+            event(1, Value::Real(2.5), EventKind::Updated(vec![1].into())),
+            event(
+                1,
+                Value::Text("b".into()),
+                EventKind::Updated(vec![2].into()),
+            ),
+        ];
+        let sorted = sorted_by_row(events);
+        let seen: Vec<(i64, Value, EventKind)> = sorted
+            .into_iter()
+            .map(|e| (e.table, e.key, e.kind))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (1, Value::Real(2.5), EventKind::Updated(vec![1].into())),
+                (1, Value::Integer(7), EventKind::Inserted),
+                (1, Value::Text("b".into()), EventKind::Deleted),
+                (1, Value::Text("b".into()), EventKind::Inserted),
+                (
+                    1,
+                    Value::Text("b".into()),
+                    EventKind::Updated(vec![2].into())
+                ),
+                (2, Value::Integer(1), EventKind::Inserted),
+            ]
+        );
     }
 }
