@@ -217,6 +217,14 @@ fn count_arg(ctx: &Context<'_>, i: usize) -> rusqlite::Result<usize> {
     usize::try_from(ctx.get::<i64>(i)?).map_err(|_| user_err("confluo: bad argument count"))
 }
 
+/// The key of a write made while remote changes are applied. Such writes
+/// are counted, never recorded (see `Database::check_no_trigger_writes`),
+/// so their keys are not copied, and their values were checked against
+/// the size limit with the changes that carry them.
+fn untracked_key() -> Value {
+    Value::Null
+}
+
 /// The functions the capture triggers of `schema::row_triggers` call, one
 /// per written row (the table's id and key column count first):
 /// - `confluo_insert_row(table, npk, key..., values...)`
@@ -240,9 +248,14 @@ fn install_row_functions(
         if ctx.len() < 2 + npk {
             return Err(user_err("confluo_insert_row: too few arguments"));
         }
-        check_fits(ctx, 2..ctx.len(), max_value_bytes)?;
-        let key = key_arg(ctx, 2, npk)?;
-        lock(&s).events.push(Event {
+        let mut st = lock(&s);
+        let key = if st.tracking {
+            check_fits(ctx, 2..ctx.len(), max_value_bytes)?;
+            key_arg(ctx, 2, npk)?
+        } else {
+            untracked_key()
+        };
+        st.events.push(Event {
             table,
             key,
             kind: EventKind::Inserted,
@@ -258,8 +271,13 @@ fn install_row_functions(
         if ctx.len() != 2 + npk {
             return Err(user_err("confluo_delete_row: wrong number of arguments"));
         }
-        let key = key_arg(ctx, 2, npk)?;
-        lock(&s).events.push(Event {
+        let mut st = lock(&s);
+        let key = if st.tracking {
+            key_arg(ctx, 2, npk)?
+        } else {
+            untracked_key()
+        };
+        st.events.push(Event {
             table,
             key,
             kind: EventKind::Deleted,
@@ -282,12 +300,16 @@ fn install_row_functions(
         let new_values = (new_key..old_key).chain((first_pair..ctx.len()).step_by(2));
         let key_changed =
             (0..npk).any(|i| !same_key(ctx.get_raw(new_key + i), ctx.get_raw(old_key + i)));
+        let mut st = lock(&s);
+        let tracking = st.tracking;
         if key_changed {
             // A delete of the old key and an insert of the new.
-            check_fits(ctx, new_values, max_value_bytes)?;
-            let old = key_arg(ctx, old_key, npk)?;
-            let new = key_arg(ctx, new_key, npk)?;
-            let mut st = lock(&s);
+            let (old, new) = if tracking {
+                check_fits(ctx, new_values, max_value_bytes)?;
+                (key_arg(ctx, old_key, npk)?, key_arg(ctx, new_key, npk)?)
+            } else {
+                (untracked_key(), untracked_key())
+            };
             for (key, kind) in [(old, EventKind::Deleted), (new, EventKind::Inserted)] {
                 st.events.push(Event {
                     table,
@@ -315,9 +337,13 @@ fn install_row_functions(
             // Every value stayed what it was: no write to record.
             return Ok(false);
         }
-        check_fits(ctx, new_values, max_value_bytes)?;
-        let key = key_arg(ctx, new_key, npk)?;
-        lock(&s).events.push(Event {
+        let key = if tracking {
+            check_fits(ctx, new_values, max_value_bytes)?;
+            key_arg(ctx, new_key, npk)?
+        } else {
+            untracked_key()
+        };
+        st.events.push(Event {
             table,
             key,
             kind: EventKind::Updated(masks.into()),

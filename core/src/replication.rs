@@ -105,7 +105,7 @@ pub(crate) struct ApplyCtx<'c> {
     first_new_site: usize,
     last_site: Option<(SiteId, u32)>,
     /// By table id.
-    statements: HashMap<i64, TableStatements<'c>>,
+    statements: Vec<(i64, TableStatements<'c>)>,
     pub(crate) report: ApplyReport,
     /// The changes of the row being merged when a merge failed.
     failed_row: Option<std::ops::Range<usize>>,
@@ -123,7 +123,7 @@ impl<'c> ApplyCtx<'c> {
             sites,
             site_ords,
             last_site: None,
-            statements: HashMap::new(),
+            statements: Vec::new(),
             report: ApplyReport::default(),
             failed_row: None,
         }
@@ -153,11 +153,13 @@ impl<'c> ApplyCtx<'c> {
         conn: &'c Connection,
         t: &TableInfo,
     ) -> Result<&mut TableStatements<'c>> {
-        Ok(match self.statements.entry(t.id) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
+        // Asked for several times per row: searching the short list of the
+        // tables an apply touches costs less than hashing the id.
+        let i = match self.statements.iter().rposition(|(id, _)| *id == t.id) {
+            Some(i) => i,
+            None => {
                 let meta = t.meta_table();
-                e.insert(TableStatements {
+                let statements = TableStatements {
                     load: conn.prepare_cached(&format!(
                         "SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"
                     ))?,
@@ -168,9 +170,12 @@ impl<'c> ApplyCtx<'c> {
                         "UPDATE {meta} SET cl = ?2, dbv = ?3, clocks = ?4 WHERE pk = ?1"
                     ))?,
                     writes: Vec::new(),
-                })
+                };
+                self.statements.push((t.id, statements));
+                self.statements.len() - 1
             }
-        })
+        };
+        Ok(&mut self.statements[i].1)
     }
 }
 
