@@ -748,11 +748,16 @@ impl Database {
     /// `WHEN confluo_tracking()`, so that it runs where the write is made
     /// and what it writes syncs from there.
     fn check_no_trigger_writes(&self, t: &TableInfo) -> Result<()> {
-        let events = std::mem::take(&mut lock(&self.inner.state).events);
-        let own = events.iter().filter(|e| e.table == t.id).count();
-        if own <= 1 && own == events.len() {
-            return Ok(());
-        }
+        let events = {
+            let mut st = lock(&self.inner.state);
+            let own = st.events.iter().filter(|e| e.table == t.id).count();
+            if own <= 1 && own == st.events.len() {
+                // Cleared in place: the next row's write reuses the memory.
+                st.events.clear();
+                return Ok(());
+            }
+            std::mem::take(&mut st.events)
+        };
         let tables = self.all_tables();
         let mut written: Vec<&str> = events
             .iter()
