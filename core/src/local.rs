@@ -311,10 +311,13 @@ fn apply_local(cl: &mut u64, clocks: &mut RowClocks, kind: &EventKind, stamp: St
         EventKind::Updated(_) if !alive => rewrite_all(cl, clocks),
         EventKind::Updated(masks) => {
             clocks.cells.resize(slots, None);
-            for (word, mask) in masks.iter().enumerate() {
-                for bit in 0..62 {
-                    let slot = word * 62 + bit;
-                    if mask & (1 << bit) != 0 && slot < slots {
+            for (word, &mask) in masks.iter().enumerate() {
+                // Only the set bits: an update mostly changes a column or two.
+                let mut rest = mask & ((1 << 62) - 1);
+                while rest != 0 {
+                    let slot = word * 62 + rest.trailing_zeros() as usize;
+                    rest &= rest - 1;
+                    if slot < slots {
                         clocks.cells[slot] = Some(stamp);
                     }
                 }

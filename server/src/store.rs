@@ -687,7 +687,8 @@ fn tag_of(conn: &Connection, space: i64, version: u64) -> StoreResult<Option<Str
 impl Store for SqliteStore {
     /// Merges a push in steps of at most `PUSH_STEP` changes, each its own
     /// transaction, so that pushes to other spaces (which need the one
-    /// writer) go between the steps instead of waiting for a large push.
+    /// writer) go between the steps instead of waiting for a large push
+    /// (a push that fits one step is one transaction, checks included).
     /// The push stays one version, taken in order and made visible at once:
     /// its rows carry the new version, which readers do not see (pulls stop
     /// at the space's version) until the last step moves the space to it.
@@ -985,7 +986,6 @@ impl TableShapes {
     }
 }
 
-/// Merges pushed changes row by row with the engine's merge rules.
 /// A push's first step: the space (made on its first push) and its
 /// version, and every check that can refuse the push, before any row is
 /// written. The outcome starts at the space's current version.
@@ -1039,6 +1039,7 @@ fn finish_push(conn: &Connection, sid: i64, outcome: &mut PushOutcome) -> StoreR
     Ok(())
 }
 
+/// Merges pushed changes row by row with the engine's merge rules.
 fn merge_into(
     conn: &Connection,
     space: i64,
