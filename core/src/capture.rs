@@ -219,8 +219,9 @@ fn count_arg(ctx: &Context<'_>, i: usize) -> rusqlite::Result<usize> {
 
 /// The key of a write made while remote changes are applied. Such writes
 /// are counted, never recorded (see `Database::check_no_trigger_writes`),
-/// so their keys are not copied, and their values were checked against
-/// the size limit with the changes that carry them.
+/// so their keys are not copied. Their values are still checked against
+/// the size limit: a column default or an affinity conversion can make a
+/// value the changes did not carry.
 fn untracked_key() -> Value {
     Value::Null
 }
@@ -248,9 +249,9 @@ fn install_row_functions(
         if ctx.len() < 2 + npk {
             return Err(user_err("confluo_insert_row: too few arguments"));
         }
+        check_fits(ctx, 2..ctx.len(), max_value_bytes)?;
         let mut st = lock(&s);
         let key = if st.tracking {
-            check_fits(ctx, 2..ctx.len(), max_value_bytes)?;
             key_arg(ctx, 2, npk)?
         } else {
             untracked_key()
@@ -304,8 +305,8 @@ fn install_row_functions(
         let tracking = st.tracking;
         if key_changed {
             // A delete of the old key and an insert of the new.
+            check_fits(ctx, new_values, max_value_bytes)?;
             let (old, new) = if tracking {
-                check_fits(ctx, new_values, max_value_bytes)?;
                 (key_arg(ctx, old_key, npk)?, key_arg(ctx, new_key, npk)?)
             } else {
                 (untracked_key(), untracked_key())
@@ -337,8 +338,8 @@ fn install_row_functions(
             // Every value stayed what it was: no write to record.
             return Ok(false);
         }
+        check_fits(ctx, new_values, max_value_bytes)?;
         let key = if tracking {
-            check_fits(ctx, new_values, max_value_bytes)?;
             key_arg(ctx, new_key, npk)?
         } else {
             untracked_key()

@@ -1017,23 +1017,39 @@ fn export_table(
     if since == 0 && t.pk.len() == 1 {
         // Everything, of a table with a one-column key: the metadata and the
         // table are both read in key order and matched as they go, instead
-        // of looking each row up in the table's key index.
+        // of looking each row up in the table's key index. Only a key the
+        // same in both (type and value) is taken from the scan: where SQLite
+        // compares otherwise (a column's affinity converts the metadata's
+        // key, integers and reals beyond 2^53, a UTF-16 database), the row
+        // is looked up as the join below would find it.
+        let (key_col, table) = (quote(&t.pk[0]), quote(&t.name));
         let mut meta_rows = conn.prepare_cached(&format!(
             "SELECT pk, cl, dbv, clocks FROM {meta} ORDER BY pk"
         ))?;
         let mut meta_rows = meta_rows.query([])?;
         let mut table_rows = conn.prepare_cached(&format!(
-            "SELECT t.{key}{cols} FROM {table} AS t ORDER BY t.{key}",
-            key = quote(&t.pk[0]),
-            table = quote(&t.name)
+            "SELECT t.{key_col}{cols} FROM {table} AS t ORDER BY t.{key_col}"
         ))?;
         let mut table_rows = table_rows.query([])?;
+        let mut lookup = conn.prepare_cached(&format!(
+            "SELECT t.{key_col}{cols} FROM {table} AS t WHERE t.{key_col} = ?1"
+        ))?;
+        let live = export.live.len();
+        let read_row = |row: &rusqlite::Row<'_>| -> Result<(Value, Vec<Value>)> {
+            Ok((
+                Value::from_ref(row.get_ref(0)?),
+                (0..live)
+                    .map(|i| Ok(Value::from_ref(row.get_ref(1 + i)?)))
+                    .collect::<Result<_>>()?,
+            ))
+        };
         // The table's row at the cursor: its key and column values.
         let mut at: Option<(Value, Vec<Value>)> = None;
         let mut table_done = false;
         while let Some(r) = meta_rows.next()? {
             let key = Value::from_ref(r.get_ref(0)?);
             let cl = r.get::<_, i64>(1)? as u64;
+            let mut values: Option<Vec<Value>> = None;
             if cl % 2 == 1 {
                 while !table_done
                     && at
@@ -1041,27 +1057,24 @@ fn export_table(
                         .is_none_or(|(k, _)| sqlite_order(k, &key) == std::cmp::Ordering::Less)
                 {
                     at = match table_rows.next()? {
-                        Some(row) => Some((
-                            Value::from_ref(row.get_ref(0)?),
-                            (0..export.live.len())
-                                .map(|i| Ok(Value::from_ref(row.get_ref(1 + i)?)))
-                                .collect::<Result<_>>()?,
-                        )),
+                        Some(row) => Some(read_row(row)?),
                         None => {
                             table_done = true;
                             None
                         }
                     };
                 }
-            }
-            // A live row missing from the table reads as NULLs, as the
-            // join below reads it.
-            let mut values = match &mut at {
-                Some((k, values)) if sqlite_order(k, &key) == std::cmp::Ordering::Equal => {
-                    Some(values)
+                if at.as_ref().is_some_and(|(k, _)| *k == key) {
+                    values = at.take().map(|(_, v)| v);
+                } else {
+                    // A live row missing from the table reads as NULLs, as
+                    // in the join.
+                    let mut found = lookup.query([&key])?;
+                    if let Some(row) = found.next()? {
+                        values = Some(read_row(row)?.1);
+                    }
                 }
-                _ => None,
-            };
+            }
             let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
             export.row(vec![key].into(), cl, &clocks, |i| {
                 Ok(values
@@ -1071,8 +1084,11 @@ fn export_table(
         }
         return Ok(max_dbv as u64);
     }
+    // `+m.pk` has no affinity, so the key column's own affinity converts it
+    // (as for a bound parameter): a key a peer sent as 5 is found in a TEXT
+    // key column that holds '5'.
     let join = if t.pk.len() == 1 {
-        format!("t.{} = m.pk", quote(&t.pk[0]))
+        format!("t.{} = +m.pk", quote(&t.pk[0]))
     } else {
         t.pk.iter()
             .enumerate()

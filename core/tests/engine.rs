@@ -129,6 +129,127 @@ fn a_first_export_reads_every_row_of_a_key_column_of_mixed_types() {
 }
 
 #[test]
+fn integer_and_real_keys_beyond_2_pow_53_keep_their_own_values() {
+    // 2^53 as a real and 2^53 + 1 as an integer are two keys to SQLite, and
+    // one number in floating point. a writes one, c the other.
+    let schema = "CREATE TABLE anyk(k PRIMARY KEY NOT NULL, v)";
+    let (a, b, c) = (
+        synced(schema, "anyk"),
+        synced(schema, "anyk"),
+        synced(schema, "anyk"),
+    );
+    let big = 1i64 << 53;
+    a.execute(
+        "INSERT INTO anyk VALUES (?1, 'from a')",
+        &[Value::Real(big as f64)],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO anyk VALUES (?1, 'from c')",
+        &[Value::Integer(big + 1)],
+    )
+    .unwrap();
+    b.execute(
+        "INSERT INTO anyk VALUES (?1, 'max'), (?2, '2^63')",
+        &[Value::Integer(i64::MAX), Value::Real(2f64.powi(63))],
+    )
+    .unwrap();
+    pull(&b, &a);
+    pull(&b, &c);
+    assert_eq!(dump(&b, "anyk").len(), 4);
+    // b's first export to each: everything, a's own cells left out for a.
+    pull(&a, &b);
+    pull(&c, &b);
+    assert_eq!(dump(&a, "anyk"), dump(&b, "anyk"));
+    assert_eq!(dump(&c, "anyk"), dump(&b, "anyk"));
+}
+
+#[test]
+fn a_key_converted_by_its_column_s_affinity_keeps_its_row_s_values() {
+    // A peer with an untyped key column sends 5 and '7'; here the key
+    // columns convert them ('5' in a TEXT column, 7 in an INTEGER PRIMARY
+    // KEY). Both the first export (everything) and a later one find the
+    // rows' values.
+    for (typed, sent) in [("TEXT", "5"), ("INTEGER", "'7'")] {
+        let untyped = "CREATE TABLE kv(k PRIMARY KEY NOT NULL, v)";
+        let schema = format!("CREATE TABLE kv(k {typed} PRIMARY KEY NOT NULL, v)");
+        let (a, b, c) = (
+            synced(untyped, "kv"),
+            synced(&schema, "kv"),
+            synced(&schema, "kv"),
+        );
+        a.execute(&format!("INSERT INTO kv VALUES ({sent}, 'x')"), &[])
+            .unwrap();
+        pull(&b, &a);
+        pull(&c, &b);
+        assert_eq!(dump(&c, "kv"), dump(&b, "kv"), "{typed}: a first export");
+        a.execute(&format!("UPDATE kv SET v = 'y' WHERE k = {sent}"), &[])
+            .unwrap();
+        pull(&b, &a);
+        pull(&c, &b);
+        assert_eq!(dump(&b, "kv")[0][1], text("y"), "{typed}");
+        assert_eq!(dump(&c, "kv"), dump(&b, "kv"), "{typed}: a later export");
+    }
+}
+
+#[test]
+fn a_utf16_database_exports_every_row_of_a_text_key() {
+    // SQLite orders a UTF-16 database's text by its UTF-16 bytes: 'Ā'
+    // (U+0100) comes before 'a' there, after it in UTF-8.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("utf16.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "PRAGMA encoding = 'UTF-16le'; CREATE TABLE kv(k TEXT PRIMARY KEY NOT NULL, v);",
+        )
+        .unwrap();
+    let src = Database::open(&path).unwrap();
+    src.enable_sync("kv").unwrap();
+    let dst = synced("CREATE TABLE kv(k TEXT PRIMARY KEY NOT NULL, v)", "kv");
+    for (k, v) in [("a", "one"), ("\u{100}", "two"), ("z", "three")] {
+        src.execute("INSERT INTO kv VALUES (?1, ?2)", &[text(k), text(v)])
+            .unwrap();
+    }
+    pull(&dst, &src);
+    let values = |db: &Database| {
+        db.query("SELECT k, v FROM kv ORDER BY v", &[])
+            .unwrap()
+            .rows
+    };
+    assert_eq!(values(&dst), values(&src));
+    assert!(values(&dst).iter().all(|r| r[1] != Value::Null));
+}
+
+#[test]
+fn an_applied_row_may_not_bring_a_value_larger_than_sync_carries() {
+    // This replica's table has a column the sender's has not, whose default
+    // is larger than sync carries: a row the apply would make with it is
+    // refused, as the same row written here is.
+    let small = || Options {
+        max_value_bytes: 16,
+        ..Options::default()
+    };
+    let src = Database::open_in_memory_with(small()).unwrap();
+    src.execute_batch("CREATE TABLE t(k TEXT PRIMARY KEY NOT NULL, a)")
+        .unwrap();
+    src.enable_sync("t").unwrap();
+    let dst = Database::open_in_memory_with(small()).unwrap();
+    dst.execute_batch(
+        "CREATE TABLE t(k TEXT PRIMARY KEY NOT NULL, a, big DEFAULT 'forty bytes of default text, far too big')",
+    )
+    .unwrap();
+    dst.enable_sync("t").unwrap();
+    assert!(dst
+        .execute("INSERT INTO t(k, a) VALUES ('local', 1)", &[])
+        .is_err());
+    src.execute("INSERT INTO t VALUES ('r', 1)", &[]).unwrap();
+    let cs = src.changes_for_peer(dst.site_id(), 0).unwrap();
+    assert!(dst.apply(&cs).is_err());
+    assert!(dump(&dst, "t").is_empty());
+}
+
+#[test]
 fn without_rowid_tables_sync_too() {
     let schema = "CREATE TABLE kv(k TEXT PRIMARY KEY, v) WITHOUT ROWID";
     let (src, dst) = (synced(schema, "kv"), synced(schema, "kv"));
