@@ -912,28 +912,32 @@ async fn epoch_header(
 async fn changes(
     State(app): State<Arc<App>>,
     path: Result<Path<String>, PathRejection>,
-    uri: Uri,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Response {
     let counted = Counted::new(&app, "changes");
     let result = match space_of(path) {
-        Ok(space) => changes_inner(&app, space, uri, headers).await,
+        Ok(space) => changes_inner(&app, space, request).await,
         Err(e) => Err(e),
     };
     counted.respond(result)
 }
 
+/// Takes the whole request (not its headers and URI as extractors, which
+/// clone them and leave the originals with the handler) so that a long
+/// poll keeps none of it while it waits: thousands of idle polls each held
+/// a kilobyte or two of headers.
 async fn changes_inner(
     app: &Arc<App>,
     space: String,
-    uri: Uri,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    admit(app, &space, &headers)?;
+    let (parts, _no_body) = request.into_parts();
+    admit(app, &space, &parts.headers)?;
     let params = PullParams {
-        zstd: wants_zstd(&headers),
-        ..PullParams::parse(&uri)?
+        zstd: wants_zstd(&parts.headers),
+        ..PullParams::parse(&parts.uri)?
     };
+    drop(parts);
     let exclude = parse_site(&params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
     let state = check_history(app, &space, &params).await?;
