@@ -93,6 +93,16 @@ impl TxState {
         h
     }
 
+    /// Notes a write the capture triggers reported.
+    fn capture(&mut self, table: i64, key: Value, kind: EventKind) {
+        self.events.push(Event {
+            table,
+            key,
+            kind,
+            uncertain: false,
+        });
+    }
+
     pub fn mark_changed(&mut self, table: &str) {
         if !self.changed.contains(table) {
             self.changed.insert(table.to_owned());
@@ -217,13 +227,23 @@ fn count_arg(ctx: &Context<'_>, i: usize) -> rusqlite::Result<usize> {
     usize::try_from(ctx.get::<i64>(i)?).map_err(|_| user_err("confluo: bad argument count"))
 }
 
-/// The key of a write made while remote changes are applied. Such writes
-/// are counted, never recorded (see `Database::check_no_trigger_writes`),
+/// The metadata key of a captured write whose key columns are arguments
+/// `first..first + n`. Writes made while remote changes are applied are
+/// only counted, never recorded (see `Database::check_no_trigger_writes`),
 /// so their keys are not copied. Their values are still checked against
 /// the size limit: a column default or an affinity conversion can make a
 /// value the changes did not carry.
-fn untracked_key() -> Value {
-    Value::Null
+fn captured_key(
+    st: &TxState,
+    ctx: &Context<'_>,
+    first: usize,
+    n: usize,
+) -> rusqlite::Result<Value> {
+    if st.tracking {
+        key_arg(ctx, first, n)
+    } else {
+        Ok(Value::Null)
+    }
 }
 
 /// The functions the capture triggers of `schema::row_triggers` call, one
@@ -251,17 +271,8 @@ fn install_row_functions(
         }
         check_fits(ctx, 2..ctx.len(), max_value_bytes)?;
         let mut st = lock(&s);
-        let key = if st.tracking {
-            key_arg(ctx, 2, npk)?
-        } else {
-            untracked_key()
-        };
-        st.events.push(Event {
-            table,
-            key,
-            kind: EventKind::Inserted,
-            uncertain: false,
-        });
+        let key = captured_key(&st, ctx, 2, npk)?;
+        st.capture(table, key, EventKind::Inserted);
         Ok(true)
     })?;
 
@@ -273,17 +284,8 @@ fn install_row_functions(
             return Err(user_err("confluo_delete_row: wrong number of arguments"));
         }
         let mut st = lock(&s);
-        let key = if st.tracking {
-            key_arg(ctx, 2, npk)?
-        } else {
-            untracked_key()
-        };
-        st.events.push(Event {
-            table,
-            key,
-            kind: EventKind::Deleted,
-            uncertain: false,
-        });
+        let key = captured_key(&st, ctx, 2, npk)?;
+        st.capture(table, key, EventKind::Deleted);
         Ok(true)
     })?;
 
@@ -302,23 +304,13 @@ fn install_row_functions(
         let key_changed =
             (0..npk).any(|i| !same_key(ctx.get_raw(new_key + i), ctx.get_raw(old_key + i)));
         let mut st = lock(&s);
-        let tracking = st.tracking;
         if key_changed {
             // A delete of the old key and an insert of the new.
             check_fits(ctx, new_values, max_value_bytes)?;
-            let (old, new) = if tracking {
-                (key_arg(ctx, old_key, npk)?, key_arg(ctx, new_key, npk)?)
-            } else {
-                (untracked_key(), untracked_key())
-            };
-            for (key, kind) in [(old, EventKind::Deleted), (new, EventKind::Inserted)] {
-                st.events.push(Event {
-                    table,
-                    key,
-                    kind,
-                    uncertain: false,
-                });
-            }
+            let old = captured_key(&st, ctx, old_key, npk)?;
+            let new = captured_key(&st, ctx, new_key, npk)?;
+            st.capture(table, old, EventKind::Deleted);
+            st.capture(table, new, EventKind::Inserted);
             return Ok(true);
         }
         let mut masks: Vec<u64> = Vec::new();
@@ -339,17 +331,8 @@ fn install_row_functions(
             return Ok(false);
         }
         check_fits(ctx, new_values, max_value_bytes)?;
-        let key = if tracking {
-            key_arg(ctx, new_key, npk)?
-        } else {
-            untracked_key()
-        };
-        st.events.push(Event {
-            table,
-            key,
-            kind: EventKind::Updated(masks.into()),
-            uncertain: false,
-        });
+        let key = captured_key(&st, ctx, new_key, npk)?;
+        st.capture(table, key, EventKind::Updated(masks.into()));
         Ok(true)
     })?;
     Ok(())
@@ -409,12 +392,7 @@ pub(crate) fn install(
         conn.create_scalar_function(name, 2, volatile, move |ctx| {
             let table: i64 = ctx.get(0)?;
             let key = Value::from_ref(ctx.get_raw(1));
-            lock(&s).events.push(Event {
-                table,
-                key,
-                kind: kind.clone(),
-                uncertain: false,
-            });
+            lock(&s).capture(table, key, kind.clone());
             Ok(true)
         })?;
     }
@@ -430,12 +408,7 @@ pub(crate) fn install(
         let masks = (2..ctx.len())
             .map(|i| ctx.get::<i64>(i).map(|m| m as u64))
             .collect::<rusqlite::Result<Box<[u64]>>>()?;
-        lock(&s).events.push(Event {
-            table,
-            key,
-            kind: EventKind::Updated(masks),
-            uncertain: false,
-        });
+        lock(&s).capture(table, key, EventKind::Updated(masks));
         Ok(true)
     })?;
 

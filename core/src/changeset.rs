@@ -155,7 +155,6 @@ impl ChangeSet {
     /// receiver's memory stays bounded whatever the bytes say.
     pub fn decode_at_most(bytes: &[u8], max_changes: usize) -> Result<ChangeSet> {
         let mut r = Reader::new(bytes);
-        let head = Header::read(&mut r)?;
         let Header {
             source,
             recipient,
@@ -163,7 +162,7 @@ impl ChangeSet {
             until,
             names,
             sites,
-        } = head;
+        } = Header::read(&mut r)?;
         let group_count = r.len("group count")?;
         let mut changes = Vec::with_capacity(group_count.min(r.remaining()).min(1 << 16));
         let mut seqs = SeqCounter::default();
