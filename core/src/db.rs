@@ -126,8 +126,9 @@ CREATE TABLE IF NOT EXISTS confluo_rejected(
 ";
 
 /// The layout of Confluo's own tables. 1: tables and columns known by
-/// name; 2: by identity (`cid`, see `evolution`), names being aliases.
-const METADATA_FORMAT: i64 = 2;
+/// name; 2: by identity (`cid`, see `evolution`), names being aliases;
+/// 3: row metadata keyed by an id derived from the row's key (`row_ids`).
+const METADATA_FORMAT: i64 = 3;
 
 /// The writer connection's page cache at most, in KiB.
 const WRITER_CACHE_KIB: i64 = 16 * 1024;
@@ -205,21 +206,25 @@ impl Database {
                     |r| r.get(0),
                 )
                 .optional()?;
-            match format {
+            let migrate_row_metadata = match format {
                 None => {
                     conn.execute(
                         "INSERT INTO confluo_state VALUES ('format', ?1)",
                         [METADATA_FORMAT],
                     )?;
                     conn.execute("INSERT INTO confluo_state VALUES ('hlc', 0)", [])?;
+                    false
                 }
-                Some(METADATA_FORMAT) => {}
-                Some(1) => {
-                    conn.execute_batch(MIGRATE_FORMAT_1)?;
+                Some(METADATA_FORMAT) => false,
+                Some(older @ (1 | 2)) => {
+                    if older == 1 {
+                        conn.execute_batch(MIGRATE_FORMAT_1)?;
+                    }
                     conn.execute(
                         "UPDATE confluo_state SET value = ?1 WHERE key = 'format'",
                         [METADATA_FORMAT],
                     )?;
+                    true
                 }
                 Some(other) => {
                     return Err(Error::Sqlite {
@@ -228,6 +233,11 @@ impl Database {
                         ),
                         code: None,
                     })
+                }
+            };
+            if migrate_row_metadata {
+                for t in schema::load_tables(&conn)? {
+                    crate::row_ids::migrate_table(&conn, &t)?;
                 }
             }
             let site: Option<Vec<u8>> = conn

@@ -3,19 +3,19 @@
 
 use std::cmp::Ordering;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
 use crate::capture::{lock, Event, EventKind, LOCAL_SITE};
 use crate::clocks::{encode_tombstone, encode_uniform, RowClocks, Stamp};
 use crate::codec::unpack_values;
 use crate::db::Database;
 use crate::error::{Error, Result};
+use crate::row_ids::{row_id, MetaRows};
 use crate::schema::{quote, TableInfo};
 use crate::value::Value;
 
 /// Orders values as SQLite orders them in an index (NULL, numbers, text,
-/// blobs), so metadata rows are written in key order: sorted writes touch
-/// each B-tree page once instead of at random.
+/// blobs); numbers are compared as reals.
 pub(crate) fn sqlite_order(a: &Value, b: &Value) -> Ordering {
     fn rank(v: &Value) -> u8 {
         match v {
@@ -58,11 +58,11 @@ impl Database {
         };
         let mut start = 0;
         while start < events.len() {
-            let table_id = events[start].table;
+            let table_id = events[start].1.table;
             let end = start
                 + events[start..]
                     .iter()
-                    .take_while(|e| e.table == table_id)
+                    .take_while(|(_, e)| e.table == table_id)
                     .count();
             let table = self
                 .all_tables()
@@ -80,92 +80,104 @@ impl Database {
     }
 }
 
-/// The events in (table, key) order, the writes to one row in the order
-/// they were made. Rows written in key order (sequential keys) are left as
-/// they are; otherwise positions are sorted, not the events themselves,
-/// which are several times larger.
-fn sorted_by_row(events: Vec<Event>) -> Vec<Event> {
-    let row_order = |a: &Event, b: &Event| {
-        a.table
-            .cmp(&b.table)
-            .then_with(|| sqlite_order(&a.key, &b.key))
-    };
-    if events.is_sorted_by(|a, b| row_order(a, b) != Ordering::Greater) {
-        return events;
-    }
+/// The events in (table, row id) order, each with its row's id (see
+/// `row_ids`), the writes to one row in the order they were made. The
+/// metadata table is in id order, so sorted writes touch each B-tree page
+/// once instead of at random. Positions are sorted, not the events
+/// themselves, which are several times larger.
+fn sorted_by_row(events: Vec<Event>) -> Vec<(i64, Event)> {
+    let keyed: Vec<(i64, i64)> = events.iter().map(|e| (e.table, row_id(&e.key))).collect();
     let mut order: Vec<usize> = (0..events.len()).collect();
-    // Ties broken by position: as stable as a stable sort.
-    order.sort_unstable_by(|&a, &b| row_order(&events[a], &events[b]).then(a.cmp(&b)));
+    // Ties broken by key (two keys may share an id), then by position: as
+    // stable as a stable sort.
+    order.sort_unstable_by(|&a, &b| {
+        keyed[a]
+            .cmp(&keyed[b])
+            .then_with(|| sqlite_order(&events[a].key, &events[b].key))
+            .then(a.cmp(&b))
+    });
     let mut taken: Vec<Option<Event>> = events.into_iter().map(Some).collect();
     order
         .into_iter()
-        .map(|i| taken[i].take().expect("each position once"))
+        .map(|i| (keyed[i].1, taken[i].take().expect("each position once")))
         .collect()
 }
 
-/// Records one table's captured writes; `events` are sorted by key.
-fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp) -> Result<()> {
+/// Records one table's captured writes; `events` are sorted by row, each
+/// with its row's id.
+fn record_rows(
+    conn: &Connection,
+    t: &TableInfo,
+    events: &[(i64, Event)],
+    stamp: Stamp,
+) -> Result<()> {
     let meta = t.meta_table();
     let slots = t.slots.len();
     let uniform = encode_uniform(stamp.hlc, stamp.site, slots);
     let tombstone = encode_tombstone(stamp.hlc, stamp.site);
     let dbv = stamp.dbv as i64;
+    // The common cases write the row at its own id in one statement. They
+    // change nothing when another key holds that id; the row is then found
+    // by probing, below.
     let mut inserted = conn.prepare_cached(&format!(
-        "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, 1, ?2, ?3) \
-         ON CONFLICT(pk) DO UPDATE SET cl = cl + 1 - cl % 2, dbv = excluded.dbv, clocks = excluded.clocks"
+        "INSERT INTO {meta}(id, pk, cl, dbv, clocks) VALUES (?1, ?2, 1, ?3, ?4) \
+         ON CONFLICT(id) DO UPDATE SET cl = cl + 1 - cl % 2, dbv = excluded.dbv, clocks = excluded.clocks \
+         WHERE pk = excluded.pk"
     ))?;
     let mut deleted = conn.prepare_cached(&format!(
-        "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, 2, ?2, ?3) \
-         ON CONFLICT(pk) DO UPDATE SET cl = cl + cl % 2, dbv = excluded.dbv, clocks = excluded.clocks"
-    ))?;
-    let mut read =
-        conn.prepare_cached(&format!("SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"))?;
-    let mut write = conn.prepare_cached(&format!(
-        "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, ?2, ?3, ?4) \
-         ON CONFLICT(pk) DO UPDATE SET cl = excluded.cl, dbv = excluded.dbv, clocks = excluded.clocks"
+        "INSERT INTO {meta}(id, pk, cl, dbv, clocks) VALUES (?1, ?2, 2, ?3, ?4) \
+         ON CONFLICT(id) DO UPDATE SET cl = cl + cl % 2, dbv = excluded.dbv, clocks = excluded.clocks \
+         WHERE pk = excluded.pk"
     ))?;
     // Updates change the clocks in place: one statement (and one lookup of
     // the row) instead of a read and a write. SET expressions see the old
     // row, so `confluo_restamp` gets the old cl, dbv and clocks.
     let mut restamp = conn.prepare_cached(&format!(
-        "UPDATE {meta} SET cl = cl + 1 - cl % 2, dbv = ?2, \
-         clocks = confluo_restamp(cl, dbv, clocks, ?2, ?3, ?4, ?5) WHERE pk = ?1"
+        "UPDATE {meta} SET cl = cl + 1 - cl % 2, dbv = ?3, \
+         clocks = confluo_restamp(cl, dbv, clocks, ?3, ?4, ?5, ?6) WHERE id = ?1 AND pk = ?2"
     ))?;
+    let mut rows = MetaRows::new(conn, t)?;
     let hlc = stamp.hlc.0 as i64;
     let slots_arg = slots as i64;
 
     let mut start = 0;
     while start < events.len() {
-        let key = &events[start].key;
-        let end = start + events[start..].iter().take_while(|e| e.key == *key).count();
+        let (id, Event { key, .. }) = &events[start];
+        let end = start
+            + events[start..]
+                .iter()
+                .take_while(|(_, e)| e.key == *key)
+                .count();
         let group = &events[start..end];
-        if group.iter().any(|e| e.uncertain) {
-            reconcile(conn, t, key, stamp, slots, &mut read, &mut write)?;
-            start = end;
+        start = end;
+        if group.iter().any(|(_, e)| e.uncertain) {
+            reconcile(conn, t, *id, key, stamp, slots, &mut rows)?;
             continue;
         }
-        match group {
+        let written = match group {
             // The common cases need nothing of the old metadata.
-            [Event {
-                kind: EventKind::Inserted,
-                ..
-            }] => {
-                inserted.execute(params![key, dbv, uniform])?;
-            }
-            [Event {
-                kind: EventKind::Deleted,
-                ..
-            }] => {
-                deleted.execute(params![key, dbv, tombstone])?;
-            }
+            [(
+                _,
+                Event {
+                    kind: EventKind::Inserted,
+                    ..
+                },
+            )] => inserted.execute(params![id, key, dbv, uniform])?,
+            [(
+                _,
+                Event {
+                    kind: EventKind::Deleted,
+                    ..
+                },
+            )] => deleted.execute(params![id, key, dbv, tombstone])?,
             _ if group
                 .iter()
-                .all(|e| matches!(e.kind, EventKind::Updated(_))) =>
+                .all(|(_, e)| matches!(e.kind, EventKind::Updated(_))) =>
             {
                 // One transaction stamps every cell alike: the updates of a
                 // row add up to the union of their columns.
                 let mut masks: Vec<u64> = Vec::new();
-                for e in group {
+                for (_, e) in group {
                     if let EventKind::Updated(m) = &e.kind {
                         if masks.len() < m.len() {
                             masks.resize(m.len(), 0);
@@ -175,30 +187,21 @@ fn record_rows(conn: &Connection, t: &TableInfo, events: &[Event], stamp: Stamp)
                         }
                     }
                 }
-                let masks = masks_blob(&masks);
-                if restamp.execute(params![key, dbv, hlc, slots_arg, masks])? == 0 {
-                    // No metadata yet: the row is recorded as a new one,
-                    // every column written (as `apply_local` does).
-                    inserted.execute(params![key, dbv, uniform])?;
-                }
+                // Nothing written when the row has no metadata yet (it is
+                // then recorded as a new one, every column written, as
+                // `apply_local` does) or another key holds the id.
+                restamp.execute(params![id, key, dbv, hlc, slots_arg, masks_blob(&masks)])?
             }
-            _ => {
-                let old: Option<(i64, i64, Vec<u8>)> = read
-                    .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .optional()?;
-                let (mut cl, mut clocks) = match old {
-                    Some((cl, row_dbv, blob)) => {
-                        (cl as u64, RowClocks::decode(&blob, row_dbv as u64)?)
-                    }
-                    None => (0, RowClocks::default()),
-                };
-                for e in group {
-                    apply_local(&mut cl, &mut clocks, &e.kind, stamp, slots);
-                }
-                write.execute(params![key, cl as i64, dbv, clocks.encode(stamp.dbv)])?;
+            _ => 0,
+        };
+        if written == 0 {
+            let at = rows.locate(*id, key)?;
+            let (mut cl, mut clocks) = at.clocks()?;
+            for (_, e) in group {
+                apply_local(&mut cl, &mut clocks, &e.kind, stamp, slots);
             }
+            rows.save(&at, key, cl, stamp.dbv, &clocks.encode(stamp.dbv))?;
         }
-        start = end;
     }
     Ok(())
 }
@@ -253,11 +256,11 @@ pub(crate) fn restamp_function(ctx: &rusqlite::functions::Context<'_>) -> Result
 fn reconcile(
     conn: &Connection,
     t: &TableInfo,
+    id: i64,
     key: &Value,
     stamp: Stamp,
     slots: usize,
-    read: &mut rusqlite::CachedStatement<'_>,
-    write: &mut rusqlite::CachedStatement<'_>,
+    rows: &mut MetaRows<'_>,
 ) -> Result<()> {
     let pk: Vec<Value> = match (t.pk.len(), key) {
         (1, v) => vec![v.clone()],
@@ -271,26 +274,15 @@ fn reconcile(
             t.key_where(1)
         ))?
         .query_row(rusqlite::params_from_iter(pk.iter()), |r| r.get(0))?;
-    let old: Option<(i64, i64, Vec<u8>)> = read
-        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    let (mut cl, mut clocks) = match old {
-        Some((cl, row_dbv, blob)) => (cl as u64, RowClocks::decode(&blob, row_dbv as u64)?),
-        None => (0, RowClocks::default()),
-    };
+    let at = rows.locate(id, key)?;
+    let (mut cl, mut clocks) = at.clocks()?;
     let alive = cl % 2 == 1;
     match (exists, alive) {
         (true, _) => apply_local(&mut cl, &mut clocks, &EventKind::Inserted, stamp, slots),
         (false, true) => apply_local(&mut cl, &mut clocks, &EventKind::Deleted, stamp, slots),
         (false, false) => return Ok(()),
     }
-    write.execute(params![
-        key,
-        cl as i64,
-        stamp.dbv as i64,
-        clocks.encode(stamp.dbv)
-    ])?;
-    Ok(())
+    rows.save(&at, key, cl, stamp.dbv, &clocks.encode(stamp.dbv))
 }
 
 /// One local write's effect on a row's causal length and clocks.
@@ -412,24 +404,29 @@ mod tests {
                 EventKind::Updated(vec![2].into()),
             ),
         ];
-        let sorted = sorted_by_row(events);
-        let seen: Vec<(i64, Value, EventKind)> = sorted
-            .into_iter()
-            .map(|e| (e.table, e.key, e.kind))
+        let sorted = sorted_by_row(events.clone());
+        // Every event once, each with its key's id.
+        assert_eq!(sorted.len(), events.len());
+        for (id, e) in &sorted {
+            assert_eq!(*id, row_id(&e.key));
+        }
+        // By table, then by id: the metadata table's order.
+        let order: Vec<(i64, i64)> = sorted.iter().map(|(id, e)| (e.table, *id)).collect();
+        assert!(order.is_sorted(), "{order:?}");
+        // One row's writes together, in the order they were made.
+        let b_writes: Vec<(usize, &EventKind)> = sorted
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, e))| e.key == Value::Text("b".into()))
+            .map(|(i, (_, e))| (i, &e.kind))
             .collect();
+        let first = b_writes[0].0;
         assert_eq!(
-            seen,
+            b_writes,
             vec![
-                (1, Value::Real(2.5), EventKind::Updated(vec![1].into())),
-                (1, Value::Integer(7), EventKind::Inserted),
-                (1, Value::Text("b".into()), EventKind::Deleted),
-                (1, Value::Text("b".into()), EventKind::Inserted),
-                (
-                    1,
-                    Value::Text("b".into()),
-                    EventKind::Updated(vec![2].into())
-                ),
-                (2, Value::Integer(1), EventKind::Inserted),
+                (first, &EventKind::Deleted),
+                (first + 1, &EventKind::Inserted),
+                (first + 2, &EventKind::Updated(vec![2].into())),
             ]
         );
     }

@@ -14,9 +14,9 @@ use crate::codec::{pack_values, unpack_values};
 use crate::db::{load_sites, Database, Transaction};
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
-use crate::local::sqlite_order;
 use crate::merge::{Cell, Outcome, RowState, Target, Version};
 use crate::rejected::keep_aside;
+use crate::row_ids::{row_id, same_key, MetaRows};
 use crate::schema::{quote, TableInfo};
 use crate::site::SiteId;
 use crate::validate::{check_change, Limits};
@@ -89,10 +89,8 @@ struct Local {
 /// the rows' own B-tree work, and preparing them again for each apply cost
 /// more than a small apply's rows (a sync of a few edits).
 struct TableStatements<'c> {
-    load: CachedStatement<'c>,
-    /// The row's metadata, inserted (a row new here) or updated.
-    insert_meta: CachedStatement<'c>,
-    update_meta: CachedStatement<'c>,
+    /// The rows' metadata: found, then inserted (a row new here) or updated.
+    meta: MetaRows<'c>,
     /// The app table's writes by kind and written slots (a table sees few
     /// shapes, so a short list is searched without building a key).
     writes: Vec<(u8, Vec<usize>, CachedStatement<'c>)>,
@@ -158,17 +156,8 @@ impl<'c> ApplyCtx<'c> {
         let i = match self.statements.iter().rposition(|(id, _)| *id == t.id) {
             Some(i) => i,
             None => {
-                let meta = t.meta_table();
                 let statements = TableStatements {
-                    load: conn.prepare_cached(&format!(
-                        "SELECT cl, dbv, clocks FROM {meta} WHERE pk = ?1"
-                    ))?,
-                    insert_meta: conn.prepare_cached(&format!(
-                        "INSERT INTO {meta}(pk, cl, dbv, clocks) VALUES (?1, ?2, ?3, ?4)"
-                    ))?,
-                    update_meta: conn.prepare_cached(&format!(
-                        "UPDATE {meta} SET cl = ?2, dbv = ?3, clocks = ?4 WHERE pk = ?1"
-                    ))?,
+                    meta: MetaRows::new(conn, t)?,
                     writes: Vec::new(),
                 };
                 self.statements.push((t.id, statements));
@@ -560,15 +549,11 @@ impl Database {
     ) -> Result<()> {
         let pk = &changes[range.start].pk;
         let key = meta_key(t, pk);
-        let stored: Option<(i64, i64, Vec<u8>)> = ctx
-            .statements(conn, t)?
-            .load
-            .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        let mut row: RowState<Local> = match &stored {
+        let at = ctx.statements(conn, t)?.meta.locate(row_id(&key), &key)?;
+        let mut row: RowState<Local> = match &at.stored {
             None => RowState::unknown(),
-            Some((cl, dbv, blob)) => {
-                let clocks = RowClocks::decode(blob, *dbv as u64)?;
+            Some(stored) => {
+                let clocks = RowClocks::decode(&stored.clocks, stored.dbv as u64)?;
                 let to_cell = |s: Stamp| -> Result<Cell<Local>> {
                     let site = *ctx
                         .sites
@@ -587,7 +572,7 @@ impl Database {
                     })
                 };
                 RowState {
-                    cl: *cl as u64,
+                    cl: stored.cl as u64,
                     marker: clocks.marker.map(to_cell).transpose()?,
                     cells: clocks
                         .cells
@@ -726,16 +711,9 @@ impl Database {
             marker: row.marker.as_ref().map(stamp),
             cells: row.cells.iter().map(|c| c.as_ref().map(stamp)).collect(),
         };
-        let statements = ctx.statements(conn, t)?;
-        // Known to exist or not by the load above, in this transaction: an
-        // INSERT OR REPLACE would make SQLite journal the statement.
-        let save = if stored.is_some() {
-            &mut statements.update_meta
-        } else {
-            &mut statements.insert_meta
-        };
-        save.execute(params![key, row.cl as i64, dbv as i64, clocks.encode(dbv)])?;
-        Ok(())
+        ctx.statements(conn, t)?
+            .meta
+            .save(&at, &key, row.cl, dbv, &clocks.encode(dbv))
     }
 
     /// After the statement that wrote one remote row: the capture triggers
@@ -1014,95 +992,15 @@ fn export_table(
         .iter()
         .map(|(_, n)| format!(", t.{}", quote(n)))
         .collect();
-    if since == 0 && t.pk.len() == 1 {
-        // Everything, of a table with a one-column key: the metadata and the
-        // table are both read in key order and matched as they go, instead
-        // of looking each row up in the table's key index. Only a key the
-        // same in both (type and value) is taken from the scan: where SQLite
-        // compares otherwise (a column's affinity converts the metadata's
-        // key, integers and reals beyond 2^53, a UTF-16 database), the row
-        // is looked up as the join below would find it.
-        let (key_col, table) = (quote(&t.pk[0]), quote(&t.name));
-        let mut meta_rows = conn.prepare_cached(&format!(
-            "SELECT pk, cl, dbv, clocks FROM {meta} ORDER BY pk"
-        ))?;
-        let mut meta_rows = meta_rows.query([])?;
-        let mut table_rows = conn.prepare_cached(&format!(
-            "SELECT t.{key_col}{cols} FROM {table} AS t ORDER BY t.{key_col}"
-        ))?;
-        let mut table_rows = table_rows.query([])?;
-        let mut lookup = conn.prepare_cached(&format!(
-            "SELECT t.{key_col}{cols} FROM {table} AS t WHERE t.{key_col} = ?1"
-        ))?;
-        let live = export.live.len();
-        let read_row = |row: &rusqlite::Row<'_>| -> Result<(Value, Vec<Value>)> {
-            Ok((
-                Value::from_ref(row.get_ref(0)?),
-                (0..live)
-                    .map(|i| Ok(Value::from_ref(row.get_ref(1 + i)?)))
-                    .collect::<Result<_>>()?,
-            ))
-        };
-        // The table's row at the cursor: its key and column values.
-        let mut at: Option<(Value, Vec<Value>)> = None;
-        let mut table_done = false;
-        while let Some(r) = meta_rows.next()? {
-            let key = Value::from_ref(r.get_ref(0)?);
-            let cl = r.get::<_, i64>(1)? as u64;
-            let mut values: Option<Vec<Value>> = None;
-            if cl % 2 == 1 {
-                while !table_done
-                    && at
-                        .as_ref()
-                        .is_none_or(|(k, _)| sqlite_order(k, &key) == std::cmp::Ordering::Less)
-                {
-                    at = match table_rows.next()? {
-                        Some(row) => Some(read_row(row)?),
-                        None => {
-                            table_done = true;
-                            None
-                        }
-                    };
-                }
-                if at.as_ref().is_some_and(|(k, _)| *k == key) {
-                    values = at.take().map(|(_, v)| v);
-                } else {
-                    // A live row missing from the table reads as NULLs, as
-                    // in the join.
-                    let mut found = lookup.query([&key])?;
-                    if let Some(row) = found.next()? {
-                        values = Some(read_row(row)?.1);
-                    }
-                }
-            }
-            let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
-            export.row(vec![key].into(), cl, &clocks, |i| {
-                Ok(values
-                    .as_mut()
-                    .map_or(Value::Null, |v| std::mem::replace(&mut v[i], Value::Null)))
-            })?;
-        }
+    let table = quote(&t.name);
+    if since == 0 {
+        export_everything(conn, &mut export, &cols)?;
         return Ok(max_dbv as u64);
     }
-    // `+m.pk` has no affinity, so the key column's own affinity converts it
-    // (as for a bound parameter): a key a peer sent as 5 is found in a TEXT
-    // key column that holds '5'.
-    let join = if t.pk.len() == 1 {
-        format!("t.{} = +m.pk", quote(&t.pk[0]))
-    } else {
-        t.pk.iter()
-            .enumerate()
-            .map(|(i, c)| format!("t.{} = confluo_unpack(m.pk, {i})", quote(c)))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
-    // Everything (since 0) is read in the metadata's own order: walking the
-    // dbv index would add a lookup of the metadata row for each entry.
-    let scan = if since == 0 { " NOT INDEXED" } else { "" };
     let sql = format!(
-        "SELECT m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m{scan} \
+        "SELECT m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m \
          LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.dbv > ?1",
-        table = quote(&t.name)
+        join = key_matches(t, "+m.pk")
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let mut rows = stmt.query([since as i64])?;
@@ -1110,22 +1008,112 @@ fn export_table(
         let key = Value::from_ref(r.get_ref(0)?);
         let cl = r.get::<_, i64>(1)? as u64;
         let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
-        let pk: Arc<[Value]> = if t.pk.len() == 1 {
-            vec![key].into()
-        } else {
-            match key {
-                Value::Blob(b) => unpack_values(&b)?.into(),
-                _ => {
-                    return Err(Error::Sqlite {
-                        message: "corrupt confluo metadata: composite key is not a blob".into(),
-                        code: None,
-                    })
-                }
-            }
-        };
-        export.row(pk, cl, &clocks, |i| Ok(Value::from_ref(r.get_ref(4 + i)?)))?;
+        export.row(row_key(t, key)?, cl, &clocks, |i| {
+            Ok(Value::from_ref(r.get_ref(4 + i)?))
+        })?;
     }
     Ok(max_dbv as u64)
+}
+
+/// SQL that matches the table's row (`t`) to the metadata key `key` (an
+/// expression without affinity): the key column's own affinity converts
+/// the key, as for a bound parameter, so a key a peer sent as 5 is found in
+/// a TEXT key column that holds '5'.
+fn key_matches(t: &TableInfo, key: &str) -> String {
+    if t.pk.len() == 1 {
+        format!("t.{} = {key}", quote(&t.pk[0]))
+    } else {
+        t.pk.iter()
+            .enumerate()
+            .map(|(i, c)| format!("t.{} = confluo_unpack({key}, {i})", quote(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+}
+
+/// A row's key values from its metadata key.
+fn row_key(t: &TableInfo, key: Value) -> Result<Arc<[Value]>> {
+    if t.pk.len() == 1 {
+        return Ok(vec![key].into());
+    }
+    match key {
+        Value::Blob(b) => Ok(unpack_values(&b)?.into()),
+        _ => Err(Error::Sqlite {
+            message: "corrupt confluo metadata: composite key is not a blob".into(),
+            code: None,
+        }),
+    }
+}
+
+/// Exports every row of a table. The table and its metadata are each read
+/// once, in their own order, instead of looking each metadata row's key up
+/// in the table's key index, which reads the table's pages at random. The
+/// table's rows are sorted in memory by their keys' ids (the metadata's
+/// order) and matched as the metadata is read; their values move into the
+/// changes, so they cost no more memory than the export holds anyway.
+fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) -> Result<()> {
+    let t = export.t;
+    let table = quote(&t.name);
+    let live = export.live.len();
+    let mut rows: Vec<(i64, Value, Vec<Value>)> = Vec::new();
+    {
+        let mut read = conn.prepare_cached(&format!(
+            "SELECT {key}{cols} FROM {table} AS t",
+            key = t.key_expr("t")
+        ))?;
+        let mut read = read.query([])?;
+        while let Some(r) = read.next()? {
+            let key = Value::from_ref(r.get_ref(0)?);
+            let values = (0..live)
+                .map(|i| Ok(Value::from_ref(r.get_ref(1 + i)?)))
+                .collect::<Result<Vec<_>>>()?;
+            rows.push((row_id(&key), key, values));
+        }
+    }
+    rows.sort_unstable_by_key(|(id, _, _)| *id);
+    // A live row whose key the table holds converted by its column's
+    // affinity is looked up the way the incremental export's join finds it.
+    let mut lookup = conn.prepare_cached(&format!(
+        "SELECT 0{cols} FROM {table} AS t WHERE {}",
+        key_matches(t, "?1")
+    ))?;
+    let mut meta = conn.prepare_cached(&format!(
+        "SELECT pk, cl, dbv, clocks FROM {}",
+        t.meta_table()
+    ))?;
+    let mut meta = meta.query([])?;
+    while let Some(m) = meta.next()? {
+        let key = Value::from_ref(m.get_ref(0)?);
+        let cl = m.get::<_, i64>(1)? as u64;
+        let mut values: Option<Vec<Value>> = None;
+        if cl % 2 == 1 {
+            let home = row_id(&key);
+            let first = rows.partition_point(|(id, _, _)| *id < home);
+            values = rows[first..]
+                .iter_mut()
+                .take_while(|(id, _, _)| *id == home)
+                .find(|(_, k, _)| same_key(&key, k.as_sql()))
+                .map(|(_, _, v)| std::mem::take(v));
+            if values.is_none() {
+                let mut found = lookup.query([&key])?;
+                if let Some(r) = found.next()? {
+                    values = Some(
+                        (0..live)
+                            .map(|i| Ok(Value::from_ref(r.get_ref(1 + i)?)))
+                            .collect::<Result<_>>()?,
+                    );
+                }
+            }
+        }
+        let clocks = RowClocks::decode(m.get_ref(3)?.as_blob()?, m.get::<_, i64>(2)? as u64)?;
+        // A live row missing from the table reads as NULLs, as in the join.
+        export.row(row_key(t, key)?, cl, &clocks, |i| {
+            Ok(values
+                .as_mut()
+                .map_or(Value::Null, |v| std::mem::replace(&mut v[i], Value::Null)))
+        })?;
+    }
+    Ok(())
 }
 
 /// What one table's export needs to turn a row into changes.

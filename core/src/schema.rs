@@ -52,8 +52,13 @@ pub(crate) struct TableInfo {
 }
 
 impl TableInfo {
+    /// The metadata table's name, quoted (see `row_ids` for its layout).
     pub fn meta_table(&self) -> String {
-        quote(&format!("confluo_rows_{}", self.name))
+        quote(&self.meta_table_name())
+    }
+
+    pub fn meta_table_name(&self) -> String {
+        format!("confluo_rows_{}", self.name)
     }
 
     /// The slot of the live column with identity `cid`.
@@ -340,12 +345,7 @@ const MAX_FUNCTION_ARGS: usize = 1000;
 /// writer defines: a write from any other connection fails instead of
 /// going untracked.
 pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
-    let meta = t.meta_table();
-    let dbv_index = quote(&format!("confluo_rows_{}_dbv", t.name));
-    conn.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {meta}(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
-         CREATE INDEX IF NOT EXISTS {dbv_index} ON {meta}(dbv);"
-    ))?;
+    create_meta_table(conn, t)?;
     let live = t.live_slots().count();
     // The row functions take every value of the row, old and new.
     let triggers = if 3 + 2 * (t.pk.len() + live) <= MAX_FUNCTION_ARGS {
@@ -355,6 +355,22 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
     };
     conn.execute_batch(&triggers)?;
     Ok(())
+}
+
+/// The metadata table of `t` (keyed by id, see `row_ids`) and its index of
+/// rows by db_version, unless they exist.
+pub(crate) fn create_meta_table(conn: &Connection, t: &TableInfo) -> Result<()> {
+    let meta = t.meta_table();
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {meta}(id INTEGER PRIMARY KEY, pk NOT NULL, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL);
+         CREATE INDEX IF NOT EXISTS {dbv_index} ON {meta}(dbv);",
+        dbv_index = dbv_index(t)
+    ))?;
+    Ok(())
+}
+
+pub(crate) fn dbv_index(t: &TableInfo) -> String {
+    quote(&format!("confluo_rows_{}_dbv", t.name))
 }
 
 /// The triggers of tables of any width but the widest: each passes the

@@ -11,7 +11,9 @@ use crate::clocks::{encode_uniform, RowClocks};
 use crate::db::{load_sites, Database};
 use crate::error::{Error, Result};
 use crate::evolution;
+use crate::row_ids::{row_id, MetaRows};
 use crate::schema::{self, quote, TableInfo};
+use crate::value::Value;
 
 impl Database {
     /// Makes `table` a synced table: validates it (one error listing every
@@ -119,16 +121,16 @@ impl Database {
         self.catch_up_counters(conn)?;
         let dbv = lock(&self.inner.state).db_version();
         let meta = t.meta_table();
-        let rows: Vec<(rusqlite::types::Value, i64, Vec<u8>)> = conn
+        let rows: Vec<(i64, i64, Vec<u8>)> = conn
             .prepare(&format!(
-                "SELECT pk, dbv, clocks FROM {meta} WHERE cl % 2 = 1"
+                "SELECT id, dbv, clocks FROM {meta} WHERE cl % 2 = 1"
             ))?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
         let mut write = conn.prepare(&format!(
-            "UPDATE {meta} SET dbv = ?2, clocks = ?3 WHERE pk = ?1"
+            "UPDATE {meta} SET dbv = ?2, clocks = ?3 WHERE id = ?1"
         ))?;
-        for (pk, row_dbv, blob) in rows {
+        for (id, row_dbv, blob) in rows {
             let mut clocks = RowClocks::decode(&blob, row_dbv as u64)?;
             let mut touched = false;
             for &slot in slots {
@@ -138,7 +140,7 @@ impl Database {
                 }
             }
             if touched {
-                write.execute(params![pk, dbv as i64, clocks.encode(dbv)])?;
+                write.execute(params![id, dbv as i64, clocks.encode(dbv)])?;
             }
         }
         Ok(())
@@ -338,15 +340,18 @@ impl Database {
             st.mark_changed(&t.name);
             (st.db_version(), st.tx_hlc())
         };
-        conn.execute(
-            &format!(
-                "INSERT INTO {meta}(pk, cl, dbv, clocks) SELECT {key}, 1, ?1, ?2 FROM {table} AS t WHERE true \
-                 ON CONFLICT(pk) DO NOTHING",
-                meta = t.meta_table(),
-                key = t.key_expr("t"),
-            ),
-            params![dbv as i64, encode_uniform(hlc, LOCAL_SITE, t.slots.len())],
-        )?;
+        // Rows that have metadata already (the table was synced before) keep it.
+        let clocks = encode_uniform(hlc, LOCAL_SITE, t.slots.len());
+        let mut meta = MetaRows::new(conn, t)?;
+        let mut keys = conn.prepare(&format!("SELECT {} FROM {table} AS t", t.key_expr("t")))?;
+        let mut keys = keys.query([])?;
+        while let Some(r) = keys.next()? {
+            let key = Value::from_ref(r.get_ref(0)?);
+            let at = meta.locate(row_id(&key), &key)?;
+            if at.stored.is_none() {
+                meta.save(&at, &key, 1, dbv, &clocks)?;
+            }
+        }
         Ok(())
     }
 

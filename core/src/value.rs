@@ -87,6 +87,17 @@ impl Value {
         }
     }
 
+    /// The value as SQLite's borrowed form.
+    pub(crate) fn as_sql(&self) -> SqlRef<'_> {
+        match self {
+            Value::Null => SqlRef::Null,
+            Value::Integer(i) => SqlRef::Integer(*i),
+            Value::Real(r) => SqlRef::Real(*r),
+            Value::Text(s) => SqlRef::Text(s.as_bytes()),
+            Value::Blob(b) => SqlRef::Blob(b),
+        }
+    }
+
     pub(crate) fn from_ref(v: SqlRef<'_>) -> Value {
         match v {
             SqlRef::Null => Value::Null,

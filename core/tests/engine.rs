@@ -388,12 +388,13 @@ fn a_failed_statement_leaves_no_trace_in_the_metadata() {
         .unwrap();
     tx.commit().unwrap();
     let cs = db.changes_since(0, None).unwrap();
-    let keys: Vec<&str> = cs
+    let mut keys: Vec<&str> = cs
         .changes
         .iter()
         .filter(|c| c.column.is_none())
         .map(|c| c.pk[0].as_str().unwrap())
         .collect();
+    keys.sort();
     assert_eq!(keys, vec!["k1", "k2"]);
     let peer = synced(TODO_SCHEMA, "todo");
     pull(&peer, &db);
@@ -1425,6 +1426,91 @@ fn capture_triggers_of_an_older_shape_are_installed_again_at_open() {
     db.execute("INSERT INTO todo VALUES ('t1', 'x', 'open')", &[])
         .unwrap();
     assert_eq!(db.changes_since(0, None).unwrap().changes.len(), 3);
+}
+
+/// The changes of everything, in an order that does not depend on how
+/// the metadata is stored.
+fn sorted_changes(db: &Database) -> Vec<String> {
+    let mut all: Vec<String> = db
+        .changes_since(0, None)
+        .unwrap()
+        .changes
+        .iter()
+        .map(|c| {
+            format!(
+                "{:?}",
+                (&c.pk, &c.column, &c.value, c.cl, c.hlc, c.db_version)
+            )
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn metadata_keyed_by_the_row_key_is_moved_to_row_ids_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("format2.db");
+    let db = Database::open(&path).unwrap();
+    db.execute_batch(TODO_SCHEMA).unwrap();
+    db.enable_sync("todo").unwrap();
+    for i in 0..50 {
+        db.execute(
+            "INSERT INTO todo VALUES (?1, 'x', 'open')",
+            &[text(&format!("t{i}"))],
+        )
+        .unwrap();
+    }
+    db.execute("UPDATE todo SET title = 'y' WHERE id < 't3'", &[])
+        .unwrap();
+    db.execute("DELETE FROM todo WHERE id > 't4'", &[]).unwrap();
+    let before = sorted_changes(&db);
+    db.close().unwrap();
+    // Back to format 2: the metadata keyed by the key itself.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "CREATE TABLE by_key(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
+         INSERT INTO by_key SELECT pk, cl, dbv, clocks FROM confluo_rows_todo;
+         DROP TABLE confluo_rows_todo;
+         ALTER TABLE by_key RENAME TO confluo_rows_todo;
+         CREATE INDEX confluo_rows_todo_dbv ON confluo_rows_todo(dbv);
+         UPDATE confluo_state SET value = 2 WHERE key = 'format';",
+    )
+    .unwrap();
+    drop(raw);
+
+    let db = Database::open(&path).unwrap();
+    assert_eq!(sorted_changes(&db), before);
+    // Edits find the rows' moved metadata: no second row for a key.
+    db.execute("UPDATE todo SET status = 'done' WHERE id = 't1'", &[])
+        .unwrap();
+    db.execute("INSERT INTO todo VALUES ('t7', 'back', 'open')", &[])
+        .unwrap();
+    let meta = db
+        .query(
+            "SELECT count(*), count(DISTINCT pk), max(cl) FROM confluo_rows_todo",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        meta.rows[0],
+        vec![Value::Integer(50), Value::Integer(50), Value::Integer(3)]
+    );
+    db.close().unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let (format, old_tables): (i64, i64) = raw
+        .query_row(
+            "SELECT (SELECT value FROM confluo_state WHERE key = 'format'), \
+                    (SELECT count(*) FROM sqlite_schema WHERE name LIKE '%by_key%')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((format, old_tables), (3, 0));
+    let peer = synced(TODO_SCHEMA, "todo");
+    pull(&peer, &Database::open(&path).unwrap());
+    // 50 rows, 15 deleted (t40..=t49, t5..=t9), t7 back.
+    assert_eq!(dump(&peer, "todo").len(), 36);
 }
 
 #[test]
