@@ -124,10 +124,10 @@ fn record_rows(
          ON CONFLICT(id) DO UPDATE SET cl = cl + 1 - cl % 2, dbv = excluded.dbv, clocks = excluded.clocks \
          WHERE pk = excluded.pk"
     ))?;
+    // A deleted row almost always has metadata already: an UPDATE finds it
+    // in one seek (an upsert would first try to insert).
     let mut deleted = conn.prepare_cached(&format!(
-        "INSERT INTO {meta}(id, pk, cl, dbv, clocks) VALUES (?1, ?2, 2, ?3, ?4) \
-         ON CONFLICT(id) DO UPDATE SET cl = cl + cl % 2, dbv = excluded.dbv, clocks = excluded.clocks \
-         WHERE pk = excluded.pk"
+        "UPDATE {meta} SET cl = cl + cl % 2, dbv = ?3, clocks = ?4 WHERE id = ?1 AND pk = ?2"
     ))?;
     // Updates change the clocks in place: one statement (and one lookup of
     // the row) instead of a read and a write. SET expressions see the old
