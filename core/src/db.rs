@@ -12,6 +12,7 @@ use crate::capture::{self, lock, SharedState, TxState};
 use crate::error::{Error, Result};
 use crate::hlc::{Hlc, SystemTimeSource, TimeSource};
 use crate::observe::{ChangeListener, Observation, Observers};
+use crate::row_ids::RowIds;
 use crate::schema::{self, TableInfo};
 use crate::site::SiteId;
 use crate::thread_lock::{ThreadLock, ThreadLockGuard};
@@ -96,6 +97,8 @@ pub(crate) struct Inner {
     /// alters one changes it, and the cache is loaded again.
     schema_cookie: std::sync::atomic::AtomicI64,
     pub site_id: SiteId,
+    /// Where rows' metadata goes (see `row_ids`).
+    pub row_ids: RowIds,
     pub options: Options,
 }
 
@@ -198,7 +201,7 @@ impl Database {
             "BEGIN IMMEDIATE;{METADATA_SCHEMA}{}",
             crate::server_state::SCHEMA
         ))?;
-        let setup = (|| -> Result<(SiteId, Hlc, u64, Vec<SiteId>)> {
+        let setup = (|| -> Result<(SiteId, Hlc, u64, Vec<SiteId>, RowIds)> {
             let format: Option<i64> = conn
                 .query_row(
                     "SELECT value FROM confluo_state WHERE key = 'format'",
@@ -235,9 +238,20 @@ impl Database {
                     })
                 }
             };
+            let row_ids = match RowIds::load(&conn)? {
+                Some(ids) => ids,
+                None if format.is_none() || migrate_row_metadata => RowIds::create(&conn)?,
+                None => {
+                    return Err(Error::Sqlite {
+                        message: "corrupt confluo metadata: the row id secret is missing".into(),
+                        code: None,
+                    })
+                }
+            };
+            row_ids.register(&conn)?;
             if migrate_row_metadata {
                 for t in schema::load_tables(&conn)? {
-                    crate::row_ids::migrate_table(&conn, &t)?;
+                    crate::row_ids::migrate_table(&conn, &row_ids, &t)?;
                 }
             }
             let site: Option<Vec<u8>> = conn
@@ -289,9 +303,9 @@ impl Database {
                     [schema::TRIGGERS_VERSION],
                 )?;
             }
-            Ok((sites[0], Hlc(hlc as u64), dbv, sites))
+            Ok((sites[0], Hlc(hlc as u64), dbv, sites, row_ids))
         })();
-        let (site_id, hlc, dbv, sites) = match setup {
+        let (site_id, hlc, dbv, sites, row_ids) = match setup {
             Ok(v) => {
                 conn.execute_batch("COMMIT")?;
                 v
@@ -324,6 +338,7 @@ impl Database {
                 observers: Arc::new(Observers::default()),
                 schema_cookie: cookie.into(),
                 site_id,
+                row_ids,
                 options,
             },
         })

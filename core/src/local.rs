@@ -1,8 +1,6 @@
 //! Recording local writes: turning the writes the triggers captured in a
 //! transaction into metadata rows, right before it commits.
 
-use std::cmp::Ordering;
-
 use rusqlite::{params, Connection};
 
 use crate::capture::{lock, Event, EventKind, LOCAL_SITE};
@@ -10,32 +8,9 @@ use crate::clocks::{encode_tombstone, encode_uniform, RowClocks, Stamp};
 use crate::codec::unpack_values;
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::row_ids::{row_id, MetaRows};
+use crate::row_ids::{key_order, MetaRows, RowIds};
 use crate::schema::{quote, TableInfo};
 use crate::value::Value;
-
-/// Orders values as SQLite orders them in an index (NULL, numbers, text,
-/// blobs); numbers are compared as reals.
-pub(crate) fn sqlite_order(a: &Value, b: &Value) -> Ordering {
-    fn rank(v: &Value) -> u8 {
-        match v {
-            Value::Null => 0,
-            Value::Integer(_) | Value::Real(_) => 1,
-            Value::Text(_) => 2,
-            Value::Blob(_) => 3,
-        }
-    }
-    match (a, b) {
-        (Value::Integer(x), Value::Integer(y)) => x.cmp(y),
-        (Value::Text(x), Value::Text(y)) => x.as_bytes().cmp(y.as_bytes()),
-        (Value::Blob(x), Value::Blob(y)) => x.cmp(y),
-        _ if rank(a) == 1 && rank(b) == 1 => {
-            let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-            f(a).total_cmp(&f(b))
-        }
-        _ => rank(a).cmp(&rank(b)),
-    }
-}
 
 impl Database {
     /// Writes the metadata of every write captured in the open transaction:
@@ -50,7 +25,7 @@ impl Database {
             let events = std::mem::take(&mut st.events);
             (events, st.tx_hlc(), st.db_version())
         };
-        let events = sorted_by_row(events);
+        let events = sorted_by_row(events, &self.inner.row_ids);
         let stamp = Stamp {
             hlc,
             site: LOCAL_SITE,
@@ -85,15 +60,15 @@ impl Database {
 /// metadata table is in id order, so sorted writes touch each B-tree page
 /// once instead of at random. Positions are sorted, not the events
 /// themselves, which are several times larger.
-fn sorted_by_row(events: Vec<Event>) -> Vec<(i64, Event)> {
-    let keyed: Vec<(i64, i64)> = events.iter().map(|e| (e.table, row_id(&e.key))).collect();
+fn sorted_by_row(events: Vec<Event>, ids: &RowIds) -> Vec<(i64, Event)> {
+    let keyed: Vec<(i64, i64)> = events.iter().map(|e| (e.table, ids.id(&e.key))).collect();
     let mut order: Vec<usize> = (0..events.len()).collect();
     // Ties broken by key (two keys may share an id), then by position: as
     // stable as a stable sort.
     order.sort_unstable_by(|&a, &b| {
         keyed[a]
             .cmp(&keyed[b])
-            .then_with(|| sqlite_order(&events[a].key, &events[b].key))
+            .then_with(|| key_order(&events[a].key, &events[b].key))
             .then(a.cmp(&b))
     });
     let mut taken: Vec<Option<Event>> = events.into_iter().map(Some).collect();
@@ -404,11 +379,12 @@ mod tests {
                 EventKind::Updated(vec![2].into()),
             ),
         ];
-        let sorted = sorted_by_row(events.clone());
+        let ids = RowIds::fixed();
+        let sorted = sorted_by_row(events.clone(), &ids);
         // Every event once, each with its key's id.
         assert_eq!(sorted.len(), events.len());
         for (id, e) in &sorted {
-            assert_eq!(*id, row_id(&e.key));
+            assert_eq!(*id, ids.id(&e.key));
         }
         // By table, then by id: the metadata table's order.
         let order: Vec<(i64, i64)> = sorted.iter().map(|(id, e)| (e.table, *id)).collect();

@@ -54,11 +54,7 @@ pub(crate) struct TableInfo {
 impl TableInfo {
     /// The metadata table's name, quoted (see `row_ids` for its layout).
     pub fn meta_table(&self) -> String {
-        quote(&self.meta_table_name())
-    }
-
-    pub fn meta_table_name(&self) -> String {
-        format!("confluo_rows_{}", self.name)
+        quote(&format!("confluo_meta_{}", self.name))
     }
 
     /// The slot of the live column with identity `cid`.
@@ -369,8 +365,10 @@ pub(crate) fn create_meta_table(conn: &Connection, t: &TableInfo) -> Result<()> 
     Ok(())
 }
 
-pub(crate) fn dbv_index(t: &TableInfo) -> String {
-    quote(&format!("confluo_rows_{}_dbv", t.name))
+/// Its own prefix: `confluo_meta_<table>_dbv` could be the metadata table
+/// of a table named `<table>_dbv`.
+fn dbv_index(t: &TableInfo) -> String {
+    quote(&format!("confluo_dbv_{}", t.name))
 }
 
 /// The triggers of tables of any width but the widest: each passes the

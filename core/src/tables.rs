@@ -11,9 +11,7 @@ use crate::clocks::{encode_uniform, RowClocks};
 use crate::db::{load_sites, Database};
 use crate::error::{Error, Result};
 use crate::evolution;
-use crate::row_ids::{row_id, MetaRows};
 use crate::schema::{self, quote, TableInfo};
-use crate::value::Value;
 
 impl Database {
     /// Makes `table` a synced table: validates it (one error listing every
@@ -341,18 +339,16 @@ impl Database {
             (st.db_version(), st.tx_hlc())
         };
         // Rows that have metadata already (the table was synced before) keep it.
-        let clocks = encode_uniform(hlc, LOCAL_SITE, t.slots.len());
-        let mut meta = MetaRows::new(conn, t)?;
-        let mut keys = conn.prepare(&format!("SELECT {} FROM {table} AS t", t.key_expr("t")))?;
-        let mut keys = keys.query([])?;
-        while let Some(r) = keys.next()? {
-            let key = Value::from_ref(r.get_ref(0)?);
-            let at = meta.locate(row_id(&key), &key)?;
-            if at.stored.is_none() {
-                meta.save(&at, &key, 1, dbv, &clocks)?;
-            }
-        }
-        Ok(())
+        crate::row_ids::fill(
+            conn,
+            &self.inner.row_ids,
+            t,
+            &format!(
+                "SELECT {} AS k, 1 AS cl, ?1 AS dbv, ?2 AS clocks FROM {table} AS t",
+                t.key_expr("t")
+            ),
+            params![dbv as i64, encode_uniform(hlc, LOCAL_SITE, t.slots.len())],
+        )
     }
 
     fn cache_table(&self, info: Arc<TableInfo>) {

@@ -220,7 +220,7 @@ fn an_update_of_a_row_without_metadata_records_the_whole_row() {
         .unwrap();
     // The metadata table has no triggers: its row can be lost from outside.
     let raw = rusqlite::Connection::open(&path).unwrap();
-    raw.execute("DELETE FROM confluo_rows_t", []).unwrap();
+    raw.execute("DELETE FROM confluo_meta_t", []).unwrap();
     drop(raw);
     let before = db.db_version();
     db.execute("UPDATE t SET b = 'uno'", &[]).unwrap();

@@ -1428,6 +1428,28 @@ fn capture_triggers_of_an_older_shape_are_installed_again_at_open() {
     assert_eq!(db.changes_since(0, None).unwrap().changes.len(), 3);
 }
 
+#[test]
+fn tables_whose_names_extend_one_another_are_all_synced() {
+    // The metadata of `a_dbv` must not take a name `a`'s metadata uses.
+    let db = Database::open_in_memory().unwrap();
+    for t in ["a", "a_dbv", "a_meta"] {
+        db.execute_batch(&format!(
+            "CREATE TABLE {t}(id TEXT PRIMARY KEY NOT NULL, v TEXT);
+             INSERT INTO {t} VALUES ('{t}', 'x');"
+        ))
+        .unwrap();
+        db.enable_sync(t).unwrap();
+    }
+    let changes = db.changes_since(0, None).unwrap().changes;
+    let mut tables: Vec<&str> = changes
+        .iter()
+        .filter(|c| c.column.is_none())
+        .map(|c| &*c.table)
+        .collect();
+    tables.sort();
+    assert_eq!(tables, vec!["a", "a_dbv", "a_meta"]);
+}
+
 /// The changes of everything, in an order that does not depend on how
 /// the metadata is stored.
 fn sorted_changes(db: &Database) -> Vec<String> {
@@ -1466,15 +1488,18 @@ fn metadata_keyed_by_the_row_key_is_moved_to_row_ids_at_open() {
     db.execute("DELETE FROM todo WHERE id > 't4'", &[]).unwrap();
     let before = sorted_changes(&db);
     db.close().unwrap();
-    // Back to format 2: the metadata keyed by the key itself.
+    // Back to format 2: the metadata keyed by the key itself, no row id
+    // secret. The app left a view broken (SQLite allows that): the move
+    // must not trip over it.
     let raw = rusqlite::Connection::open(&path).unwrap();
     raw.execute_batch(
-        "CREATE TABLE by_key(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
-         INSERT INTO by_key SELECT pk, cl, dbv, clocks FROM confluo_rows_todo;
-         DROP TABLE confluo_rows_todo;
-         ALTER TABLE by_key RENAME TO confluo_rows_todo;
+        "CREATE TABLE confluo_rows_todo(pk PRIMARY KEY, cl INTEGER NOT NULL, dbv INTEGER NOT NULL, clocks BLOB NOT NULL) WITHOUT ROWID;
+         INSERT INTO confluo_rows_todo SELECT pk, cl, dbv, clocks FROM confluo_meta_todo;
+         DROP TABLE confluo_meta_todo;
          CREATE INDEX confluo_rows_todo_dbv ON confluo_rows_todo(dbv);
-         UPDATE confluo_state SET value = 2 WHERE key = 'format';",
+         DELETE FROM confluo_state WHERE key = 'row_ids';
+         UPDATE confluo_state SET value = 2 WHERE key = 'format';
+         CREATE TABLE gone(x); CREATE VIEW stale AS SELECT x FROM gone; DROP TABLE gone;",
     )
     .unwrap();
     drop(raw);
@@ -1488,7 +1513,7 @@ fn metadata_keyed_by_the_row_key_is_moved_to_row_ids_at_open() {
         .unwrap();
     let meta = db
         .query(
-            "SELECT count(*), count(DISTINCT pk), max(cl) FROM confluo_rows_todo",
+            "SELECT count(*), count(DISTINCT pk), max(cl) FROM confluo_meta_todo",
             &[],
         )
         .unwrap();
@@ -1501,7 +1526,7 @@ fn metadata_keyed_by_the_row_key_is_moved_to_row_ids_at_open() {
     let (format, old_tables): (i64, i64) = raw
         .query_row(
             "SELECT (SELECT value FROM confluo_state WHERE key = 'format'), \
-                    (SELECT count(*) FROM sqlite_schema WHERE name LIKE '%by_key%')",
+                    (SELECT count(*) FROM sqlite_schema WHERE name LIKE 'confluo_rows%')",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
