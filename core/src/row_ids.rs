@@ -200,7 +200,7 @@ pub(crate) fn key_order(a: &Value, b: &Value) -> Ordering {
 /// The first bytes of a key as an integer that orders as `key_order` does
 /// where they differ: sorts compare these first, and the keys themselves
 /// only on a tie (numbers always tie).
-pub(crate) fn order_prefix(v: &Value) -> u64 {
+fn order_prefix(v: &Value) -> u64 {
     let bytes = |rank: u8, b: &[u8]| {
         let mut word = [0u8; 8];
         word[0] = rank;
@@ -216,10 +216,18 @@ pub(crate) fn order_prefix(v: &Value) -> u64 {
     }
 }
 
-/// `key_order` of two keys given with their `order_prefix`es, which are
-/// compared first.
-pub(crate) fn prefixed_order(a: (u64, &Value), b: (u64, &Value)) -> Ordering {
-    a.0.cmp(&b.0).then_with(|| key_order(a.1, b.1))
+/// The positions of `items` in the `key_order` of their keys.
+pub(crate) fn key_sorted<T>(items: &[T], key: impl Fn(&T) -> &Value) -> Vec<usize> {
+    let mut order: Vec<(u64, usize)> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| (order_prefix(key(item)), i))
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| key_order(key(&items[a.1]), key(&items[b.1])))
+    });
+    order.into_iter().map(|(_, i)| i).collect()
 }
 
 /// A row's metadata as stored.
