@@ -1091,12 +1091,13 @@ fn export_table(
 /// the key, as for a bound parameter, so a key a peer sent as 5 is found in
 /// a TEXT key column that holds '5'.
 fn key_matches(t: &TableInfo, key: &str) -> String {
+    // Byte for byte, as in `TableInfo::key_where`.
     if t.pk.len() == 1 {
-        format!("t.{} = {key}", quote(&t.pk[0]))
+        format!("t.{} = ({key}) COLLATE BINARY", quote(&t.pk[0]))
     } else {
         t.pk.iter()
             .enumerate()
-            .map(|(i, c)| format!("t.{} = confluo_unpack({key}, {i})", quote(c)))
+            .map(|(i, c)| format!("t.{} = confluo_unpack({key}, {i}) COLLATE BINARY", quote(c)))
             .collect::<Vec<_>>()
             .join(" AND ")
     }

@@ -81,14 +81,17 @@ impl RowIds {
         RowIds { k0: 1, k1: 2 }
     }
 
-    /// Defines `confluo_row_id(key)` on `conn`.
+    /// Defines `confluo_row_id(key)` on `conn`, and `confluo_key(key)`: the
+    /// key as the engine reads it everywhere else (text that is not UTF-8
+    /// made valid), so that keys stored by SQL are found again.
     pub fn register(self, conn: &Connection) -> Result<()> {
-        conn.create_scalar_function(
-            "confluo_row_id",
-            1,
-            FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
-            move |ctx| Ok(self.id(&Value::from_ref(ctx.get_raw(0)))),
-        )?;
+        let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
+        conn.create_scalar_function("confluo_row_id", 1, flags, move |ctx| {
+            Ok(self.id(&Value::from_ref(ctx.get_raw(0))))
+        })?;
+        conn.create_scalar_function("confluo_key", 1, flags, |ctx| {
+            Ok(Value::from_ref(ctx.get_raw(0)))
+        })?;
         Ok(())
     }
 
@@ -367,7 +370,7 @@ pub(crate) fn fill(
     let placed = conn.execute(
         &format!(
             "INSERT OR IGNORE INTO {meta}(id, pk, cl, dbv, clocks) \
-             SELECT confluo_row_id(k), k, cl, dbv, clocks FROM ({source})"
+             SELECT confluo_row_id(k), confluo_key(k), cl, dbv, clocks FROM ({source})"
         ),
         params,
     )?;

@@ -96,11 +96,13 @@ impl TableInfo {
     }
 
     /// `a = ?1 AND b = ?2` over the key columns, parameters from `first`.
+    /// Compared byte for byte, as the key's index (BINARY, see `inspect`)
+    /// does, whatever the column's own collation: `'a'` is not `'A'`.
     pub fn key_where(&self, first: usize) -> String {
         self.pk
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{} = ?{}", quote(c), first + i))
+            .map(|(i, c)| format!("{} = ?{} COLLATE BINARY", quote(c), first + i))
             .collect::<Vec<_>>()
             .join(" AND ")
     }

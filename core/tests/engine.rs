@@ -1429,6 +1429,71 @@ fn capture_triggers_of_an_older_shape_are_installed_again_at_open() {
 }
 
 #[test]
+fn a_text_key_that_is_not_utf8_keeps_one_metadata_row() {
+    let db = Database::open_in_memory().unwrap();
+    db.execute_batch(
+        "CREATE TABLE t(k TEXT PRIMARY KEY NOT NULL, v TEXT);
+         INSERT INTO t VALUES (CAST(x'61ff' AS TEXT), 'x');",
+    )
+    .unwrap();
+    db.enable_sync("t").unwrap();
+    db.execute("UPDATE t SET v = 'y'", &[]).unwrap();
+    let n = db
+        .query("SELECT count(*) FROM confluo_meta_t", &[])
+        .unwrap()
+        .rows;
+    assert_eq!(n[0][0], Value::Integer(1));
+}
+
+/// A key column collated NOCASE under a BINARY key index: 'a' and 'A' are
+/// two rows, and sync keeps them apart.
+const NOCASE_KEY: &str =
+    "CREATE TABLE t(k TEXT NOT NULL COLLATE NOCASE, v TEXT, PRIMARY KEY (k COLLATE BINARY))";
+
+fn cells(cs: &ChangeSet) -> Vec<String> {
+    let mut cells: Vec<String> = cs
+        .changes
+        .iter()
+        .map(|c| format!("{:?}", (&c.pk, &c.column, &c.value)))
+        .collect();
+    cells.sort();
+    cells
+}
+
+#[test]
+fn a_key_column_collated_nocase_keeps_a_and_upper_a_apart() {
+    let a = synced(NOCASE_KEY, "t");
+    a.execute("INSERT INTO t VALUES ('z', 'first')", &[])
+        .unwrap();
+    a.execute("INSERT INTO t VALUES ('a', 'lower'), ('A', 'upper')", &[])
+        .unwrap();
+    // The first export and the incremental one send the same cells.
+    let mut everything = a.changes_since(0, None).unwrap();
+    everything.changes.retain(|c| c.pk[0] != text("z"));
+    assert_eq!(
+        cells(&everything),
+        cells(&a.changes_since(1, None).unwrap())
+    );
+    // An edit of one reaches only that one.
+    let b = synced(NOCASE_KEY, "t");
+    b.apply(&a.changes_since(0, None).unwrap()).unwrap();
+    a.execute(
+        "UPDATE t SET v = 'edited' WHERE k = 'a' COLLATE BINARY",
+        &[],
+    )
+    .unwrap();
+    let seen = b.seen_version(a.site_id()).unwrap();
+    b.apply(&a.changes_for_peer(b.site_id(), seen).unwrap())
+        .unwrap();
+    let binary_order = |db: &Database| {
+        db.query("SELECT * FROM t ORDER BY k COLLATE BINARY", &[])
+            .unwrap()
+            .rows
+    };
+    assert_eq!(binary_order(&b), binary_order(&a));
+}
+
+#[test]
 fn tables_whose_names_extend_one_another_are_all_synced() {
     // The metadata of `a_dbv` must not take a name `a`'s metadata uses.
     let db = Database::open_in_memory().unwrap();
