@@ -165,8 +165,17 @@ pub(crate) fn inspect(conn: &Connection, table: &str) -> Result<(Vec<String>, Ve
     if pk.is_empty() {
         problems.push("it has no explicit PRIMARY KEY".into());
     }
-    let rowid_alias =
-        without_rowid == 0 && pk.len() == 1 && pk[0].declared_type.eq_ignore_ascii_case("INTEGER");
+    // `INTEGER PRIMARY KEY DESC` is no alias of the rowid (it has an index
+    // of its own) and takes NULL like any other key column.
+    let key_index: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_index_list(?1) WHERE origin = 'pk')",
+        [table],
+        |r| r.get(0),
+    )?;
+    let rowid_alias = without_rowid == 0
+        && pk.len() == 1
+        && pk[0].declared_type.eq_ignore_ascii_case("INTEGER")
+        && !key_index;
     for c in &pk {
         if !c.not_null && !rowid_alias && without_rowid == 0 {
             problems.push(format!(

@@ -1494,6 +1494,22 @@ fn a_key_column_collated_nocase_keeps_a_and_upper_a_apart() {
 }
 
 #[test]
+fn an_integer_key_that_is_not_the_rowid_must_be_not_null() {
+    // DESC makes it a column with an index of its own, where NULL goes in.
+    let db = Database::open_in_memory().unwrap();
+    db.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY DESC, v TEXT)")
+        .unwrap();
+    let err = db.enable_sync("t").unwrap_err();
+    assert!(err.to_string().contains("allows NULL"), "{err}");
+    // The rowid's alias cannot be NULL: accepted as it is.
+    db.execute_batch("CREATE TABLE u(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    db.enable_sync("u").unwrap();
+    db.execute("INSERT INTO u(v) VALUES ('x')", &[]).unwrap();
+    assert_eq!(db.changes_since(0, None).unwrap().changes.len(), 2);
+}
+
+#[test]
 fn tables_whose_names_extend_one_another_are_all_synced() {
     // The metadata of `a_dbv` must not take a name `a`'s metadata uses.
     let db = Database::open_in_memory().unwrap();
