@@ -11,6 +11,7 @@ use rusqlite::Connection;
 
 use crate::codec::{pack_values, unpack_values};
 use crate::hlc::{Hlc, HlcState, TimeSource};
+use crate::row_ids::same_key;
 use crate::value::Value;
 
 /// This database's own site ordinal in `confluo_sites`.
@@ -175,23 +176,6 @@ fn check_fits(
         }
     }
     Ok(())
-}
-
-/// Whether two values are the same to SQL's `IS` under BINARY collation:
-/// what makes two primary keys one row (1 and 1.0 are the same key).
-fn same_key(a: ValueRef<'_>, b: ValueRef<'_>) -> bool {
-    let int_is_real = |i: i64, r: f64| {
-        // Exact, unlike `i as f64 == r` for integers beyond 2^53.
-        r.fract() == 0.0
-            && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&r)
-            && r as i64 == i
-    };
-    match (a, b) {
-        (ValueRef::Integer(i), ValueRef::Real(r)) | (ValueRef::Real(r), ValueRef::Integer(i)) => {
-            int_is_real(i, r)
-        }
-        _ => same_value(a, b),
-    }
 }
 
 /// Whether a column's new value is its old one: the same type and the same

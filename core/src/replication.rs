@@ -1179,7 +1179,7 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
                 .is_some()
             {}
             values = rows_in_order
-                .next_if(|&r| same_key(&key, rows[r].0.as_sql()))
+                .next_if(|&r| same_key(key.as_sql(), rows[r].0.as_sql()))
                 .map(|r| std::mem::take(&mut rows[r].1));
             if values.is_none() {
                 if let Some(r) = lookup.query([&key])?.next()? {

@@ -151,16 +151,19 @@ fn exact_integer(r: f64) -> Option<i64> {
     (r.fract() == 0.0 && (min..-min).contains(&r)).then_some(r as i64)
 }
 
-/// Whether SQLite calls two keys equal (as the metadata's `pk = ?`
-/// does: numbers by value, exactly; text and blobs byte for byte).
-pub(crate) fn same_key(a: &Value, b: ValueRef<'_>) -> bool {
+/// Whether two keys are one row: the same to SQL's `IS` under BINARY
+/// collation (numbers by value, exactly, so 1 and 1.0 are one key; text
+/// and blobs byte for byte), as the metadata's `pk = excluded.pk` says.
+pub(crate) fn same_key(a: ValueRef<'_>, b: ValueRef<'_>) -> bool {
     match (a, b) {
-        (Value::Integer(x), ValueRef::Integer(y)) => *x == y,
-        (Value::Real(x), ValueRef::Real(y)) => *x == y,
-        (Value::Integer(x), ValueRef::Real(y)) => exact_integer(y) == Some(*x),
-        (Value::Real(x), ValueRef::Integer(y)) => exact_integer(*x) == Some(y),
-        (Value::Text(x), ValueRef::Text(y)) => x.as_bytes() == y,
-        (Value::Blob(x), ValueRef::Blob(y)) => x.as_slice() == y,
+        (ValueRef::Null, ValueRef::Null) => true,
+        (ValueRef::Integer(x), ValueRef::Integer(y)) => x == y,
+        // SQLite stores no NaN; 0.0 is -0.0.
+        (ValueRef::Real(x), ValueRef::Real(y)) => x == y,
+        (ValueRef::Integer(i), ValueRef::Real(r)) | (ValueRef::Real(r), ValueRef::Integer(i)) => {
+            exact_integer(r) == Some(i)
+        }
+        (ValueRef::Text(x), ValueRef::Text(y)) | (ValueRef::Blob(x), ValueRef::Blob(y)) => x == y,
         _ => false,
     }
 }
@@ -295,7 +298,7 @@ impl<'c> MetaRows<'c> {
             if r.get::<_, i64>(0)? != next {
                 break;
             }
-            if same_key(key, r.get_ref(1)?) {
+            if same_key(key.as_sql(), r.get_ref(1)?) {
                 return Ok(Located {
                     id: next,
                     stored: Some(StoredRow {
@@ -453,7 +456,7 @@ mod tests {
             let sqlite_equal: bool = conn
                 .query_row("SELECT ?1 = ?2", params![a, b], |r| r.get(0))
                 .unwrap();
-            let same = same_key(&a, b.as_sql());
+            let same = same_key(a.as_sql(), b.as_sql());
             prop_assert_eq!(same, sqlite_equal, "{:?} and {:?}", a, b);
             if same {
                 let ids = RowIds::fixed();
