@@ -1119,13 +1119,13 @@ fn row_key(t: &TableInfo, key: Value) -> Result<Arc<[Value]>> {
 
 /// Exports every row of a table, in key order. A sync server stores rows
 /// by key: a first push of a large table in key order lets it append
-/// instead of writing at random (4.4 s against 1.6 s for 100,000 rows). The
-/// table and its metadata are each read once, in their own order, and
-/// sorted by key in memory (positions are sorted, first bytes compared
-/// first); each row's values move into its changes, so this holds little
-/// more than the export does anyway. The two are
-/// then matched as they are walked, instead of looking each row up in the
-/// table's key index, which reads the table's pages at random.
+/// instead of writing at random (1.2-1.4 s against 4.4 s in id order for
+/// 100,000 rows). The table and its metadata are each read once, in their
+/// own order, and sorted by key in memory (positions are sorted, first
+/// bytes compared first); each row's values move into its changes, so this
+/// holds little more than the export does anyway. The two are then matched
+/// as they are walked, instead of looking each row up in the table's key
+/// index, which reads the table's pages at random.
 fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) -> Result<()> {
     let t = export.t;
     let table = quote(&t.name);

@@ -118,13 +118,7 @@ impl Value {
 
 impl ToSql for Value {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self {
-            Value::Null => SqlRef::Null,
-            Value::Integer(i) => SqlRef::Integer(*i),
-            Value::Real(f) => SqlRef::Real(*f),
-            Value::Text(s) => SqlRef::Text(s.as_bytes()),
-            Value::Blob(b) => SqlRef::Blob(b),
-        }))
+        Ok(ToSqlOutput::Borrowed(self.as_sql()))
     }
 }
 
