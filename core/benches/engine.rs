@@ -238,7 +238,7 @@ fn confluo_delete(db: &Database, rows: &[Row], order: &[usize]) {
 #[inline(never)]
 fn confluo_delete_range(db: &Database, bound: &str) {
     db.execute("DELETE FROM todo WHERE id < ?1", &[text(bound)])
-    .unwrap();
+        .unwrap();
 }
 
 #[inline(never)]

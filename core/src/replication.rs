@@ -261,16 +261,17 @@ impl Database {
     /// The changes a peer misses: everything recorded after `since`, minus
     /// what originated at `recipient` (it has those already).
     pub fn changes_since(&self, since: u64, recipient: Option<SiteId>) -> Result<ChangeSet> {
-        self.export(since, recipient, |_| Ok(None))
+        self.export(since, recipient, false)
     }
 
-    /// Exports what was recorded after `since`. `skip` may name, from the
-    /// export's own snapshot, db_versions to leave out.
+    /// Exports what was recorded after `since`. With `skip_server_versions`,
+    /// leaves out what was recorded at the db_versions of changes pulled
+    /// from the server (`confluo_server_dbvs`): the server has those.
     pub(crate) fn export(
         &self,
         since: u64,
         recipient: Option<SiteId>,
-        skip: impl FnOnce(&Connection) -> Result<Option<std::collections::HashSet<u64>>>,
+        skip_server_versions: bool,
     ) -> Result<ChangeSet> {
         let source = self.site_id();
         self.read_snapshot(|conn| {
@@ -278,16 +279,26 @@ impl Database {
             let sites = load_sites(conn)?;
             let exclude =
                 recipient.and_then(|r| sites.iter().position(|s| *s == r).map(|p| p as u32));
+            let skip = if skip_server_versions {
+                Some(server_versions_after(conn, since)?)
+            } else {
+                None
+            };
             let mut changes = Vec::new();
             let mut until = since;
             for t in &tables {
-                until = until.max(export_table(conn, t, since, exclude, &sites, &mut changes)?);
+                let from = ExportFrom {
+                    since,
+                    exclude,
+                    skip: skip.as_ref(),
+                };
+                until = until.max(export_table(conn, t, from, &sites, &mut changes)?);
             }
             until = until.max(export_pending(conn, since, recipient, &mut changes)?);
-            number_seqs(&mut changes);
-            if let Some(skip) = skip(conn)? {
+            if let Some(skip) = &skip {
                 changes.retain(|c| !skip.contains(&c.db_version));
             }
+            number_seqs(&mut changes);
             Ok(ChangeSet {
                 source,
                 recipient,
@@ -1035,13 +1046,41 @@ fn number_seqs(changes: &mut [Change]) {
     }
 }
 
-/// Exports the rows of one table changed after `since`; returns the
+/// What an export leaves out: cells stamped at or before `since`, by the
+/// site `exclude`, or at a db_version in `skip`.
+#[derive(Clone, Copy)]
+struct ExportFrom<'a> {
+    since: u64,
+    exclude: Option<u32>,
+    skip: Option<&'a HashSet<u64>>,
+}
+
+impl ExportFrom<'_> {
+    /// Whether a cell (or row marker) stamped `s` goes out.
+    fn exports(&self, s: &Stamp) -> bool {
+        s.dbv > self.since
+            && Some(s.site) != self.exclude
+            && !self.skip.is_some_and(|skip| skip.contains(&s.dbv))
+    }
+}
+
+/// The db_versions after `since` at which changes pulled from the server
+/// were recorded.
+pub(crate) fn server_versions_after(conn: &Connection, since: u64) -> Result<HashSet<u64>> {
+    let mut stmt = conn.prepare_cached("SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1")?;
+    let versions = stmt
+        .query_map([since as i64], |r| r.get::<_, i64>(0))?
+        .map(|r| r.map(|v| v as u64))
+        .collect::<rusqlite::Result<HashSet<u64>>>()?;
+    Ok(versions)
+}
+
+/// Exports the rows of one table changed after `from.since`; returns the
 /// table's newest db_version.
 fn export_table(
     conn: &Connection,
     t: &TableInfo,
-    since: u64,
-    exclude: Option<u32>,
+    from: ExportFrom<'_>,
     sites: &[SiteId],
     out: &mut Vec<Change>,
 ) -> Result<u64> {
@@ -1050,10 +1089,10 @@ fn export_table(
     let max_dbv: i64 = conn
         .prepare_cached(&format!("SELECT coalesce(max(dbv), 0) FROM {meta}"))?
         .query_row([], |r| r.get(0))?;
+    let since = from.since;
     let mut export = RowExport {
         t,
-        since,
-        exclude,
+        from,
         sites,
         live: t.live_slots().map(|(s, n)| (s, n.clone())).collect(),
         out,
@@ -1064,14 +1103,25 @@ fn export_table(
         .map(|(_, n)| format!(", t.{}", quote(n)))
         .collect();
     let table = quote(&t.name);
-    if since == 0 {
+    if since == 0 && from.skip.is_none_or(HashSet::is_empty) {
         export_everything(conn, &mut export, &cols)?;
         return Ok(max_dbv as u64);
     }
+    // Rows last written by a pull from the server are mostly the server's
+    // own changes: a device's push after each pull would otherwise read
+    // every pulled row back from the table only to leave it out. They are
+    // read apart, below, and the table only for those that still hold an
+    // unsent local change.
+    let pulled = "SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1";
     let sql = format!(
         "SELECT m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m \
-         LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.dbv > ?1",
-        join = key_matches(t, "+m.pk")
+         LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.dbv > ?1{rest}",
+        join = key_matches(t, "+m.pk"),
+        rest = if from.skip.is_some() {
+            format!(" AND m.dbv NOT IN ({pulled})")
+        } else {
+            String::new()
+        }
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let mut rows = stmt.query([since as i64])?;
@@ -1082,6 +1132,46 @@ fn export_table(
         export.row(row_key(t, key)?, cl, &clocks, |i| {
             Ok(Value::from_ref(r.get_ref(4 + i)?))
         })?;
+    }
+    if from.skip.is_some() {
+        let mut pulled_rows = conn.prepare_cached(&format!(
+            "SELECT pk, cl, dbv, clocks FROM {meta} WHERE dbv IN ({pulled})"
+        ))?;
+        let mut read_row = conn.prepare_cached(&format!(
+            "SELECT {} FROM {table} WHERE {}",
+            export
+                .live
+                .iter()
+                .map(|(_, n)| quote(n))
+                .chain(std::iter::once("NULL".to_owned()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            t.key_where(1)
+        ))?;
+        let mut rows = pulled_rows.query([since as i64])?;
+        while let Some(r) = rows.next()? {
+            let cl = r.get::<_, i64>(1)? as u64;
+            let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
+            if !export.has_fresh(cl, &clocks) {
+                continue;
+            }
+            let pk = row_key(t, Value::from_ref(r.get_ref(0)?))?;
+            let values: Vec<Value> = if cl % 2 == 1 {
+                read_row
+                    .query_row(params_from_iter(pk.iter()), |v| {
+                        (0..export.live.len())
+                            .map(|i| v.get_ref(i).map(Value::from_ref))
+                            .collect::<rusqlite::Result<Vec<Value>>>()
+                    })
+                    .optional()?
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            export.row(pk, cl, &clocks, |i| {
+                Ok(values.get(i).cloned().unwrap_or(Value::Null))
+            })?;
+        }
     }
     Ok(max_dbv as u64)
 }
@@ -1201,8 +1291,7 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
 /// What one table's export needs to turn a row into changes.
 struct RowExport<'a> {
     t: &'a TableInfo,
-    since: u64,
-    exclude: Option<u32>,
+    from: ExportFrom<'a>,
     sites: &'a [SiteId],
     /// The live columns by slot: the slot, and the SQL name to read.
     live: Vec<(usize, Arc<str>)>,
@@ -1210,6 +1299,20 @@ struct RowExport<'a> {
 }
 
 impl RowExport<'_> {
+    /// Whether `row` would export anything of a row.
+    fn has_fresh(&self, cl: u64, clocks: &RowClocks) -> bool {
+        clocks.marker.is_some_and(|s| self.from.exports(&s))
+            || (cl % 2 == 1
+                && self.live.iter().any(|(slot, _)| {
+                    clocks
+                        .cells
+                        .get(*slot)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|s| self.from.exports(&s))
+                }))
+    }
+
     /// The changes of one row: its marker and the cells stamped after
     /// `since` by another site than `exclude`; `value(i)` reads the `i`-th
     /// live column of the row.
@@ -1220,8 +1323,8 @@ impl RowExport<'_> {
         clocks: &RowClocks,
         mut value: impl FnMut(usize) -> Result<Value>,
     ) -> Result<()> {
-        let (since, exclude) = (self.since, self.exclude);
-        let fresh = |s: &Stamp| s.dbv > since && Some(s.site) != exclude;
+        let from = self.from;
+        let fresh = |s: &Stamp| from.exports(s);
         let site_of = |ord: u32| -> Result<SiteId> {
             self.sites
                 .get(ord as usize)

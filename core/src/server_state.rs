@@ -3,8 +3,6 @@
 //! accepted its pushes, and which local db_versions came from the server (so
 //! they are never pushed back).
 
-use std::collections::HashSet;
-
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::capture::lock;
@@ -203,15 +201,7 @@ impl Database {
     /// except changes that came from the server.
     pub fn changes_for_server(&self) -> Result<ChangeSet> {
         let pushed = self.pushed_version()?;
-        self.export(pushed, None, |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1")?;
-            let skip = stmt
-                .query_map([pushed as i64], |r| r.get::<_, i64>(0))?
-                .map(|r| r.map(|v| v as u64))
-                .collect::<rusqlite::Result<HashSet<u64>>>()?;
-            Ok(Some(skip))
-        })
+        self.export(pushed, None, true)
     }
 
     /// Where our last accepted push landed on the server, and that
@@ -364,11 +354,7 @@ impl Database {
         self.read_snapshot(|conn| {
             let tables = self.tables_in(conn)?;
             let pushed = get_u64(conn, "pushed")?;
-            let from_server: HashSet<u64> = conn
-                .prepare_cached("SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1")?
-                .query_map([pushed as i64], |r| r.get::<_, i64>(0))?
-                .map(|r| r.map(|v| v as u64))
-                .collect::<rusqlite::Result<_>>()?;
+            let from_server = crate::replication::server_versions_after(conn, pushed)?;
             let unsent = |dbv: u64| dbv > pushed && !from_server.contains(&dbv);
             let mut total = 0u64;
             for t in &tables {

@@ -1301,6 +1301,37 @@ fn pending_counts_an_unsent_edit_under_a_newer_server_change() {
     assert_eq!(outgoing.changes[0].value, text("oat milk"));
 }
 
+#[test]
+fn a_push_reads_back_only_the_unsent_edits_under_pulled_changes_of_composite_keys() {
+    let schema = "CREATE TABLE item(list TEXT NOT NULL, pos INTEGER NOT NULL, title TEXT, \
+                  done INTEGER, PRIMARY KEY(list, pos))";
+    let (a, other) = (synced(schema, "item"), synced(schema, "item"));
+    a.execute_batch(
+        "INSERT INTO item VALUES ('home', 1, 'milk', 0); INSERT INTO item VALUES ('home', 2, 'eggs', 0)",
+    )
+    .unwrap();
+    a.mark_pushed(a.db_version()).unwrap();
+    a.execute("UPDATE item SET title = 'oat milk' WHERE pos = 1", &[])
+        .unwrap();
+    pull(&other, &a);
+    other.execute("UPDATE item SET done = 1", &[]).unwrap();
+    let theirs: Vec<Change> = other
+        .changes_since(0, None)
+        .unwrap()
+        .changes
+        .into_iter()
+        .filter(|ch| ch.column.as_deref() == Some("done"))
+        .collect();
+    assert_eq!(a.apply_from_server(&theirs, 1, None).unwrap().applied, 2);
+    // Both rows were last written by the pull; only the first holds an
+    // edit of ours, and only that edit goes out.
+    let outgoing = a.changes_for_server().unwrap().changes;
+    assert_eq!(outgoing.len(), 1, "{outgoing:?}");
+    assert_eq!(&outgoing[0].pk[..], &[text("home"), Value::Integer(1)]);
+    assert_eq!(outgoing[0].column.as_deref(), Some("title"));
+    assert_eq!(outgoing[0].value, text("oat milk"));
+}
+
 /// A replica with a synced `todo`, a synced `history` that an app trigger
 /// on `todo` writes (guarded as documented, or not), and a local-only
 /// `search` table another trigger keeps up to date.

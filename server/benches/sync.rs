@@ -96,6 +96,27 @@ fn memory_mb(pid: &str, field: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// CPU time a process has used so far, all its threads, in milliseconds
+/// (`utime + stime` of `/proc/<pid>/stat`, in Linux's fixed 100 ticks a
+/// second).
+fn cpu_ms(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces: utime and stime are the 12th and 13th of them.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: Vec<f64> = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    if ticks.len() == 2 {
+        (ticks[0] + ticks[1]) * 10.0
+    } else {
+        f64::NAN
+    }
+}
+
 fn result(name: &str, value: f64, unit: &str) {
     println!("RESULT {{\"name\":\"{name}\",\"value\":{value:.4},\"unit\":\"{unit}\",\"ratio_to_plain\":null}}");
 }
@@ -205,11 +226,18 @@ fn many_devices(
             })
         })
         .collect();
+    let server_pids: Vec<String> = servers.iter().map(|s| s.child.id().to_string()).collect();
+    let servers_cpu = || server_pids.iter().map(|p| cpu_ms(p)).sum::<f64>();
+    let (devices_before, servers_before) = (cpu_ms("self"), servers_cpu());
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
     }
+    let (devices_cpu, servers_cpu) = (
+        cpu_ms("self") - devices_before,
+        servers_cpu() - servers_before,
+    );
     let mut l = latencies.lock().unwrap().clone();
     l.sort();
     let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)].as_secs_f64() * 1000.0;
@@ -220,6 +248,18 @@ fn many_devices(
     );
     result(&format!("crowd_sync_p50{suffix}"), pct(0.50), "ms");
     result(&format!("crowd_sync_p99{suffix}"), pct(0.99), "ms");
+    // Where the machine's time goes: the devices' process (each sync with
+    // the local edit before it) and the servers, per sync.
+    result(
+        &format!("crowd_device_cpu_per_sync{suffix}"),
+        devices_cpu / l.len() as f64,
+        "ms",
+    );
+    result(
+        &format!("crowd_server_cpu_per_sync{suffix}"),
+        servers_cpu / l.len() as f64,
+        "ms",
+    );
     result(
         &format!("crowd_errors{suffix}"),
         errors.load(Ordering::Relaxed) as f64,
