@@ -482,14 +482,26 @@ impl Database {
     /// another handle on the same file may have recorded sites since this
     /// one cached them.
     pub(crate) fn sites_in(&self, conn: &Connection) -> Result<Vec<SiteId>> {
-        let newest: i64 = conn
-            .prepare_cached("SELECT coalesce(max(ord), -1) FROM confluo_sites")?
-            .query_row([], |r| r.get(0))?;
+        let count = site_count(conn)?;
         let mut cached = self.inner.sites.write().unwrap_or_else(|e| e.into_inner());
-        if newest + 1 != cached.len() as i64 {
+        if count != cached.len() {
             *cached = load_sites(conn)?;
         }
         Ok(cached.clone())
+    }
+
+    /// The site list as a read snapshot has it, without changing the
+    /// cache. Committed ordinals never change, so a cache of the same length
+    /// holds the same sites; exports read this at every sync.
+    pub(crate) fn sites_as_of(&self, conn: &Connection) -> Result<Vec<SiteId>> {
+        let count = site_count(conn)?;
+        {
+            let cached = self.inner.sites.read().unwrap_or_else(|e| e.into_inner());
+            if count == cached.len() {
+                return Ok(cached.clone());
+            }
+        }
+        load_sites(conn)
     }
 
     pub(crate) fn writer(&self) -> Result<ThreadLockGuard<'_, Option<Connection>>> {
@@ -681,6 +693,14 @@ fn inside_a_write() -> Error {
         "this thread is running a write on this database: use that write's transaction handle \
          (the database itself would wait for the write to end, for ever)",
     )
+}
+
+/// How many sites `confluo_sites` holds (their ordinals are dense).
+fn site_count(conn: &Connection) -> Result<usize> {
+    let newest: i64 = conn
+        .prepare_cached("SELECT coalesce(max(ord), -1) FROM confluo_sites")?
+        .query_row([], |r| r.get(0))?;
+    Ok((newest + 1) as usize)
 }
 
 pub(crate) fn load_sites(conn: &Connection) -> Result<Vec<SiteId>> {

@@ -11,7 +11,7 @@ use crate::capture::{lock, SharedState};
 use crate::changeset::{Change, ChangeSet};
 use crate::clocks::{RowClocks, Stamp};
 use crate::codec::{pack_values, unpack_values};
-use crate::db::{load_sites, Database, Transaction};
+use crate::db::{Database, Transaction};
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
 use crate::merge::{Cell, Outcome, RowState, Target, Version};
@@ -276,7 +276,7 @@ impl Database {
         let source = self.site_id();
         self.read_snapshot(|conn| {
             let tables = self.tables_in(conn)?;
-            let sites = load_sites(conn)?;
+            let sites = self.sites_as_of(conn)?;
             let exclude =
                 recipient.and_then(|r| sites.iter().position(|s| *s == r).map(|p| p as u32));
             let skip = if skip_server_versions {

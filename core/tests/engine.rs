@@ -1241,11 +1241,21 @@ fn two_handles_on_one_file_work_like_one() {
     // A learns site x, then B learns site y: each must see the other's
     // site list, not its own cached one.
     pull(&a, &x);
+    // B has not seen site x itself, yet exports its row as x's.
+    let from_b = b.changes_since(0, None).unwrap().changes;
+    assert!(!from_b.is_empty() && from_b.iter().all(|ch| ch.site == x.site_id()));
     pull(&b, &y);
     pull(&a, &y);
     pull(&b, &x);
     assert_eq!(dump(&a, "todo"), dump(&b, "todo"));
     assert_eq!(dump(&a, "todo").len(), 2);
+    // Either handle's export names the site each row came from.
+    for handle in [&a, &b] {
+        for ch in handle.changes_since(0, None).unwrap().changes {
+            let from = if ch.pk[0] == text("x") { &x } else { &y };
+            assert_eq!(ch.site, from.site_id(), "{ch:?}");
+        }
+    }
 
     // A makes a new table synced; B's writes to it are tracked.
     a.execute_batch("CREATE TABLE tag(id TEXT PRIMARY KEY NOT NULL, name TEXT)")
