@@ -1134,8 +1134,11 @@ fn export_table(
         })?;
     }
     if from.skip.is_some() {
+        // `dbv > ?1` lets SQLite walk the dbv index: `dbv IN (...)` alone
+        // cannot use it (the metadata's dbv column has no affinity, the
+        // subquery's has) and would read the whole metadata.
         let mut pulled_rows = conn.prepare_cached(&format!(
-            "SELECT pk, cl, dbv, clocks FROM {meta} WHERE dbv IN ({pulled})"
+            "SELECT pk, cl, dbv, clocks FROM {meta} WHERE dbv > ?1 AND dbv IN ({pulled})"
         ))?;
         let mut read_row = conn.prepare_cached(&format!(
             "SELECT {} FROM {table} WHERE {}",
