@@ -967,7 +967,8 @@ impl ReaderPool {
                 | OpenFlags::SQLITE_OPEN_URI,
         )?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        conn.set_prepared_statement_cache_capacity(32);
+        // A device's push prepares four statements per synced table.
+        conn.set_prepared_statement_cache_capacity(64);
         capture::register_pure_functions(&conn)?;
         Ok(conn)
     }

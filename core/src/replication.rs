@@ -1103,6 +1103,9 @@ fn export_table(
         .map(|(_, n)| format!(", t.{}", quote(n)))
         .collect();
     let table = quote(&t.name);
+    // A first export reads everything anyway. With versions to skip (a
+    // device that pulled before it ever pushed), most rows are the server's:
+    // they are left out below without their values being read or held.
     if since == 0 && from.skip.is_none_or(HashSet::is_empty) {
         export_everything(conn, &mut export, &cols)?;
         return Ok(max_dbv as u64);
@@ -1134,11 +1137,8 @@ fn export_table(
         })?;
     }
     if from.skip.is_some() {
-        // `dbv > ?1` lets SQLite walk the dbv index: `dbv IN (...)` alone
-        // cannot use it (the metadata's dbv column has no affinity, the
-        // subquery's has) and would read the whole metadata.
         let mut pulled_rows = conn.prepare_cached(&format!(
-            "SELECT pk, cl, dbv, clocks FROM {meta} WHERE dbv > ?1 AND dbv IN ({pulled})"
+            "SELECT pk, cl, dbv, clocks FROM {meta} WHERE dbv IN ({pulled})"
         ))?;
         let mut read_row = conn.prepare_cached(&format!(
             "SELECT {} FROM {table} WHERE {}",

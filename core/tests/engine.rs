@@ -1342,6 +1342,48 @@ fn a_push_reads_back_only_the_unsent_edits_under_pulled_changes_of_composite_key
     assert_eq!(outgoing[0].value, text("oat milk"));
 }
 
+#[test]
+fn a_first_push_after_a_pull_sends_only_our_own_rows() {
+    let c = clock();
+    let (a, other) = (todo_replica(&c), todo_replica(&c));
+    for i in 0..50 {
+        other
+            .execute(
+                "INSERT INTO todo VALUES (?1, 'theirs', 'open')",
+                &[text(&format!("t{i}"))],
+            )
+            .unwrap();
+    }
+    let theirs = other.changes_since(0, None).unwrap().changes;
+    a.apply_from_server(&theirs, 1, None).unwrap();
+    assert_eq!(a.pushed_version().unwrap(), 0, "a device that never pushed");
+    a.execute("INSERT INTO todo VALUES ('mine', 'milk', 'open')", &[])
+        .unwrap();
+    a.execute("UPDATE todo SET status = 'done' WHERE id = 't7'", &[])
+        .unwrap();
+    let mut sent: Vec<(String, Option<String>)> = a
+        .changes_for_server()
+        .unwrap()
+        .changes
+        .iter()
+        .map(|ch| {
+            (
+                format!("{:?}", ch.pk[0]),
+                ch.column.as_deref().map(String::from),
+            )
+        })
+        .collect();
+    sent.sort();
+    let mut expected = vec![
+        (format!("{:?}", text("t7")), Some("status".to_owned())),
+        (format!("{:?}", text("mine")), None),
+        (format!("{:?}", text("mine")), Some("status".to_owned())),
+        (format!("{:?}", text("mine")), Some("title".to_owned())),
+    ];
+    expected.sort();
+    assert_eq!(sent, expected);
+}
+
 /// A replica with a synced `todo`, a synced `history` that an app trigger
 /// on `todo` writes (guarded as documented, or not), and a local-only
 /// `search` table another trigger keeps up to date.
