@@ -31,8 +31,10 @@ echo "compiling Kotlin (kotlinc)..."
 [ -d "$out/classes/dev/confluo" ] || { echo "Kotlin compilation failed" >&2; exit 1; }
 
 set +e
+# The heap is touched whole at start: otherwise the JVM's resident memory
+# grows as it first uses heap pages, which the leak test would count.
 CONFLUO_SERVER_BIN="$PWD/target/debug/confluo-server" java \
-  -Xmx128m -Djna.library.path="$PWD/target/debug" \
+  -Xmx128m -Xms128m -XX:+AlwaysPreTouch -Djna.library.path="$PWD/target/debug" \
   -cp "$out/classes:$cp$stdlib" \
   org.junit.platform.console.ConsoleLauncher execute \
   --disable-banner --details=tree --scan-classpath "$out/classes" 2>&1 | tee "$out/junit.log"

@@ -35,9 +35,11 @@ private suspend fun churn(databases: Int, queries: Int) {
 class LeakTest {
     /**
      * 1,000 databases opened and closed and 10,000 observed queries through
-     * the FFI, in two halves: once the JVM's heap (capped at 128 MB by the
-     * test script) and JIT have warmed up in the first half, the second
-     * half may not grow resident memory by more than 32 MB.
+     * the FFI, in two halves: once the JIT has warmed up in the first half,
+     * the second half may not grow resident memory by more than 16 MB. The
+     * test script makes the JVM's heap (128 MB) resident from the start,
+     * so heap pages used for the first time do not count as growth (they
+     * did: 34 MB once, in a full run without a leak).
      */
     @Test
     fun `opening databases and observing queries does not leak`() = runBlocking<Unit> {
@@ -48,6 +50,6 @@ class LeakTest {
         System.gc()
         val after = rssMb()
         println("leak check: RSS %.1f MB after the first half, %.1f MB after the second".format(warm, after))
-        assertTrue(after - warm < 32.0, "RSS grew from $warm MB to $after MB in the second half")
+        assertTrue(after - warm < 16.0, "RSS grew from $warm MB to $after MB in the second half")
     }
 }
