@@ -219,7 +219,7 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], text)
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct PullParams {
     cursor: u64,
     /// Resume token from `Confluo-Resume`.
@@ -388,15 +388,24 @@ async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Result<Bytes, 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    off_thread(move || f().map_err(ApiError::from)).await
+}
+
+/// Runs `f` on a blocking thread. A request's store work and encoding go
+/// there together: each move to a blocking thread and back is two thread
+/// switches, and a sync that made eight of them spent more time switching
+/// than in SQLite.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(ApiError::from)
 }
 
-/// The body as sent, decoded from its content coding (none, or zstd) in
-/// a blocking thread; it may decode to `max_body_bytes` at most.
-async fn decode_body(app: &App, headers: &HeaderMap, raw: Bytes) -> Result<Bytes, ApiError> {
+/// The body as sent, decoded from its content coding (none, or zstd); it
+/// may decode to `max_body_bytes` at most. On a blocking thread.
+fn decode_body(app: &App, headers: &HeaderMap, raw: Bytes) -> Result<Bytes, ApiError> {
     let coding = headers
         .get("content-encoding")
         .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
@@ -404,12 +413,7 @@ async fn decode_body(app: &App, headers: &HeaderMap, raw: Bytes) -> Result<Bytes
         None | Some("") | Some("identity") => Ok(raw),
         Some(coding::ZSTD) => {
             let limit = app.config.max_body_bytes;
-            let decoded = tokio::task::spawn_blocking(move || coding::decompress(&raw, limit))
-                .await
-                .map_err(|e| {
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                })?;
-            match decoded {
+            match coding::decompress(&raw, limit) {
                 Ok(body) => Ok(body.into()),
                 Err(coding::DecodeError::TooLarge { limit }) => Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -687,41 +691,49 @@ async fn sync_inner(
         ..PullParams::parse(&uri)?
     };
     let raw = read_body(app, &headers, body).await?;
+    let app = app.clone();
+    off_thread(move || sync_with_body(&app, &space, &user, &params, &headers, raw)).await
+}
+
+/// The rest of a sync request once its body is in, on one blocking thread:
+/// decoding, checks, the push, and the page that answers it.
+fn sync_with_body(
+    app: &App,
+    space: &str,
+    user: &str,
+    params: &PullParams,
+    headers: &HeaderMap,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
     let wire_bytes = raw.len();
-    let body = decode_body(app, &headers, raw).await?;
+    let body = decode_body(app, headers, raw)?;
     if !body.is_empty() {
-        app.auth.check(auth_header(&headers), &space, true)?;
+        app.auth.check(auth_header(headers), space, true)?;
         app.meter
-            .push(&user, body.len() as u64, std::time::Instant::now())
+            .push(user, body.len() as u64, std::time::Instant::now())
             .map_err(over_quota)?;
-        check_content_type(&headers)?;
+        check_content_type(headers)?;
     }
     app.metrics
         .bytes_in
         .fetch_add(wire_bytes as u64, Ordering::Relaxed);
-    let mut exclude = parse_site(&params)?;
+    let mut exclude = parse_site(params)?;
     let resume = params.after.as_deref().map(decode_resume).transpose()?;
     // A device whose cursor or epoch is from a history we no longer have
     // must resync first; its push is not merged, so it is sent again after.
-    let state = check_history(app, &space, &params).await?;
+    let state = history_of(app, space, params)?;
     let mut extra = Vec::new();
     // Where the answer's page starts reading: past this push's own version
     // when the device was current before it (see below).
     let mut from = params.cursor;
     if !body.is_empty() {
-        let (app2, bytes) = (app.clone(), body.clone());
-        let validated = tokio::task::spawn_blocking(move || validate_push(&app2, &bytes))
-            .await
-            .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })??;
+        let validated = validate_push(app, &body)?;
         let (source, pushed) = (validated.source, validated.changes.len());
         exclude = exclude.or(Some(source));
-        let staged = match push_part(&headers)? {
+        let staged = match push_part(headers)? {
             Some((id, i, n)) => {
                 if i < n {
-                    let (store, sp, bytes) = (app.store.clone(), space.clone(), body.to_vec());
-                    blocking(move || store.stage(&sp, source, &id, i, &bytes)).await?;
+                    app.store.stage(space, source, &id, i, &body)?;
                     return Ok((
                         StatusCode::ACCEPTED,
                         Json(serde_json::json!({"staged": i, "of": n})),
@@ -729,8 +741,7 @@ async fn sync_inner(
                         .into_response());
                 }
                 // The last part: merge the staged parts and this one together.
-                let (store, sp) = (app.store.clone(), space.clone());
-                let Some(parts) = blocking(move || store.take_staged(&sp, &id, n)).await? else {
+                let Some(parts) = app.store.take_staged(space, &id, n)? else {
                     return Err(ApiError::bad(
                         "invalid_push_part",
                         format!("push is missing some of its {n} parts; send them all again"),
@@ -740,21 +751,16 @@ async fn sync_inner(
             }
             None => Vec::new(),
         };
-        let (store, sp) = (app.store.clone(), space.clone());
-        let outcome = blocking(move || {
-            // This part was decoded by its validation: not decoded again.
-            let mut parts: Vec<PushPart<'_>> =
-                staged.iter().map(|p| PushPart::Encoded(p)).collect();
-            parts.push(PushPart::Decoded(validated));
-            store.push_parts(&sp, parts)
-        })
-        .await?;
+        // This part was decoded by its validation: not decoded again.
+        let mut parts: Vec<PushPart<'_>> = staged.iter().map(|p| PushPart::Encoded(p)).collect();
+        parts.push(PushPart::Decoded(validated));
+        let outcome = app.store.push_parts(space, parts)?;
         app.metrics
             .pushed_changes
             .fetch_add(pushed as u64, Ordering::Relaxed);
         if outcome.applied > 0 {
             app.metrics.versions.fetch_add(1, Ordering::Relaxed);
-            app.notify(&space, outcome.version);
+            app.notify(space, outcome.version);
         }
         tracing::debug!(
             space,
@@ -776,7 +782,7 @@ async fn sync_inner(
             from = outcome.version;
         }
     }
-    pull_page(app, &space, &params, from, resume, exclude, state, extra).await
+    page_after(app, space, params, from, resume, exclude, state, extra)
 }
 
 /// The checks every request of a space passes first: protocol version,
@@ -815,25 +821,35 @@ async fn pull_page(
     resume: Option<Resume>,
     exclude: Option<SiteId>,
     state: Option<SpaceState>,
+    extra: Vec<(&'static str, String)>,
+) -> Result<Response, ApiError> {
+    let (app, space, params) = (app.clone(), space.to_owned(), params.clone());
+    off_thread(move || page_after(&app, &space, &params, from, resume, exclude, state, extra)).await
+}
+
+/// `pull_page`, on a blocking thread.
+#[allow(clippy::too_many_arguments)]
+fn page_after(
+    app: &App,
+    space: &str,
+    params: &PullParams,
+    from: u64,
+    resume: Option<Resume>,
+    exclude: Option<SiteId>,
+    state: Option<SpaceState>,
     mut extra: Vec<(&'static str, String)>,
 ) -> Result<Response, ApiError> {
-    let (store, sp, cursor, budget) = (
-        app.store.clone(),
-        space.to_owned(),
-        from,
-        app.config.page_bytes,
-    );
-    let page = blocking(move || store.pull(&sp, cursor, resume.as_ref(), exclude, budget)).await?;
-    extra.extend(epoch_header(app, space, state).await?);
-    let (cursor, zstd) = (params.cursor, params.zstd);
-    if !zstd {
-        return Ok(page_response(app, page, cursor, &extra, false));
-    }
-    // Compressing a page of megabytes is work for a blocking thread.
-    let app2 = app.clone();
-    tokio::task::spawn_blocking(move || page_response(&app2, page, cursor, &extra, true))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    let page = app
+        .store
+        .pull(space, from, resume.as_ref(), exclude, app.config.page_bytes)?;
+    // An epoch never changes once the space exists; only when it did not
+    // (a push may just have created it) is it looked up.
+    let state = match state {
+        Some(s) => Some(s),
+        None => app.store.space(space)?,
+    };
+    extra.extend(state.map(|s| ("confluo-epoch", s.epoch)));
+    Ok(page_response(app, page, params.cursor, &extra, params.zstd))
 }
 
 /// Refuses (410) a device whose cursor or epoch belongs to a history this
@@ -843,8 +859,13 @@ async fn check_history(
     space: &str,
     params: &PullParams,
 ) -> Result<Option<SpaceState>, ApiError> {
-    let (store, sp) = (app.store.clone(), space.to_owned());
-    let state = blocking(move || store.space(&sp)).await?;
+    let (app, space, params) = (app.clone(), space.to_owned(), params.clone());
+    off_thread(move || history_of(&app, &space, &params)).await
+}
+
+/// `check_history`, on a blocking thread.
+fn history_of(app: &App, space: &str, params: &PullParams) -> Result<Option<SpaceState>, ApiError> {
+    let state = app.store.space(space)?;
     if let Some(known) = &params.epoch {
         if state.as_ref().is_none_or(|s| s.epoch != *known) {
             return Err(StoreError::EpochGone {
@@ -869,7 +890,7 @@ async fn check_history(
         (params.pushed_at.unwrap_or(0), &params.pushed_tag),
     ];
     for (at, known) in claims {
-        let Some(known) = known.clone().filter(|_| at > 0) else {
+        let Some(known) = known.as_ref().filter(|_| at > 0) else {
             continue;
         };
         if at > version {
@@ -879,34 +900,12 @@ async fn check_history(
             }
             .into());
         }
-        let (store, sp) = (app.store.clone(), space.to_owned());
-        let tag = blocking(move || store.version_tag(&sp, at)).await?;
-        if tag.is_some_and(|t| t != known) {
+        let tag = app.store.version_tag(space, at)?;
+        if tag.is_some_and(|t| t != *known) {
             return Err(StoreError::HistoryRewritten { cursor: at }.into());
         }
     }
     Ok(state)
-}
-
-/// `Confluo-Epoch`, once the space exists.
-async fn epoch_header(
-    app: &Arc<App>,
-    space: &str,
-    known: Option<SpaceState>,
-) -> Result<Vec<(&'static str, String)>, ApiError> {
-    // An epoch never changes once the space exists; only when it did not
-    // (a push may just have created it) is it looked up.
-    let state = match known {
-        Some(s) => Some(s),
-        None => {
-            let (store, sp) = (app.store.clone(), space.to_owned());
-            blocking(move || store.space(&sp)).await?
-        }
-    };
-    Ok(state
-        .map(|s| ("confluo-epoch", s.epoch))
-        .into_iter()
-        .collect())
 }
 
 async fn changes(
