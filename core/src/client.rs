@@ -410,9 +410,11 @@ impl Client {
         part: Option<(&str, usize, usize)>,
         report: &mut SyncReport,
     ) -> Result<Reply> {
-        // Compressed only for a server that said it takes zstd.
-        let packed = (!body.is_empty() && takes_zstd(&self.config.server_url))
-            .then(|| coding::compress(body));
+        // Compressed only for a server that said it takes zstd, and only
+        // when there is something to gain.
+        let packed = (body.len() >= coding::MIN_COMPRESSED_BYTES
+            && takes_zstd(&self.config.server_url))
+        .then(|| coding::compress(body));
         // Safe to send twice: merging is idempotent, and a part staged
         // twice is kept once.
         let answer = self.authorized(|auth, fresh| {

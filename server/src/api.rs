@@ -527,7 +527,7 @@ fn push_part(headers: &HeaderMap) -> Result<Option<(String, u32, u32)>, ApiError
 }
 
 /// A page as the answer: the encoded change set (compressed with zstd when
-/// `zstd`), with its headers.
+/// `zstd`, unless too short to gain from it), with its headers.
 fn page_response(
     app: &App,
     page: Page,
@@ -546,6 +546,7 @@ fn page_response(
         changes: page.changes,
     }
     .encode();
+    let zstd = zstd && body.len() >= coding::MIN_COMPRESSED_BYTES;
     let body = if zstd { coding::compress(&body) } else { body };
     app.metrics
         .pulled_changes

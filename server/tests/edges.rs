@@ -289,15 +289,22 @@ fn write_auth(dir: &Path, text: &str) -> PathBuf {
 
 /// A change set of one new row of `todo`, as a device would push it.
 fn one_row_push() -> confluo_core::ChangeSet {
+    rows_push(1)
+}
+
+/// `rows` todo rows, `t1`, `t2`...
+fn rows_push(rows: usize) -> confluo_core::ChangeSet {
     let db = Database::open_in_memory().unwrap();
     db.execute_batch("CREATE TABLE todo(id TEXT PRIMARY KEY NOT NULL, title TEXT, score REAL)")
         .unwrap();
     db.enable_sync("todo").unwrap();
-    db.execute(
-        "INSERT INTO todo VALUES ('t1', 'Plan the offsite', 1.5)",
-        &[],
-    )
-    .unwrap();
+    for i in 1..=rows {
+        db.execute(
+            "INSERT INTO todo VALUES (?1, 'Plan the offsite', 1.5)",
+            &[format!("t{i}").into()],
+        )
+        .unwrap();
+    }
     db.changes_since(0, None).unwrap()
 }
 
@@ -839,7 +846,9 @@ fn pushes_and_pages_travel_compressed_with_zstd_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--dev", "--max-body-bytes", "65536"]);
     let ctype = ("content-type", CHANGESET_TYPE);
-    let body = one_row_push().encode();
+    // Long enough to be worth compressing (`coding::MIN_COMPRESSED_BYTES`).
+    let body = rows_push(20).encode();
+    assert!(body.len() >= coding::MIN_COMPRESSED_BYTES);
 
     let reply = server.sync(
         "lists",
@@ -895,6 +904,23 @@ fn pushes_and_pages_travel_compressed_with_zstd_when_asked() {
     );
     let refused = server.sync("lists", &[AUTH, ("accept-encoding", "zstd;q=0")], b"");
     assert_eq!(refused.header("content-encoding"), None);
+    // A page too short to gain from it goes plain, even to a client that
+    // takes zstd.
+    let one_row = one_row_push().encode();
+    assert!(one_row.len() < coding::MIN_COMPRESSED_BYTES);
+    server
+        .sync("short", &[AUTH, ctype], &one_row)
+        .assert_ok("a one-row push");
+    let short = server.sync("short", &[AUTH, ("accept-encoding", "zstd")], b"");
+    short.assert_ok("a short page");
+    assert_eq!(short.header("content-encoding"), None);
+    assert_eq!(
+        confluo_core::ChangeSet::decode(&short.body)
+            .unwrap()
+            .changes
+            .len(),
+        one_row_push().changes.len()
+    );
     let nothing = server.sync("other", &[AUTH], b"");
     assert_eq!(
         confluo_core::ChangeSet::decode(&nothing.body)

@@ -947,6 +947,14 @@ fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
         "sent {} for {second_size} bytes of changes",
         second.bytes_sent
     );
+    // A push too short to gain from compression goes plain.
+    a.execute("INSERT INTO todo VALUES ('one more', 'x', 'open')", &[])
+        .unwrap();
+    let third_size = a.changes_for_server().unwrap().encode().len();
+    assert!(third_size < confluo_core::coding::MIN_COMPRESSED_BYTES);
+    let third = a.sync_now(&cfg).unwrap();
+    assert_eq!(third.pushed, 3, "{third:?}");
+    assert_eq!(third.bytes_sent, third_size as u64, "sent as it is");
     let pulled = b.sync_now(&cfg).unwrap();
     assert!(
         pulled.bytes_received * 3 < first_size + second_size,
@@ -955,7 +963,7 @@ fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
         first_size + second_size
     );
     assert_eq!(dump(&b), dump(&a));
-    assert_eq!(dump(&b).len(), 600);
+    assert_eq!(dump(&b).len(), 601);
 }
 
 #[test]
