@@ -239,12 +239,13 @@ fn network(message: impl Into<String>, retryable: bool) -> Error {
 }
 
 /// One HTTP agent for the process, so connections to the server are kept
-/// alive and reused across syncs (timeouts are set on each request).
+/// alive and reused across syncs (timeouts are set on each request), and
+/// server names are looked up once a minute (see `resolve`).
 fn shared_agent() -> ureq::Agent {
     static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
     AGENT
         .get_or_init(|| {
-            ureq::Agent::config_builder()
+            let config = ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_connect(Some(Duration::from_secs(10)))
                 .max_idle_connections(64)
@@ -254,8 +255,12 @@ fn shared_agent() -> ureq::Agent {
                         .root_certs(crate::trust::root_certs())
                         .build(),
                 )
-                .build()
-                .into()
+                .build();
+            ureq::Agent::with_parts(
+                config,
+                ureq::unversioned::transport::DefaultConnector::default(),
+                crate::resolve::CachingResolver::default(),
+            )
         })
         .clone()
 }

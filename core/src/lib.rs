@@ -37,6 +37,7 @@ pub mod merge;
 mod observe;
 mod rejected;
 mod replication;
+mod resolve;
 mod row_ids;
 mod schema;
 mod server_state;
