@@ -4,8 +4,8 @@
 //! ureq resolves the server's name for every request, even one that goes
 //! out on a kept connection, and with a timeout set it does so on a thread
 //! of its own: a thread started, and the system's resolver asked, at every
-//! sync. Browsers keep answers for about a minute too; a server that moves
-//! is found again once its entry is that old.
+//! sync. A server that moves is found again once its entry is a minute
+//! old (a sync that fails meanwhile is retried as any other).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
