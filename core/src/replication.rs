@@ -1049,10 +1049,10 @@ fn number_seqs(changes: &mut [Change]) {
 /// What an export leaves out: cells stamped at or before `since`, by the
 /// site `exclude`, or at a db_version in `skip`.
 #[derive(Clone, Copy)]
-struct ExportFrom<'a> {
-    since: u64,
-    exclude: Option<u32>,
-    skip: Option<&'a HashSet<u64>>,
+pub(crate) struct ExportFrom<'a> {
+    pub since: u64,
+    pub exclude: Option<u32>,
+    pub skip: Option<&'a HashSet<u64>>,
 }
 
 impl ExportFrom<'_> {
@@ -1061,6 +1061,21 @@ impl ExportFrom<'_> {
         s.dbv > self.since
             && Some(s.site) != self.exclude
             && !self.skip.is_some_and(|skip| skip.contains(&s.dbv))
+    }
+
+    /// Whether anything of a row of `t` goes out: its marker, or while the
+    /// row is alive a cell of a live column.
+    pub(crate) fn takes_row(&self, t: &TableInfo, cl: u64, clocks: &RowClocks) -> bool {
+        clocks.marker.is_some_and(|s| self.exports(&s))
+            || (cl % 2 == 1
+                && t.live_slots().any(|(slot, _)| {
+                    clocks
+                        .cells
+                        .get(slot)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|s| self.exports(&s))
+                }))
     }
 }
 
@@ -1155,7 +1170,7 @@ fn export_table(
         while let Some(r) = rows.next()? {
             let cl = r.get::<_, i64>(1)? as u64;
             let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
-            if !export.has_fresh(cl, &clocks) {
+            if !from.takes_row(t, cl, &clocks) {
                 continue;
             }
             let pk = row_key(t, Value::from_ref(r.get_ref(0)?))?;
@@ -1302,20 +1317,6 @@ struct RowExport<'a> {
 }
 
 impl RowExport<'_> {
-    /// Whether `row` would export anything of a row.
-    fn has_fresh(&self, cl: u64, clocks: &RowClocks) -> bool {
-        clocks.marker.is_some_and(|s| self.from.exports(&s))
-            || (cl % 2 == 1
-                && self.live.iter().any(|(slot, _)| {
-                    clocks
-                        .cells
-                        .get(*slot)
-                        .copied()
-                        .flatten()
-                        .is_some_and(|s| self.from.exports(&s))
-                }))
-    }
-
     /// The changes of one row: its marker and the cells stamped after
     /// `since` by another site than `exclude`; `value(i)` reads the `i`-th
     /// live column of the row.

@@ -356,6 +356,11 @@ impl Database {
             let pushed = get_u64(conn, "pushed")?;
             let from_server = crate::replication::server_versions_after(conn, pushed)?;
             let unsent = |dbv: u64| dbv > pushed && !from_server.contains(&dbv);
+            let push = crate::replication::ExportFrom {
+                since: pushed,
+                exclude: None,
+                skip: Some(&from_server),
+            };
             let mut total = 0u64;
             for t in &tables {
                 let mut stmt = conn.prepare_cached(&format!(
@@ -369,15 +374,9 @@ impl Database {
                         total += 1;
                         continue;
                     }
-                    // What export sends of the row: its marker, and the
-                    // cells of live columns while the row is alive.
+                    // What the push's export would send of the row.
                     let clocks = RowClocks::decode(r.get_ref(2)?.as_blob()?, dbv)?;
-                    let live_cells = clocks.cells.iter().enumerate().filter(|(slot, _)| {
-                        cl % 2 == 1 && t.slots.get(*slot).is_some_and(Option::is_some)
-                    });
-                    if clocks.marker.iter().any(|s| unsent(s.dbv))
-                        || live_cells.filter_map(|(_, c)| *c).any(|s| unsent(s.dbv))
-                    {
+                    if push.takes_row(t, cl as u64, &clocks) {
                         total += 1;
                     }
                 }

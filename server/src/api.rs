@@ -813,22 +813,7 @@ fn over_quota(q: OverQuota) -> ApiError {
 
 /// Answers with the page of changes after the request's cursor, read from
 /// version `from` on (the cursor, or past versions the device already has).
-#[allow(clippy::too_many_arguments)]
-async fn pull_page(
-    app: &Arc<App>,
-    space: &str,
-    params: &PullParams,
-    from: u64,
-    resume: Option<Resume>,
-    exclude: Option<SiteId>,
-    state: Option<SpaceState>,
-    extra: Vec<(&'static str, String)>,
-) -> Result<Response, ApiError> {
-    let (app, space, params) = (app.clone(), space.to_owned(), params.clone());
-    off_thread(move || page_after(&app, &space, &params, from, resume, exclude, state, extra)).await
-}
-
-/// `pull_page`, on a blocking thread.
+/// On a blocking thread.
 #[allow(clippy::too_many_arguments)]
 fn page_after(
     app: &App,
@@ -969,15 +954,18 @@ async fn changes_inner(
             }
         }
     }
-    pull_page(
-        app,
-        &space,
-        &params,
-        params.cursor,
-        resume,
-        exclude,
-        state,
-        extra,
-    )
+    let app = app.clone();
+    off_thread(move || {
+        page_after(
+            &app,
+            &space,
+            &params,
+            params.cursor,
+            resume,
+            exclude,
+            state,
+            extra,
+        )
+    })
     .await
 }
