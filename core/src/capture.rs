@@ -163,17 +163,21 @@ fn check_fits(
     args: impl Iterator<Item = usize>,
     max_value_bytes: usize,
 ) -> rusqlite::Result<()> {
-    for i in args {
-        let len = match ctx.get_raw(i) {
-            ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
-            _ => 0,
-        };
-        if len > max_value_bytes {
-            return Err(user_err(format!(
-                "a value of {len} bytes is larger than sync carries ({max_value_bytes} bytes, Options::max_value_bytes); \
-                 store it elsewhere (a file, or a table that is not synced) and sync a reference"
-            )));
-        }
+    args.into_iter()
+        .try_for_each(|i| fits(ctx.get_raw(i), max_value_bytes))
+}
+
+/// Refuses a text or blob larger than `max_value_bytes`.
+fn fits(value: ValueRef<'_>, max_value_bytes: usize) -> rusqlite::Result<()> {
+    let len = match value {
+        ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
+        _ => 0,
+    };
+    if len > max_value_bytes {
+        return Err(user_err(format!(
+            "a value of {len} bytes is larger than sync carries ({max_value_bytes} bytes, Options::max_value_bytes); \
+             store it elsewhere (a file, or a table that is not synced) and sync a reference"
+        )));
     }
     Ok(())
 }
@@ -300,9 +304,12 @@ fn install_row_functions(
         let mut masks: Vec<u64> = Vec::new();
         for (pair, slot) in slots.chunks_exact(2).enumerate() {
             let at = first_pair + 2 * pair;
-            if same_value(ctx.get_raw(at), ctx.get_raw(at + 1)) {
+            let new = ctx.get_raw(at);
+            if same_value(new, ctx.get_raw(at + 1)) {
                 continue;
             }
+            // Only what is written: the key and the other values stay.
+            fits(new, max_value_bytes)?;
             let slot = usize::from(u16::from_le_bytes([slot[0], slot[1]]));
             let (word, bit) = (slot / 62, slot % 62);
             if masks.len() <= word {
@@ -314,7 +321,6 @@ fn install_row_functions(
             // Every value stayed what it was: no write to record.
             return Ok(false);
         }
-        check_fits(ctx, new_values, max_value_bytes)?;
         let key = captured_key(&st, ctx, new_key, npk)?;
         st.capture(table, key, EventKind::Updated(masks.into()));
         Ok(true)

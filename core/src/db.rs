@@ -31,6 +31,11 @@ pub struct Options {
     pub readers: usize,
     /// Where wall-clock time comes from (tests inject a manual clock).
     pub time: Arc<dyn TimeSource>,
+    /// A transaction that updates at least this many rows of one table in
+    /// the same columns records them as one bulk entry, instead of
+    /// rewriting each row's metadata at commit. Tests lower it to exercise
+    /// bulk entries with a few rows.
+    pub bulk_update_rows: usize,
 }
 
 impl Default for Options {
@@ -40,6 +45,7 @@ impl Default for Options {
             max_value_bytes: 1 << 20,
             readers: 4,
             time: Arc::new(SystemTimeSource),
+            bulk_update_rows: crate::bulk::BULK_UPDATE_ROWS,
         }
     }
 }
@@ -50,6 +56,7 @@ impl std::fmt::Debug for Options {
             .field("max_clock_drift", &self.max_clock_drift)
             .field("max_value_bytes", &self.max_value_bytes)
             .field("readers", &self.readers)
+            .field("bulk_update_rows", &self.bulk_update_rows)
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +106,8 @@ pub(crate) struct Inner {
     pub site_id: SiteId,
     /// Where rows' metadata goes (see `row_ids`).
     pub row_ids: RowIds,
+    /// Bulk stamp entries as read (see `bulk`).
+    pub bulk: crate::bulk::BulkCache,
     pub options: Options,
 }
 
@@ -130,8 +139,10 @@ CREATE TABLE IF NOT EXISTS confluo_rejected(
 
 /// The layout of Confluo's own tables. 1: tables and columns known by
 /// name; 2: by identity (`cid`, see `evolution`), names being aliases;
-/// 3: row metadata keyed by an id derived from the row's key (`row_ids`).
-const METADATA_FORMAT: i64 = 3;
+/// 3: row metadata keyed by an id derived from the row's key (`row_ids`);
+/// 4: bulk stamps (`bulk`), which a build that does not read them would
+/// take for missing changes.
+const METADATA_FORMAT: i64 = 4;
 
 /// The writer connection's page cache at most, in KiB.
 const WRITER_CACHE_KIB: i64 = 16 * 1024;
@@ -198,8 +209,9 @@ impl Database {
         // again. Pages are only allocated as they are used.
         conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE;{METADATA_SCHEMA}{}",
-            crate::server_state::SCHEMA
+            "BEGIN IMMEDIATE;{METADATA_SCHEMA}{}{}",
+            crate::server_state::SCHEMA,
+            crate::bulk::SCHEMA
         ))?;
         let setup = (|| -> Result<(SiteId, Hlc, u64, Vec<SiteId>, RowIds)> {
             let format: Option<i64> = conn
@@ -219,6 +231,14 @@ impl Database {
                     false
                 }
                 Some(METADATA_FORMAT) => false,
+                // Format 4 only adds `confluo_bulk`, made above.
+                Some(3) => {
+                    conn.execute(
+                        "UPDATE confluo_state SET value = ?1 WHERE key = 'format'",
+                        [METADATA_FORMAT],
+                    )?;
+                    false
+                }
                 Some(older @ (1 | 2)) => {
                     if older == 1 {
                         conn.execute_batch(MIGRATE_FORMAT_1)?;
@@ -274,6 +294,7 @@ impl Database {
             )?;
             let mut dbv: u64 = conn.query_row(
                 "SELECT max(coalesce((SELECT max(dbv) FROM confluo_pending), 0), \
+                            coalesce((SELECT max(dbv) FROM confluo_bulk), 0), \
                             coalesce((SELECT value FROM confluo_state WHERE key = 'dbv'), 0))",
                 [],
                 |r| r.get::<_, i64>(0),
@@ -339,6 +360,7 @@ impl Database {
                 schema_cookie: cookie.into(),
                 site_id,
                 row_ids,
+                bulk: Default::default(),
                 options,
             },
         })

@@ -420,6 +420,7 @@ pub(crate) fn register_preset(
 pub(crate) fn retire(conn: &Connection, t: &TableInfo) -> Result<()> {
     conn.execute("UPDATE confluo_tables SET live = 0 WHERE id = ?1", [t.id])?;
     conn.execute_batch(&format!("DROP TABLE IF EXISTS {};", t.meta_table()))?;
+    crate::bulk::forget(conn, t.id)?;
     conn.execute("DELETE FROM confluo_pending WHERE tbl = ?1", [&*t.cid])?;
     conn.execute("DELETE FROM confluo_rejected WHERE tbl = ?1", [&*t.cid])?;
     Ok(())

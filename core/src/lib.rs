@@ -21,6 +21,7 @@
 //! ```
 
 mod background;
+mod bulk;
 mod callbacks;
 mod capture;
 mod changeset;

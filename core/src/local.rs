@@ -1,14 +1,19 @@
 //! Recording local writes: turning the writes the triggers captured in a
 //! transaction into metadata rows, right before it commits.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
 use rusqlite::{params, Connection};
+
+use crate::bulk::{self, BulkCache, Overlay};
 
 use crate::capture::{lock, Event, EventKind, LOCAL_SITE};
 use crate::clocks::{encode_tombstone, encode_uniform, RowClocks, Stamp};
 use crate::codec::unpack_values;
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::row_ids::{key_order, MetaRows, RowIds};
+use crate::row_ids::{key_order, same_key, MetaRows, RowIds};
 use crate::schema::{quote, TableInfo};
 use crate::value::Value;
 
@@ -48,7 +53,11 @@ impl Database {
                     code: None,
                 })?;
             lock(&self.inner.state).mark_changed(&table.name);
-            record_rows(conn, &table, &events[start..end], stamp)?;
+            let bulk = Bulk {
+                cache: &self.inner.bulk,
+                min_rows: self.inner.options.bulk_update_rows.max(1),
+            };
+            record_rows(conn, bulk, &table, &events[start..end], stamp)?;
             start = end;
         }
         Ok(())
@@ -61,31 +70,209 @@ impl Database {
 /// once instead of at random. Positions are sorted, not the events
 /// themselves, which are several times larger.
 fn sorted_by_row(events: Vec<Event>, ids: &RowIds) -> Vec<(i64, Event)> {
-    let keyed: Vec<(i64, i64)> = events.iter().map(|e| (e.table, ids.id(&e.key))).collect();
-    let mut order: Vec<usize> = (0..events.len()).collect();
-    // Ties broken by key (two keys may share an id), then by position: as
-    // stable as a stable sort.
-    order.sort_unstable_by(|&a, &b| {
-        keyed[a]
-            .cmp(&keyed[b])
-            .then_with(|| key_order(&events[a].key, &events[b].key))
-            .then(a.cmp(&b))
-    });
+    let mut order: Vec<(i64, i64, usize)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.table, ids.id(&e.key), i))
+        .collect();
+    // By position within an id: as stable as a stable sort, with plain
+    // integer comparisons.
+    order.sort_unstable();
+    // Two keys may share an id (rarely): there, by key, then by position.
+    let mut start = 0;
+    while start < order.len() {
+        let (table, id, _) = order[start];
+        let end = start
+            + order[start..]
+                .iter()
+                .take_while(|o| (o.0, o.1) == (table, id))
+                .count();
+        if end - start > 1 {
+            order[start..end]
+                .sort_by(|a, b| key_order(&events[a.2].key, &events[b.2].key).then(a.2.cmp(&b.2)));
+        }
+        start = end;
+    }
+    let order: Vec<(i64, usize)> = order.into_iter().map(|(_, id, i)| (id, i)).collect();
     let mut taken: Vec<Option<Event>> = events.into_iter().map(Some).collect();
     order
         .into_iter()
-        .map(|i| (keyed[i].1, taken[i].take().expect("each position once")))
+        .map(|(id, i)| (id, taken[i].take().expect("each position once")))
         .collect()
+}
+
+/// The rows of one table a transaction only updated, by the columns it
+/// updated: `events` split into each row's writes (`rows`), and for each set
+/// of columns the positions in `rows` of the rows updated in just those.
+struct Updates<'e> {
+    rows: Vec<&'e [(i64, Event)]>,
+    by_columns: Vec<(Cow<'e, [u64]>, Vec<usize>)>,
+}
+
+impl<'e> Updates<'e> {
+    fn of(events: &'e [(i64, Event)]) -> Self {
+        let mut rows = Vec::new();
+        let mut by_columns: Vec<(Cow<'e, [u64]>, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<Cow<'e, [u64]>, usize> = HashMap::new();
+        // Rows come updated alike in runs: the last set of columns is
+        // tried before hashing.
+        let mut last = 0;
+        let mut start = 0;
+        while start < events.len() {
+            let key = &events[start].1.key;
+            let end = start
+                + events[start..]
+                    .iter()
+                    .take_while(|(_, e)| e.key == *key)
+                    .count();
+            let group = &events[start..end];
+            start = end;
+            if let Some(masks) = updated_columns(group) {
+                if by_columns.get(last).is_none_or(|(m, _)| *m != masks) {
+                    last = *index.entry(masks.clone()).or_insert_with(|| {
+                        by_columns.push((masks, Vec::new()));
+                        by_columns.len() - 1
+                    });
+                }
+                by_columns[last].1.push(rows.len());
+            }
+            rows.push(group);
+        }
+        Updates { rows, by_columns }
+    }
+}
+
+/// The union of the columns a row's writes updated, if they are all
+/// updates whose effect is known: one transaction stamps every cell alike,
+/// so several updates of a row add up to one.
+fn updated_columns(group: &[(i64, Event)]) -> Option<Cow<'_, [u64]>> {
+    if let [(_, e)] = group {
+        // The common case, without a copy.
+        return match &e.kind {
+            EventKind::Updated(m) if !e.uncertain => Some(Cow::Borrowed(m)),
+            _ => None,
+        };
+    }
+    let mut masks: Vec<u64> = Vec::new();
+    for (_, e) in group {
+        let EventKind::Updated(m) = &e.kind else {
+            return None;
+        };
+        if e.uncertain {
+            return None;
+        }
+        if masks.len() < m.len() {
+            masks.resize(m.len(), 0);
+        }
+        for (w, m) in masks.iter_mut().zip(m.iter()) {
+            *w |= m;
+        }
+    }
+    Some(Cow::Owned(masks))
+}
+
+/// Where bulk entries are read, and how many rows updated alike make one.
+#[derive(Clone, Copy)]
+struct Bulk<'a> {
+    cache: &'a BulkCache,
+    min_rows: usize,
+}
+
+/// Records as bulk entries (see `bulk`) the rows of `updates` updated alike
+/// in numbers worth one; returns which rows it recorded. A row goes in only
+/// if it is alive and its metadata is at its own id, which is what an entry
+/// names it by.
+fn record_bulk(
+    conn: &Connection,
+    bulk: Bulk<'_>,
+    t: &TableInfo,
+    updates: &Updates<'_>,
+    stamp: Stamp,
+) -> Result<Vec<bool>> {
+    let mut recorded = vec![false; updates.rows.len()];
+    for (masks, rows) in &updates.by_columns {
+        if rows.len() < bulk.min_rows {
+            continue;
+        }
+        let wanted: Vec<(i64, &Value)> = rows
+            .iter()
+            .map(|&row| {
+                let (id, e) = &updates.rows[row][0];
+                (*id, &e.key)
+            })
+            .collect();
+        let mut ids = Vec::with_capacity(rows.len());
+        for (&row, at_home) in rows.iter().zip(alive_at_home(conn, t, &wanted)?) {
+            if at_home {
+                ids.push(updates.rows[row][0].0);
+                recorded[row] = true;
+            }
+        }
+        if ids.len() >= bulk.min_rows {
+            bulk::record(conn, bulk.cache, t, stamp, masks, &ids)?;
+        } else {
+            for &row in rows {
+                recorded[row] = false;
+            }
+        }
+    }
+    Ok(recorded)
+}
+
+/// For each of `wanted` (ids ascending, each with its key), whether the
+/// key's metadata is at that id (its own) and the row is alive. The
+/// metadata is walked in id order: a step to the next row costs a fraction
+/// of a seek, so the rows between two wanted ones are stepped over when
+/// they are few, and the walk starts again at the next wanted id past a
+/// longer gap.
+fn alive_at_home(conn: &Connection, t: &TableInfo, wanted: &[(i64, &Value)]) -> Result<Vec<bool>> {
+    const MAX_STEPS: usize = 32;
+    let mut walk = conn.prepare_cached(&format!(
+        "SELECT id, pk, cl FROM {} WHERE id >= ?1 ORDER BY id",
+        t.meta_table()
+    ))?;
+    let mut found = Vec::with_capacity(wanted.len());
+    while found.len() < wanted.len() {
+        let mut rows = walk.query([wanted[found.len()].0])?;
+        let mut steps = 0;
+        while found.len() < wanted.len() && steps <= MAX_STEPS {
+            let Some(r) = rows.next()? else {
+                // No metadata past here.
+                found.resize(wanted.len(), false);
+                break;
+            };
+            // `get_ref` costs a quarter of `get` here, at every row.
+            let id = r.get_ref(0)?.as_i64()?;
+            steps += 1;
+            while let Some(&(want, key)) = wanted.get(found.len()) {
+                if want > id {
+                    break;
+                }
+                // Two keys may share an id: at most one of them is there.
+                found.push(
+                    want == id
+                        && same_key(key.as_sql(), r.get_ref(1)?)
+                        && r.get_ref(2)?.as_i64()? % 2 == 1,
+                );
+                steps = 0;
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Records one table's captured writes; `events` are sorted by row, each
 /// with its row's id.
 fn record_rows(
     conn: &Connection,
+    bulk: Bulk<'_>,
     t: &TableInfo,
     events: &[(i64, Event)],
     stamp: Stamp,
 ) -> Result<()> {
+    let overlay = bulk.cache.overlay(conn, t.id)?;
+    let updates = Updates::of(events);
+    let in_bulk = record_bulk(conn, bulk, t, &updates, stamp)?;
     let meta = t.meta_table();
     let slots = t.slots.len();
     let uniform = encode_uniform(stamp.hlc, stamp.site, slots);
@@ -115,21 +302,13 @@ fn record_rows(
     let hlc = stamp.hlc.0 as i64;
     let slots_arg = slots as i64;
 
-    let mut start = 0;
-    while start < events.len() {
-        let (id, Event { key, .. }) = &events[start];
-        let end = start
-            + events[start..]
-                .iter()
-                .take_while(|(_, e)| e.key == *key)
-                .count();
-        let group = &events[start..end];
-        start = end;
+    for (group, _) in updates.rows.iter().zip(&in_bulk).filter(|(_, b)| !**b) {
+        let (id, Event { key, .. }) = &group[0];
         if group.iter().any(|(_, e)| e.uncertain) {
-            reconcile(conn, t, *id, key, stamp, slots, &mut rows)?;
+            reconcile(conn, t, *id, key, stamp, &mut rows, &overlay)?;
             continue;
         }
-        let written = match group {
+        let written = match *group {
             // The common cases need nothing of the old metadata.
             [(
                 _,
@@ -145,34 +324,22 @@ fn record_rows(
                     ..
                 },
             )] => deleted.execute(params![id, key, dbv, tombstone])?,
-            _ if group
-                .iter()
-                .all(|(_, e)| matches!(e.kind, EventKind::Updated(_))) =>
-            {
-                // One transaction stamps every cell alike: the updates of a
-                // row add up to the union of their columns.
-                let mut masks: Vec<u64> = Vec::new();
-                for (_, e) in group {
-                    if let EventKind::Updated(m) = &e.kind {
-                        if masks.len() < m.len() {
-                            masks.resize(m.len(), 0);
-                        }
-                        for (w, m) in masks.iter_mut().zip(m.iter()) {
-                            *w |= m;
-                        }
-                    }
-                }
+            // A row a bulk entry holds is read through it, below.
+            _ if !overlay.holds(*id) => match updated_columns(group) {
                 // Nothing written when the row has no metadata yet (it is
                 // then recorded as a new one, every column written, as
                 // `apply_local` does) or another key holds the id.
-                restamp.execute(params![id, key, dbv, hlc, slots_arg, masks_blob(&masks)])?
-            }
+                Some(masks) => {
+                    restamp.execute(params![id, key, dbv, hlc, slots_arg, masks_blob(&masks)])?
+                }
+                None => 0,
+            },
             _ => 0,
         };
         if written == 0 {
             let at = rows.locate(*id, key)?;
-            let (mut cl, mut clocks) = at.clocks()?;
-            for (_, e) in group {
+            let (mut cl, mut clocks) = at.clocks(&overlay, slots)?;
+            for (_, e) in group.iter() {
                 apply_local(&mut cl, &mut clocks, &e.kind, stamp, slots);
             }
             rows.save(&at, key, cl, stamp.dbv, &clocks.encode(stamp.dbv))?;
@@ -234,9 +401,10 @@ fn reconcile(
     id: i64,
     key: &Value,
     stamp: Stamp,
-    slots: usize,
     rows: &mut MetaRows<'_>,
+    overlay: &Overlay,
 ) -> Result<()> {
+    let slots = t.slots.len();
     let pk: Vec<Value> = match (t.pk.len(), key) {
         (1, v) => vec![v.clone()],
         (_, Value::Blob(b)) => unpack_values(b)?,
@@ -250,7 +418,7 @@ fn reconcile(
         ))?
         .query_row(rusqlite::params_from_iter(pk.iter()), |r| r.get(0))?;
     let at = rows.locate(id, key)?;
-    let (mut cl, mut clocks) = at.clocks()?;
+    let (mut cl, mut clocks) = at.clocks(overlay, slots)?;
     let alive = cl % 2 == 1;
     match (exists, alive) {
         (true, _) => apply_local(&mut cl, &mut clocks, &EventKind::Inserted, stamp, slots),
@@ -260,8 +428,30 @@ fn reconcile(
     rows.save(&at, key, cl, stamp.dbv, &clocks.encode(stamp.dbv))
 }
 
+/// A live row's update of the columns in `masks` (62 slots per word).
+pub(crate) fn stamp_columns(clocks: &mut RowClocks, masks: &[u64], stamp: Stamp, slots: usize) {
+    clocks.cells.resize(slots, None);
+    for (word, &mask) in masks.iter().enumerate() {
+        // Only the set bits: an update mostly changes a column or two.
+        let mut rest = mask & ((1 << 62) - 1);
+        while rest != 0 {
+            let slot = word * 62 + rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            if slot < slots {
+                clocks.cells[slot] = Some(stamp);
+            }
+        }
+    }
+}
+
 /// One local write's effect on a row's causal length and clocks.
-fn apply_local(cl: &mut u64, clocks: &mut RowClocks, kind: &EventKind, stamp: Stamp, slots: usize) {
+pub(crate) fn apply_local(
+    cl: &mut u64,
+    clocks: &mut RowClocks,
+    kind: &EventKind,
+    stamp: Stamp,
+    slots: usize,
+) {
     let alive = *cl % 2 == 1;
     let rewrite_all = |cl: &mut u64, clocks: &mut RowClocks| {
         // A new row, or a deleted key inserted again: every column anew.
@@ -276,20 +466,7 @@ fn apply_local(cl: &mut u64, clocks: &mut RowClocks, kind: &EventKind, stamp: St
     match kind {
         EventKind::Inserted => rewrite_all(cl, clocks),
         EventKind::Updated(_) if !alive => rewrite_all(cl, clocks),
-        EventKind::Updated(masks) => {
-            clocks.cells.resize(slots, None);
-            for (word, &mask) in masks.iter().enumerate() {
-                // Only the set bits: an update mostly changes a column or two.
-                let mut rest = mask & ((1 << 62) - 1);
-                while rest != 0 {
-                    let slot = word * 62 + rest.trailing_zeros() as usize;
-                    rest &= rest - 1;
-                    if slot < slots {
-                        clocks.cells[slot] = Some(stamp);
-                    }
-                }
-            }
-        }
+        EventKind::Updated(masks) => stamp_columns(clocks, masks, stamp, slots),
         EventKind::Deleted => {
             if alive || *cl == 0 {
                 *cl += if *cl == 0 { 2 } else { 1 };

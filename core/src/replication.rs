@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rusqlite::{params, params_from_iter, CachedStatement, Connection, OptionalExtension};
 
+use crate::bulk::Overlay;
 use crate::capture::{lock, SharedState};
 use crate::changeset::{Change, ChangeSet};
 use crate::clocks::{RowClocks, Stamp};
@@ -98,6 +99,8 @@ struct TableStatements<'c> {
     /// The app table's writes by kind and written slots (a table sees few
     /// shapes, so a short list is searched without building a key).
     writes: Vec<(u8, Vec<usize>, CachedStatement<'c>)>,
+    /// The table's bulk entries, read at its first row.
+    overlay: Option<Overlay>,
 }
 
 /// State shared by the rows of one apply.
@@ -165,6 +168,7 @@ impl<'c> ApplyCtx<'c> {
                     held: Vec::new(),
                     held_ids: HashSet::new(),
                     writes: Vec::new(),
+                    overlay: None,
                 };
                 self.statements.push((t.id, statements));
                 self.statements.len() - 1
@@ -292,7 +296,8 @@ impl Database {
                     exclude,
                     skip: skip.as_ref(),
                 };
-                until = until.max(export_table(conn, t, from, &sites, &mut changes)?);
+                let overlay = self.inner.bulk.overlay(conn, t.id)?;
+                until = until.max(export_table(conn, t, &overlay, from, &sites, &mut changes)?);
             }
             until = until.max(export_pending(conn, since, recipient, &mut changes)?);
             if let Some(skip) = &skip {
@@ -621,13 +626,20 @@ impl Database {
     ) -> Result<()> {
         let pk = &changes[range.start].pk;
         let key = meta_key(t, pk);
-        let at = ctx
-            .statements(conn, t)?
-            .locate(self.inner.row_ids.id(&key), &key)?;
+        let statements = ctx.statements(conn, t)?;
+        let at = statements.locate(self.inner.row_ids.id(&key), &key)?;
+        let overlay = match &mut statements.overlay {
+            Some(overlay) => overlay,
+            None => statements
+                .overlay
+                .insert(self.inner.bulk.overlay(conn, t.id)?),
+        };
         let mut row: RowState<Local> = match &at.stored {
             None => RowState::unknown(),
             Some(stored) => {
-                let clocks = RowClocks::decode(&stored.clocks, stored.dbv as u64)?;
+                let mut clocks = RowClocks::decode(&stored.clocks, stored.dbv as u64)?;
+                let cl = stored.cl as u64;
+                overlay.apply(at.id, cl, stored.dbv as u64, &mut clocks, t.slots.len());
                 let to_cell = |s: Stamp| -> Result<Cell<Local>> {
                     let site = *ctx
                         .sites
@@ -1090,11 +1102,13 @@ pub(crate) fn server_versions_after(conn: &Connection, since: u64) -> Result<Has
     Ok(versions)
 }
 
-/// Exports the rows of one table changed after `from.since`; returns the
-/// table's newest db_version.
+/// Exports the rows of one table changed after `from.since`, their clocks
+/// read through the table's bulk entries (`overlay`); returns the table's
+/// newest db_version.
 fn export_table(
     conn: &Connection,
     t: &TableInfo,
+    overlay: &Overlay,
     from: ExportFrom<'_>,
     sites: &[SiteId],
     out: &mut Vec<Change>,
@@ -1104,9 +1118,11 @@ fn export_table(
     let max_dbv: i64 = conn
         .prepare_cached(&format!("SELECT coalesce(max(dbv), 0) FROM {meta}"))?
         .query_row([], |r| r.get(0))?;
+    let max_dbv = max_dbv.max(overlay.max_dbv() as i64);
     let since = from.since;
     let mut export = RowExport {
         t,
+        overlay,
         from,
         sites,
         live: t.live_slots().map(|(s, n)| (s, n.clone())).collect(),
@@ -1132,7 +1148,7 @@ fn export_table(
     // unsent local change.
     let pulled = "SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1";
     let sql = format!(
-        "SELECT m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m \
+        "SELECT m.id, m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m \
          LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.dbv > ?1{rest}",
         join = key_matches(t, "+m.pk"),
         rest = if from.skip.is_some() {
@@ -1144,16 +1160,24 @@ fn export_table(
     let mut stmt = conn.prepare_cached(&sql)?;
     let mut rows = stmt.query([since as i64])?;
     while let Some(r) = rows.next()? {
-        let key = Value::from_ref(r.get_ref(0)?);
-        let cl = r.get::<_, i64>(1)? as u64;
-        let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
-        export.row(row_key(t, key)?, cl, &clocks, |i| {
-            Ok(Value::from_ref(r.get_ref(4 + i)?))
-        })?;
+        export.joined_row(r)?;
+    }
+    // Rows whose newest change is a bulk entry's (their own dbv is older).
+    if !overlay.is_empty() {
+        let mut by_id = conn.prepare_cached(&format!(
+            "SELECT m.id, m.pk, m.cl, m.dbv, m.clocks{cols} FROM {meta} AS m \
+             LEFT JOIN {table} AS t ON m.cl % 2 = 1 AND {join} WHERE m.id = ?1 AND m.dbv <= ?2",
+            join = key_matches(t, "+m.pk"),
+        ))?;
+        for id in overlay.ids_after(since) {
+            if let Some(r) = by_id.query(params![id, since as i64])?.next()? {
+                export.joined_row(r)?;
+            }
+        }
     }
     if from.skip.is_some() {
         let mut pulled_rows = conn.prepare_cached(&format!(
-            "SELECT pk, cl, dbv, clocks FROM {meta} WHERE dbv IN ({pulled})"
+            "SELECT pk, cl, dbv, clocks, id FROM {meta} WHERE dbv IN ({pulled})"
         ))?;
         let mut read_row = conn.prepare_cached(&format!(
             "SELECT {} FROM {table} WHERE {}",
@@ -1168,8 +1192,9 @@ fn export_table(
         ))?;
         let mut rows = pulled_rows.query([since as i64])?;
         while let Some(r) = rows.next()? {
-            let cl = r.get::<_, i64>(1)? as u64;
-            let clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, r.get::<_, i64>(2)? as u64)?;
+            let (cl, dbv) = (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64);
+            let mut clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, dbv)?;
+            overlay.apply(r.get(4)?, cl, dbv, &mut clocks, t.slots.len());
             if !from.takes_row(t, cl, &clocks) {
                 continue;
             }
@@ -1254,10 +1279,10 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
             rows.push((Value::from_ref(r.get_ref(0)?), read_values(r)?));
         }
     }
-    let mut metas: Vec<(Value, u64, u64, Vec<u8>)> = Vec::new();
+    let mut metas: Vec<(Value, u64, u64, Vec<u8>, i64)> = Vec::new();
     {
         let mut read = conn.prepare_cached(&format!(
-            "SELECT pk, cl, dbv, clocks FROM {}",
+            "SELECT pk, cl, dbv, clocks, id FROM {}",
             t.meta_table()
         ))?;
         let mut read = read.query([])?;
@@ -1267,6 +1292,7 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
                 r.get::<_, i64>(1)? as u64,
                 r.get::<_, i64>(2)? as u64,
                 r.get(3)?,
+                r.get(4)?,
             ));
         }
     }
@@ -1278,8 +1304,8 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
     ))?;
     let mut rows_in_order = key_sorted(&rows, |r| &r.0).into_iter().peekable();
     for m in key_sorted(&metas, |m| &m.0) {
-        let (key, cl, dbv, clocks) =
-            std::mem::replace(&mut metas[m], (Value::Null, 0, 0, Vec::new()));
+        let (key, cl, dbv, clocks, id) =
+            std::mem::replace(&mut metas[m], (Value::Null, 0, 0, Vec::new(), 0));
         let mut values: Option<Vec<Value>> = None;
         if cl % 2 == 1 {
             while rows_in_order
@@ -1295,7 +1321,10 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
                 }
             }
         }
-        let clocks = RowClocks::decode(&clocks, dbv)?;
+        let mut clocks = RowClocks::decode(&clocks, dbv)?;
+        export
+            .overlay
+            .apply(id, cl, dbv, &mut clocks, t.slots.len());
         // A live row missing from the table reads as NULLs, as in the join.
         export.row(row_key(t, key)?, cl, &clocks, |i| {
             Ok(values
@@ -1309,6 +1338,8 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
 /// What one table's export needs to turn a row into changes.
 struct RowExport<'a> {
     t: &'a TableInfo,
+    /// The table's bulk entries, laid over each row's clocks.
+    overlay: &'a Overlay,
     from: ExportFrom<'a>,
     sites: &'a [SiteId],
     /// The live columns by slot: the slot, and the SQL name to read.
@@ -1317,6 +1348,19 @@ struct RowExport<'a> {
 }
 
 impl RowExport<'_> {
+    /// The changes of a row read as `id, pk, cl, dbv, clocks` then its live
+    /// columns (the metadata joined to the table).
+    fn joined_row(&mut self, r: &rusqlite::Row<'_>) -> Result<()> {
+        let key = Value::from_ref(r.get_ref(1)?);
+        let (cl, dbv) = (r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64);
+        let mut clocks = RowClocks::decode(r.get_ref(4)?.as_blob()?, dbv)?;
+        self.overlay
+            .apply(r.get(0)?, cl, dbv, &mut clocks, self.t.slots.len());
+        self.row(row_key(self.t, key)?, cl, &clocks, |i| {
+            Ok(Value::from_ref(r.get_ref(5 + i)?))
+        })
+    }
+
     /// The changes of one row: its marker and the cells stamped after
     /// `since` by another site than `exclude`; `value(i)` reads the `i`-th
     /// live column of the row.

@@ -122,6 +122,7 @@ impl Database {
             for table in self.tables_in(conn)? {
                 conn.execute(&format!("DELETE FROM {}", quote(&table.name)), [])?;
                 conn.execute(&format!("DELETE FROM {}", table.meta_table()), [])?;
+                crate::bulk::forget(conn, table.id)?;
             }
             lock(&self.inner.state).events.truncate(reported);
             conn.execute_batch(
@@ -363,21 +364,38 @@ impl Database {
             };
             let mut total = 0u64;
             for t in &tables {
+                let overlay = self.inner.bulk.overlay(conn, t.id)?;
+                // What the push's export would send of a row.
+                let takes_row = |r: &rusqlite::Row<'_>| -> Result<bool> {
+                    let (cl, dbv) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
+                    let mut clocks = RowClocks::decode(r.get_ref(2)?.as_blob()?, dbv)?;
+                    overlay.apply(r.get(3)?, cl, dbv, &mut clocks, t.slots.len());
+                    Ok(push.takes_row(t, cl, &clocks))
+                };
+                let meta = t.meta_table();
                 let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT cl, dbv, clocks FROM {} WHERE dbv > ?1",
-                    t.meta_table()
+                    "SELECT cl, dbv, clocks, id FROM {meta} WHERE dbv > ?1"
                 ))?;
                 let mut rows = stmt.query([pushed as i64])?;
                 while let Some(r) = rows.next()? {
-                    let (cl, dbv) = (r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64);
-                    if unsent(dbv) {
+                    let dbv = r.get::<_, i64>(1)? as u64;
+                    if unsent(dbv) || takes_row(r)? {
                         total += 1;
-                        continue;
                     }
-                    // What the push's export would send of the row.
-                    let clocks = RowClocks::decode(r.get_ref(2)?.as_blob()?, dbv)?;
-                    if push.takes_row(t, cl as u64, &clocks) {
-                        total += 1;
+                }
+                // Rows whose newest change is a bulk entry's.
+                if !overlay.is_empty() {
+                    let mut by_id = conn.prepare_cached(&format!(
+                        "SELECT cl, dbv, clocks, id FROM {meta} WHERE id = ?1 AND dbv <= ?2"
+                    ))?;
+                    for id in overlay.ids_after(pushed) {
+                        if let Some(r) =
+                            by_id.query(rusqlite::params![id, pushed as i64])?.next()?
+                        {
+                            if takes_row(r)? {
+                                total += 1;
+                            }
+                        }
                     }
                 }
             }

@@ -117,6 +117,8 @@ impl Database {
             return Ok(());
         }
         self.catch_up_counters(conn)?;
+        // Read below without them.
+        crate::bulk::fold_all(conn, &self.inner.bulk, t)?;
         let dbv = lock(&self.inner.state).db_version();
         let meta = t.meta_table();
         let rows: Vec<(i64, i64, Vec<u8>)> = conn

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::*;
-use confluo_core::{ChangeSet, Database, ManualTimeSource, Value};
+use confluo_core::{ChangeSet, Database, ManualTimeSource, Options, Value};
 use proptest::prelude::*;
 
 const KEYS: &[&str] = &["k0", "k1", "k2", "k3", "k4"];
@@ -42,6 +42,11 @@ enum LocalOp {
     ChangeKey {
         from: usize,
         to: usize,
+    },
+    /// One statement that sets a column of every row.
+    UpdateAll {
+        column: usize,
+        value: usize,
     },
 }
 
@@ -80,6 +85,7 @@ fn local_op() -> impl Strategy<Value = LocalOp> {
         4 => (k.clone(), 0..2usize, v).prop_map(|(key, column, value)| LocalOp::Update { key, column, value }),
         2 => k.clone().prop_map(|key| LocalOp::Delete { key }),
         1 => (k.clone(), k).prop_map(|(from, to)| LocalOp::ChangeKey { from, to }),
+        2 => (0..2usize, 0..VALUES.len()).prop_map(|(column, value)| LocalOp::UpdateAll { column, value }),
     ]
 }
 
@@ -141,6 +147,20 @@ fn fold(changes: &[M]) -> BTreeMap<String, MRow> {
         }
     }
     rows
+}
+
+/// A folded state's causal lengths and the clocks of live rows' cells.
+fn stamps(rows: &BTreeMap<String, MRow>) -> Vec<(String, u64, Vec<Option<MCell>>)> {
+    rows.iter()
+        .map(|(k, r)| {
+            let cells = if r.cl % 2 == 1 {
+                r.cells.to_vec()
+            } else {
+                Vec::new()
+            };
+            (k.clone(), r.cl, cells)
+        })
+        .collect()
 }
 
 /// The table a folded state shows: live rows, absent cells NULL.
@@ -258,6 +278,19 @@ fn write(r: &mut Replica, ops: &[LocalOp]) -> Vec<M> {
                     .unwrap();
                 emit(k, None, None, cl_of(k) + 1);
             }
+            LocalOp::UpdateAll { column, value: v } => {
+                let new = value(v);
+                tx.execute(
+                    &format!("UPDATE todo SET {} = ?1", COLUMNS[column]),
+                    &[sql_value(&new)],
+                )
+                .unwrap();
+                for (k, row) in state.iter().filter(|(_, row)| row.cl % 2 == 1) {
+                    if row.cells[column].as_ref().and_then(|c| c.2.clone()) != new {
+                        emit(k, Some(column), new.clone(), row.cl);
+                    }
+                }
+            }
             LocalOp::ChangeKey { from, to } => {
                 let (f, t) = (KEYS[from], KEYS[to]);
                 if !alive(f) || alive(t) {
@@ -294,8 +327,15 @@ fn deliver(to: &mut Replica, cs: &ChangeSet) {
 fn run(replica_count: usize, ops: &[Op]) -> Result<(), TestCaseError> {
     let clock: Arc<ManualTimeSource> = common::clock();
     let mut replicas: Vec<Replica> = (0..replica_count)
-        .map(|_| {
-            let db = todo_replica(&clock);
+        .map(|i| {
+            // Bulk entries for any update, for updates of two rows or
+            // more (so rows in entries get updated one by one too), and
+            // none.
+            let db = todo_replica_with(Options {
+                time: clock.clone(),
+                bulk_update_rows: [1, 2, 1024][i % 3],
+                ..Options::default()
+            });
             let site = *db.site_id().as_bytes();
             Replica {
                 db,
@@ -371,12 +411,22 @@ fn run(replica_count: usize, ops: &[Op]) -> Result<(), TestCaseError> {
     }
     // ... leaves every replica identical, and equal to the merge of every
     // write anyone made.
-    let expected = view(&fold(&history));
+    let merged = fold(&history);
+    let expected = view(&merged);
     for (i, r) in replicas.iter().enumerate() {
         prop_assert_eq!(
             dump(&r.db, "todo"),
             expected.clone(),
             "replica {} after the final exchange",
+            i
+        );
+        // Its metadata too: every row's causal length and every cell's
+        // clock, as its full export tells them.
+        let exported = fold(&from_changeset(&r.db.changes_since(0, None).unwrap()));
+        prop_assert_eq!(
+            stamps(&exported),
+            stamps(&merged),
+            "replica {} metadata after the final exchange",
             i
         );
     }

@@ -12,11 +12,14 @@ pub const TODO_SCHEMA: &str =
 /// An in-memory replica with the todo table synced, on a shared manual
 /// clock so "later" is decided by the test.
 pub fn todo_replica(clock: &Arc<ManualTimeSource>) -> Database {
-    let db = Database::open_in_memory_with(Options {
+    todo_replica_with(Options {
         time: clock.clone(),
         ..Options::default()
     })
-    .unwrap();
+}
+
+pub fn todo_replica_with(options: Options) -> Database {
+    let db = Database::open_in_memory_with(options).unwrap();
     db.execute_batch(TODO_SCHEMA).unwrap();
     db.enable_sync("todo").unwrap();
     db

@@ -1,0 +1,348 @@
+//! Bulk stamps: one record for a transaction that updated many rows alike.
+//!
+//! `UPDATE todo SET done = 1` over 100,000 rows would otherwise rewrite
+//! 100,000 metadata rows at commit (read, decode, re-encode, write, and move
+//! each row's `dbv` index entry), several times what SQLite spends on the
+//! update itself. Instead, when a transaction updated at least
+//! `Options::bulk_update_rows` rows of a table the same way (the same columns, each row
+//! alive and its metadata at its own id), commit writes one entry to
+//! `confluo_bulk`: the table, the transaction's db_version and clock, the
+//! columns, and the rows' ids.
+//!
+//! A row's clocks are its metadata's with the entries laid over them: an
+//! entry that holds the row's id and is newer than the row's `dbv` (so the
+//! row's metadata was not written since) stamps its columns. Whatever
+//! writes a row's metadata reads it through the entries first, so the
+//! written row carries their stamps, and its new `dbv` ends their hold on
+//! it. An export after `since` reads, beside the rows whose `dbv` is newer,
+//! the rows of the entries newer than `since`.
+//!
+//! A table keeps at most `MAX_ENTRIES`; one more first folds the oldest into
+//! its rows (what commit would have done), and an entry whose rows and
+//! columns a newer one covers goes without a fold: nothing of it shows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::capture::LOCAL_SITE;
+use crate::clocks::{RowClocks, Stamp};
+use crate::codec::{put_varint, Reader};
+use crate::error::{Error, Result};
+use crate::hlc::Hlc;
+use crate::schema::TableInfo;
+
+/// The fewest rows a transaction updates alike in one table for them to
+/// be recorded as one entry instead of one by one (the default of
+/// `Options::bulk_update_rows`): below it, the entry would cost every later
+/// read of the table more than it saves.
+pub(crate) const BULK_UPDATE_ROWS: usize = 1024;
+
+/// The most entries a table keeps before the oldest is folded into its rows.
+const MAX_ENTRIES: usize = 4;
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS confluo_bulk(
+  id INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, dbv INTEGER NOT NULL, hlc INTEGER NOT NULL,
+  masks BLOB NOT NULL, ids BLOB NOT NULL);
+";
+
+/// One transaction's update of many rows of a table.
+#[derive(Debug)]
+pub(crate) struct BulkEntry {
+    /// Its row in `confluo_bulk`.
+    pub entry: i64,
+    pub dbv: u64,
+    pub hlc: Hlc,
+    /// The updated column slots, 62 per word (as `EventKind::Updated`).
+    pub masks: Box<[u64]>,
+    /// The rows' metadata ids, sorted.
+    pub ids: Box<[i64]>,
+}
+
+impl BulkEntry {
+    fn holds(&self, id: i64) -> bool {
+        self.ids.binary_search(&id).is_ok()
+    }
+
+    fn stamp(&self) -> Stamp {
+        Stamp {
+            hlc: self.hlc,
+            site: LOCAL_SITE,
+            dbv: self.dbv,
+        }
+    }
+
+    /// Whether every row and column of `older` is one of this entry's.
+    fn covers(&self, older: &BulkEntry) -> bool {
+        let masks_cover = older.masks.iter().enumerate().all(|(w, &m)| {
+            let mine = self.masks.get(w).copied().unwrap_or(0);
+            m & !mine == 0
+        });
+        masks_cover && older.ids.iter().all(|&id| self.holds(id))
+    }
+
+    fn encode_ids(ids: &[i64]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ids.len() * 7);
+        let mut last = 0i64;
+        for &id in ids {
+            put_varint(&mut out, (id - last) as u64);
+            last = id;
+        }
+        out
+    }
+
+    fn decode(entry: i64, dbv: i64, hlc: i64, masks: &[u8], ids: &[u8]) -> Result<BulkEntry> {
+        let corrupt = || Error::Sqlite {
+            message: "corrupt confluo metadata: a bulk stamp entry".into(),
+            code: None,
+        };
+        if masks.len() % 8 != 0 {
+            return Err(corrupt());
+        }
+        let masks = masks
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .collect();
+        let mut r = Reader::new(ids);
+        let mut out = Vec::new();
+        let mut last = 0i64;
+        while !r.is_empty() {
+            let delta = r.varint().map_err(|_| corrupt())?;
+            last = i64::try_from(delta)
+                .ok()
+                .and_then(|d| last.checked_add(d))
+                .ok_or_else(corrupt)?;
+            if out.last().is_some_and(|&prev| prev >= last) {
+                return Err(corrupt());
+            }
+            out.push(last);
+        }
+        Ok(BulkEntry {
+            entry,
+            dbv: dbv as u64,
+            hlc: Hlc(hlc as u64),
+            masks,
+            ids: out.into(),
+        })
+    }
+}
+
+/// The entries of one table, oldest first, as laid over its rows.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Overlay {
+    entries: Vec<Arc<BulkEntry>>,
+}
+
+impl Overlay {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether any entry holds the row `id` (then its clocks need the
+    /// overlay, whatever its `dbv`).
+    pub fn holds(&self, id: i64) -> bool {
+        self.entries.iter().any(|e| e.holds(id))
+    }
+
+    /// Lays the entries over the clocks of the row at `id` (causal length
+    /// `cl`, metadata `dbv` `row_dbv`); returns the row's newest db_version
+    /// with them.
+    pub fn apply(
+        &self,
+        id: i64,
+        cl: u64,
+        row_dbv: u64,
+        clocks: &mut RowClocks,
+        slots: usize,
+    ) -> u64 {
+        let mut newest = row_dbv;
+        if cl % 2 == 0 {
+            // Entries only hold rows that were alive, and a row deleted
+            // since has a newer dbv.
+            return newest;
+        }
+        for e in &self.entries {
+            if e.dbv > row_dbv && e.holds(id) {
+                crate::local::stamp_columns(clocks, &e.masks, e.stamp(), slots);
+                newest = newest.max(e.dbv);
+            }
+        }
+        newest
+    }
+
+    /// The newest db_version of an entry.
+    pub fn max_dbv(&self) -> u64 {
+        self.entries.iter().map(|e| e.dbv).max().unwrap_or(0)
+    }
+
+    /// The ids of the rows held by entries newer than `since`, sorted, each
+    /// once.
+    pub fn ids_after(&self, since: u64) -> Vec<i64> {
+        let mut ids: Vec<i64> = Vec::new();
+        for e in self.entries.iter().filter(|e| e.dbv > since) {
+            if ids.is_empty() {
+                ids.extend_from_slice(&e.ids);
+            } else {
+                ids.extend_from_slice(&e.ids);
+                ids.sort_unstable();
+                ids.dedup();
+            }
+        }
+        ids
+    }
+}
+
+/// Decoded entries by (table, entry, db_version, clock), so that reads
+/// decode an entry once. An entry never changes: it is written once and
+/// deleted when folded. The clock is in the key because an entry's row and
+/// db_version can come back: an entry written by a transaction that rolled
+/// back, and the next transaction's.
+#[derive(Default)]
+pub(crate) struct BulkCache(Mutex<HashMap<EntryKey, Arc<BulkEntry>>>);
+
+/// An entry's table, row in `confluo_bulk`, db_version and clock.
+type EntryKey = (i64, i64, u64, u64);
+
+impl BulkCache {
+    /// The entries of table `table` as `conn` sees them.
+    pub fn overlay(&self, conn: &Connection, table: i64) -> Result<Overlay> {
+        let listed: Vec<(i64, i64, i64)> = conn
+            .prepare_cached(
+                "SELECT id, dbv, hlc FROM confluo_bulk WHERE tbl = ?1 ORDER BY dbv, id",
+            )?
+            .query_map([table], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        if listed.is_empty() {
+            return Ok(Overlay::default());
+        }
+        let key = |(entry, dbv, hlc): (i64, i64, i64)| (table, entry, dbv as u64, hlc as u64);
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // What another handle folded is forgotten here too.
+        cache.retain(|k, _| k.0 != table || listed.iter().any(|&l| key(l) == *k));
+        let mut entries = Vec::with_capacity(listed.len());
+        for l in listed {
+            if let Some(e) = cache.get(&key(l)) {
+                entries.push(e.clone());
+                continue;
+            }
+            let (entry, dbv, hlc) = l;
+            let (masks, ids): (Vec<u8>, Vec<u8>) = conn
+                .prepare_cached("SELECT masks, ids FROM confluo_bulk WHERE id = ?1")?
+                .query_row([entry], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let e = Arc::new(BulkEntry::decode(entry, dbv, hlc, &masks, &ids)?);
+            cache.insert(key(l), e.clone());
+            entries.push(e);
+        }
+        Ok(Overlay { entries })
+    }
+}
+
+/// Records the entry of a transaction at `stamp` that updated the columns
+/// `masks` of the rows `ids` (sorted) of `t`, making room for it.
+pub(crate) fn record(
+    conn: &Connection,
+    cache: &BulkCache,
+    t: &TableInfo,
+    stamp: Stamp,
+    masks: &[u64],
+    ids: &[i64],
+) -> Result<()> {
+    let entry = BulkEntry {
+        entry: 0,
+        dbv: stamp.dbv,
+        hlc: stamp.hlc,
+        masks: masks.into(),
+        ids: ids.into(),
+    };
+    let overlay = cache.overlay(conn, t.id)?;
+    let mut kept = overlay.entries.len();
+    for old in &overlay.entries {
+        if entry.covers(old) {
+            delete(conn, old)?;
+            kept -= 1;
+        }
+    }
+    if kept >= MAX_ENTRIES {
+        let oldest = overlay
+            .entries
+            .iter()
+            .find(|e| !entry.covers(e))
+            .expect("kept entries remain");
+        fold(conn, t, oldest)?;
+    }
+    conn.prepare_cached(
+        "INSERT INTO confluo_bulk(tbl, dbv, hlc, masks, ids) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        t.id,
+        stamp.dbv as i64,
+        stamp.hlc.0 as i64,
+        masks
+            .iter()
+            .flat_map(|m| m.to_le_bytes())
+            .collect::<Vec<u8>>(),
+        BulkEntry::encode_ids(ids)
+    ])?;
+    Ok(())
+}
+
+fn delete(conn: &Connection, e: &BulkEntry) -> Result<()> {
+    conn.prepare_cached("DELETE FROM confluo_bulk WHERE id = ?1")?
+        .execute([e.entry])?;
+    Ok(())
+}
+
+/// Writes `e`, the table's oldest entry, into the rows it still holds, and
+/// deletes it. A row takes the entry's db_version: its changes are no newer
+/// than they were.
+fn fold(conn: &Connection, t: &TableInfo, e: &Arc<BulkEntry>) -> Result<()> {
+    let meta = t.meta_table();
+    let mut read =
+        conn.prepare_cached(&format!("SELECT cl, dbv, clocks FROM {meta} WHERE id = ?1"))?;
+    let mut write = conn.prepare_cached(&format!(
+        "UPDATE {meta} SET dbv = ?2, clocks = ?3 WHERE id = ?1"
+    ))?;
+    let just_this = Overlay {
+        entries: vec![e.clone()],
+    };
+    for &id in e.ids.iter() {
+        let Some((cl, dbv, blob)) = read
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .optional()?
+        else {
+            continue;
+        };
+        let (cl, dbv) = (cl as u64, dbv as u64);
+        if dbv >= e.dbv || cl % 2 == 0 {
+            continue;
+        }
+        let mut clocks = RowClocks::decode(&blob, dbv)?;
+        let newest = just_this.apply(id, cl, dbv, &mut clocks, t.slots.len());
+        write.execute(params![id, newest as i64, clocks.encode(newest)])?;
+    }
+    delete(conn, e)
+}
+
+/// Folds every entry of `t` into its rows: before something that reads or
+/// rewrites all of a table's metadata its own way.
+pub(crate) fn fold_all(conn: &Connection, cache: &BulkCache, t: &TableInfo) -> Result<()> {
+    for e in &cache.overlay(conn, t.id)?.entries {
+        fold(conn, t, e)?;
+    }
+    Ok(())
+}
+
+/// Forgets the entries of table `table`: its metadata is gone.
+pub(crate) fn forget(conn: &Connection, table: i64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM confluo_bulk WHERE tbl = ?1")?
+        .execute([table])?;
+    Ok(())
+}

@@ -1,0 +1,520 @@
+//! Bulk stamps: a transaction that updates many rows the same way is
+//! recorded as one entry (`confluo_bulk`) instead of a metadata write per
+//! row. Every reader must see the rows exactly as if each had been stamped
+//! one by one: the tests run the same writes on a database that records
+//! bulk entries and on one that never does, and compare what they export.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use confluo_core::{Change, Database, ManualTimeSource, Options, TimeSource, Value};
+use proptest::prelude::*;
+
+/// A todo replica that records updates of `bulk_rows` rows or more as a
+/// bulk entry (`usize::MAX`: never).
+fn replica(clock: &Arc<ManualTimeSource>, bulk_rows: usize) -> Database {
+    todo_replica_with(Options {
+        time: clock.clone(),
+        bulk_update_rows: bulk_rows,
+        ..Options::default()
+    })
+}
+
+/// What an export says of each cell, without the site (each database has
+/// its own): sorted, so two exports compare as sets.
+fn cells(changes: &[Change]) -> Vec<String> {
+    let mut out: Vec<String> = changes
+        .iter()
+        .map(|c| {
+            format!(
+                "{:?} {:?} {:?} hlc={} cl={} dbv={}",
+                c.pk,
+                c.column.as_deref(),
+                c.value,
+                c.hlc.0,
+                c.cl,
+                c.db_version
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn key(i: usize) -> Value {
+    text(&format!("k{i:04}"))
+}
+
+fn insert_rows(db: &Database, n: usize) {
+    db.write(|tx| {
+        let mut stmt = tx.prepare("INSERT INTO todo VALUES (?1, 'title', 'open')")?;
+        for i in 0..n {
+            stmt.execute(&[(&key(i)).into()])?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// Every export a peer could ask for (after each db_version) is the same
+/// from both databases, and so are the push to a server and the count of
+/// rows it would send.
+fn assert_read_alike(bulk: &Database, plain: &Database) -> Result<(), TestCaseError> {
+    prop_assert_eq!(bulk.db_version(), plain.db_version());
+    for since in 0..=bulk.db_version() {
+        let a = bulk.changes_since(since, None).unwrap();
+        let b = plain.changes_since(since, None).unwrap();
+        prop_assert_eq!(cells(&a.changes), cells(&b.changes), "since {}", since);
+        prop_assert_eq!(a.until, b.until, "since {}", since);
+    }
+    let (a, b) = (
+        bulk.changes_for_server().unwrap(),
+        plain.changes_for_server().unwrap(),
+    );
+    prop_assert_eq!(cells(&a.changes), cells(&b.changes), "the push");
+    prop_assert_eq!(
+        bulk.pending_changes().unwrap(),
+        plain.pending_changes().unwrap()
+    );
+    prop_assert_eq!(dump(bulk, "todo"), dump(plain, "todo"));
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// `UPDATE todo SET <column> = <value> WHERE <key's number> % m = r`.
+    UpdateWhere {
+        column: usize,
+        value: usize,
+        m: usize,
+        r: usize,
+    },
+    UpdateOne {
+        key: usize,
+        column: usize,
+        value: usize,
+    },
+    /// Both columns at once, every row.
+    UpdateBoth {
+        value: usize,
+    },
+    Insert {
+        key: usize,
+    },
+    Delete {
+        key: usize,
+    },
+    /// A change of the key: a delete and an insert.
+    Rekey {
+        from: usize,
+        to: usize,
+    },
+    /// A peer's edit of a row, merged into both, as from a peer or as
+    /// pulled from a sync server.
+    Remote {
+        key: usize,
+        column: usize,
+        value: usize,
+        from_server: bool,
+    },
+    /// The server accepted every change so far.
+    MarkPushed,
+    /// Several statements in one transaction.
+    Together(Vec<Op>),
+    Tick,
+}
+
+const KEYS: usize = 48;
+const COLUMNS: [&str; 2] = ["title", "status"];
+const VALUES: [&str; 3] = ["a", "b", "c"];
+
+fn simple_op() -> impl Strategy<Value = Op> {
+    let k = 0..KEYS;
+    prop_oneof![
+        4 => (0..2usize, 0..3usize, 1..4usize, 0..4usize)
+            .prop_map(|(column, value, m, r)| Op::UpdateWhere { column, value, m, r: r % m }),
+        3 => (k.clone(), 0..2usize, 0..3usize).prop_map(|(key, column, value)| Op::UpdateOne { key, column, value }),
+        1 => (0..3usize).prop_map(|value| Op::UpdateBoth { value }),
+        1 => k.clone().prop_map(|key| Op::Insert { key }),
+        1 => k.clone().prop_map(|key| Op::Delete { key }),
+        1 => (k.clone(), k.clone()).prop_map(|(from, to)| Op::Rekey { from, to }),
+        2 => (k, 0..2usize, 0..3usize, any::<bool>())
+            .prop_map(|(key, column, value, from_server)| Op::Remote { key, column, value, from_server }),
+        1 => Just(Op::MarkPushed),
+        1 => Just(Op::Tick),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => simple_op(),
+        1 => prop::collection::vec(simple_op(), 2..4).prop_map(Op::Together),
+    ]
+}
+
+/// The statement `op` runs, if it is one.
+fn statement(op: &Op) -> Option<(String, Vec<Value>)> {
+    Some(match op {
+        Op::UpdateWhere {
+            column,
+            value,
+            m,
+            r,
+        } => (
+            format!(
+                "UPDATE todo SET {} = ?1 WHERE CAST(substr(id, 2) AS INTEGER) % ?2 = ?3",
+                COLUMNS[*column]
+            ),
+            vec![
+                text(VALUES[*value]),
+                Value::Integer(*m as i64),
+                Value::Integer(*r as i64),
+            ],
+        ),
+        Op::UpdateOne {
+            key: k,
+            column,
+            value,
+        } => (
+            format!("UPDATE todo SET {} = ?1 WHERE id = ?2", COLUMNS[*column]),
+            vec![text(VALUES[*value]), key(*k)],
+        ),
+        Op::UpdateBoth { value } => (
+            "UPDATE todo SET title = ?1, status = ?1".into(),
+            vec![text(VALUES[*value])],
+        ),
+        Op::Insert { key: k } => (
+            "INSERT OR IGNORE INTO todo VALUES (?1, 'new', 'open')".into(),
+            vec![key(*k)],
+        ),
+        Op::Delete { key: k } => ("DELETE FROM todo WHERE id = ?1".into(), vec![key(*k)]),
+        Op::Rekey { from, to } => (
+            "UPDATE OR IGNORE todo SET id = ?1 WHERE id = ?2".into(),
+            vec![key(*to), key(*from)],
+        ),
+        Op::Remote { .. } | Op::MarkPushed | Op::Together(_) | Op::Tick => return None,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// The same writes, on a database that records any update of two rows
+    /// or more as a bulk entry and on one that stamps every row, read the
+    /// same after every step: every export since every db_version.
+    #[test]
+    fn bulk_entries_read_exactly_like_rows_stamped_one_by_one(
+        ops in prop::collection::vec(op(), 1..24)
+    ) {
+        let clock = clock();
+        let bulk = replica(&clock, 2);
+        let plain = replica(&clock, usize::MAX);
+        // The peer's clock runs well ahead, and moves at each of its edits:
+        // its clocks never equal the others', whose ties the two databases
+        // would break by their own (random) site ids.
+        let peer_clock = Arc::new(ManualTimeSource::new(clock.now_ms() + 10_000));
+        let peer = replica(&peer_clock, usize::MAX);
+        for db in [&bulk, &plain, &peer] {
+            insert_rows(db, KEYS / 2);
+        }
+        // What the peer sent so far, and the server's version counter.
+        let (mut sent, mut server_version) = (0, 0);
+        for op in &ops {
+            match op {
+                Op::Tick => clock.advance(1),
+                Op::MarkPushed => {
+                    for db in [&bulk, &plain] {
+                        db.mark_pushed(db.db_version()).unwrap();
+                    }
+                }
+                Op::Remote { key: k, column, value, from_server } => {
+                    peer_clock.advance(1000);
+                    peer.execute(
+                        &format!("UPDATE todo SET {} = ?1 WHERE id = ?2", COLUMNS[*column]),
+                        &[text(VALUES[*value]), key(*k)],
+                    )
+                    .unwrap();
+                    let changes = peer.changes_since(sent, None).unwrap();
+                    sent = peer.db_version();
+                    for db in [&bulk, &plain] {
+                        if *from_server {
+                            server_version += 1;
+                            db.apply_from_server(&changes.changes, server_version, None)
+                                .unwrap();
+                        } else {
+                            db.apply(&changes).unwrap();
+                        }
+                    }
+                }
+                Op::Together(ops) => {
+                    for db in [&bulk, &plain] {
+                        db.write(|tx| {
+                            for (sql, params) in ops.iter().filter_map(statement) {
+                                // A statement may break a constraint (a key
+                                // taken): then it changes nothing, on both
+                                // databases alike.
+                                let _ = tx.execute(&sql, &params);
+                            }
+                            Ok(())
+                        })
+                        .unwrap();
+                    }
+                }
+                op => {
+                    let (sql, params) = statement(op).expect("one statement");
+                    for db in [&bulk, &plain] {
+                        let _ = db.execute(&sql, &params);
+                    }
+                }
+            }
+            assert_read_alike(&bulk, &plain)?;
+        }
+        // And a peer that takes everything from the bulk database ends up
+        // like one that takes it from the other.
+        let (a, b) = (replica(&clock, usize::MAX), replica(&clock, usize::MAX));
+        pull(&a, &bulk);
+        pull(&b, &plain);
+        prop_assert_eq!(dump(&a, "todo"), dump(&b, "todo"));
+    }
+}
+
+fn count(db: &Database, sql: &str) -> i64 {
+    match &db.query(sql, &[]).unwrap().rows[0][0] {
+        Value::Integer(n) => *n,
+        other => panic!("not a count: {other:?}"),
+    }
+}
+
+/// Checks that `a` and `b` export the same after `since`.
+fn assert_exports_alike(a: &Database, b: &Database, since: u64, context: &str) {
+    assert_eq!(
+        cells(&a.changes_since(since, None).unwrap().changes),
+        cells(&b.changes_since(since, None).unwrap().changes),
+        "{context}, since {since}"
+    );
+}
+
+/// Runs each statement on both databases, one tick apart, and checks that
+/// they read alike after each.
+fn run_alike(bulk: &Database, plain: &Database, clock: &ManualTimeSource, statements: &[&str]) {
+    for sql in statements {
+        bulk.execute_batch(sql).unwrap();
+        plain.execute_batch(sql).unwrap();
+        clock.advance(1);
+        for since in [0, bulk.db_version() - 1] {
+            assert_exports_alike(bulk, plain, since, sql);
+        }
+    }
+}
+
+#[test]
+fn an_update_of_many_rows_is_one_entry_instead_of_a_write_per_row() {
+    let clock = clock();
+    let (bulk, plain) = (
+        replica(&clock, Options::default().bulk_update_rows),
+        replica(&clock, usize::MAX),
+    );
+    for db in [&bulk, &plain] {
+        insert_rows(db, 2000);
+    }
+    let rewritten = |db: &Database| {
+        count(
+            db,
+            "SELECT count(*) FROM confluo_meta_todo WHERE dbv = (SELECT max(dbv) FROM confluo_meta_todo)",
+        )
+    };
+    run_alike(&bulk, &plain, &clock, &["UPDATE todo SET status = 'done'"]);
+    assert_eq!(count(&bulk, "SELECT count(*) FROM confluo_bulk"), 1);
+    assert_eq!(rewritten(&plain), 2000);
+    assert_eq!(
+        rewritten(&bulk),
+        2000,
+        "the rows' metadata is still the insert's"
+    );
+    assert_eq!(
+        count(&bulk, "SELECT max(dbv) FROM confluo_meta_todo"),
+        1,
+        "no row was restamped"
+    );
+    // Every row's status goes out, stamped with the update's clock.
+    let update = bulk.changes_since(1, None).unwrap().changes;
+    assert_eq!(update.len(), 2000);
+    assert!(update
+        .iter()
+        .all(|c| c.column.as_deref() == Some("status") && c.hlc == bulk.current_hlc()));
+
+    // The same update again covers the first entry: it goes unfolded.
+    run_alike(&bulk, &plain, &clock, &["UPDATE todo SET status = 'open'"]);
+    assert_eq!(count(&bulk, "SELECT count(*) FROM confluo_bulk"), 1);
+    // Updates of other rows and columns add entries, up to four; the fifth
+    // folds the oldest into its rows.
+    run_alike(
+        &bulk,
+        &plain,
+        &clock,
+        &[
+            "UPDATE todo SET title = 'a' WHERE id < 'k1500'",
+            "UPDATE todo SET status = 'b' WHERE id >= 'k0500'",
+            "UPDATE todo SET title = 'c' WHERE id >= 'k0800'",
+        ],
+    );
+    assert_eq!(count(&bulk, "SELECT count(*) FROM confluo_bulk"), 4);
+    run_alike(
+        &bulk,
+        &plain,
+        &clock,
+        &["UPDATE todo SET title = 'd', status = 'd' WHERE id < 'k1200'"],
+    );
+    assert_eq!(count(&bulk, "SELECT count(*) FROM confluo_bulk"), 4);
+    assert!(
+        count(&bulk, "SELECT max(dbv) FROM confluo_meta_todo") > 1,
+        "the oldest entry was written into its rows"
+    );
+    // Single edits of rows the entries hold, local and merged. The peer
+    // sends only its own edit: the rows it took from one database would
+    // tie with the other's own clocks, broken by their (random) site ids.
+    let peer = replica(&clock, usize::MAX);
+    pull(&peer, &plain);
+    clock.advance(1);
+    let before = peer.db_version();
+    peer.execute("UPDATE todo SET title = 'theirs' WHERE id = 'k0007'", &[])
+        .unwrap();
+    let theirs = peer.changes_since(before, None).unwrap();
+    for db in [&bulk, &plain] {
+        assert_eq!(db.apply(&theirs).unwrap().applied, 1);
+    }
+    run_alike(
+        &bulk,
+        &plain,
+        &clock,
+        &[
+            "UPDATE todo SET status = 'mine' WHERE id = 'k0007'",
+            "DELETE FROM todo WHERE id = 'k0008'",
+        ],
+    );
+    for since in 0..=bulk.db_version() {
+        assert_exports_alike(&bulk, &plain, since, "at the end");
+    }
+}
+
+#[test]
+fn a_sparse_bulk_update_finds_its_rows_past_long_gaps() {
+    let clock = clock();
+    let options = |bulk_update_rows| Options {
+        time: clock.clone(),
+        bulk_update_rows,
+        ..Options::default()
+    };
+    let (bulk, plain) = (
+        todo_replica_with(options(40)),
+        todo_replica_with(options(usize::MAX)),
+    );
+    for db in [&bulk, &plain] {
+        insert_rows(db, 4000);
+    }
+    // About 60 rows of 4000: ids far apart in the metadata's order.
+    run_alike(
+        &bulk,
+        &plain,
+        &clock,
+        &["UPDATE todo SET status = 'done' WHERE CAST(substr(id, 2) AS INTEGER) % 64 = 5"],
+    );
+    assert_eq!(count(&bulk, "SELECT count(*) FROM confluo_bulk"), 1);
+}
+
+#[test]
+fn bulk_entries_go_with_the_metadata_they_stand_for() {
+    let clock = clock();
+    let db = replica(&clock, 2);
+    insert_rows(&db, 10);
+    db.execute("UPDATE todo SET status = 'done'", &[]).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM confluo_bulk"), 1);
+    db.sign_out_and_clear().unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM confluo_bulk"), 0);
+    assert!(db.changes_since(0, None).unwrap().changes.is_empty());
+}
+
+#[test]
+fn two_handles_on_one_file_read_each_other_s_entries() {
+    let clock = clock();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let options = || Options {
+        time: clock.clone(),
+        bulk_update_rows: 2,
+        ..Options::default()
+    };
+    let a = Database::open_with(&path, options()).unwrap();
+    a.execute_batch(TODO_SCHEMA).unwrap();
+    a.enable_sync("todo").unwrap();
+    let b = Database::open_with(&path, options()).unwrap();
+    let plain = replica(&clock, usize::MAX);
+    insert_rows(&a, 30);
+    insert_rows(&plain, 30);
+    let statements = [
+        "UPDATE todo SET status = 'a'",
+        "UPDATE todo SET title = 'b' WHERE id < 'k0020'",
+        "UPDATE todo SET status = 'c' WHERE id > 'k0010'",
+        "UPDATE todo SET title = 'd' WHERE id > 'k0005'",
+        "UPDATE todo SET status = 'e' WHERE id < 'k0015'",
+        "UPDATE todo SET title = 'f' WHERE id = 'k0003'",
+    ];
+    for (i, sql) in statements.iter().enumerate() {
+        // The handles take turns: each reads entries the other wrote,
+        // folded or dropped since it last looked.
+        let writer = if i % 2 == 0 { &a } else { &b };
+        writer.execute_batch(sql).unwrap();
+        plain.execute_batch(sql).unwrap();
+        clock.advance(1);
+        for handle in [&a, &b] {
+            assert_exports_alike(handle, &plain, 0, sql);
+        }
+    }
+}
+
+#[test]
+fn a_database_of_format_3_opens_and_records_bulk_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f3.db");
+    let db = Database::open(&path).unwrap();
+    db.execute_batch(TODO_SCHEMA).unwrap();
+    db.enable_sync("todo").unwrap();
+    insert_rows(&db, 5);
+    db.close().unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "DROP TABLE confluo_bulk; UPDATE confluo_state SET value = 3 WHERE key = 'format';",
+    )
+    .unwrap();
+    drop(raw);
+    let db = Database::open_with(
+        &path,
+        Options {
+            bulk_update_rows: 2,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    db.execute("UPDATE todo SET status = 'done'", &[]).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM confluo_bulk"), 1);
+    assert_eq!(
+        count(&db, "SELECT value FROM confluo_state WHERE key = 'format'"),
+        4
+    );
+    db.close().unwrap();
+    // A build that knows only format 3 must not open it: it would take the
+    // entries' rows for unchanged. The check it would make is on this value.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute(
+        "UPDATE confluo_state SET value = 5 WHERE key = 'format'",
+        [],
+    )
+    .unwrap();
+    drop(raw);
+    let err = Database::open(&path)
+        .err()
+        .expect("a newer format is refused");
+    assert!(err.to_string().contains("newer than this build"), "{err}");
+}
