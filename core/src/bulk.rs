@@ -44,8 +44,8 @@ const MAX_ENTRIES: usize = 4;
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS confluo_bulk(
-  id INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, dbv INTEGER NOT NULL, hlc INTEGER NOT NULL,
-  masks BLOB NOT NULL, ids BLOB NOT NULL);
+  id INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, tag INTEGER NOT NULL, dbv INTEGER NOT NULL,
+  hlc INTEGER NOT NULL, masks BLOB NOT NULL, ids BLOB NOT NULL);
 ";
 
 /// One transaction's update of many rows of a table.
@@ -180,59 +180,48 @@ impl Overlay {
     /// The ids of the rows held by entries newer than `since`, sorted, each
     /// once.
     pub fn ids_after(&self, since: u64) -> Vec<i64> {
-        let mut ids: Vec<i64> = Vec::new();
-        for e in self.entries.iter().filter(|e| e.dbv > since) {
-            if ids.is_empty() {
-                ids.extend_from_slice(&e.ids);
-            } else {
-                ids.extend_from_slice(&e.ids);
-                ids.sort_unstable();
-                ids.dedup();
-            }
+        let mut newer = self.entries.iter().filter(|e| e.dbv > since);
+        let mut ids: Vec<i64> = newer.next().map(|e| e.ids.to_vec()).unwrap_or_default();
+        for e in newer {
+            ids.extend_from_slice(&e.ids);
+            ids.sort_unstable();
+            ids.dedup();
         }
         ids
     }
 }
 
-/// Decoded entries by (table, entry, db_version, clock), so that reads
-/// decode an entry once. An entry never changes: it is written once and
-/// deleted when folded. The clock is in the key because an entry's row and
-/// db_version can come back: an entry written by a transaction that rolled
-/// back, and the next transaction's.
+/// Decoded entries by (table, row in `confluo_bulk`, tag), so that reads
+/// decode an entry once. An entry's row never changes while it exists;
+/// the tag, random, tells it from an entry of the same row number written
+/// before (one of a transaction that rolled back, perhaps by another
+/// handle on the same file, in the same millisecond).
 #[derive(Default)]
-pub(crate) struct BulkCache(Mutex<HashMap<EntryKey, Arc<BulkEntry>>>);
-
-/// An entry's table, row in `confluo_bulk`, db_version and clock.
-type EntryKey = (i64, i64, u64, u64);
+pub(crate) struct BulkCache(Mutex<HashMap<(i64, i64, i64), Arc<BulkEntry>>>);
 
 impl BulkCache {
     /// The entries of table `table` as `conn` sees them.
     pub fn overlay(&self, conn: &Connection, table: i64) -> Result<Overlay> {
-        let listed: Vec<(i64, i64, i64)> = conn
-            .prepare_cached(
-                "SELECT id, dbv, hlc FROM confluo_bulk WHERE tbl = ?1 ORDER BY dbv, id",
-            )?
-            .query_map([table], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        let listed: Vec<(i64, i64)> = conn
+            .prepare_cached("SELECT id, tag FROM confluo_bulk WHERE tbl = ?1 ORDER BY dbv, id")?
+            .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        if listed.is_empty() {
-            return Ok(Overlay::default());
-        }
-        let key = |(entry, dbv, hlc): (i64, i64, i64)| (table, entry, dbv as u64, hlc as u64);
         let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        // What another handle folded is forgotten here too.
-        cache.retain(|k, _| k.0 != table || listed.iter().any(|&l| key(l) == *k));
+        // What another handle folded, or a transaction rolled back, goes.
+        cache.retain(|&(t, entry, tag), _| t != table || listed.contains(&(entry, tag)));
         let mut entries = Vec::with_capacity(listed.len());
-        for l in listed {
-            if let Some(e) = cache.get(&key(l)) {
+        for (entry, tag) in listed {
+            if let Some(e) = cache.get(&(table, entry, tag)) {
                 entries.push(e.clone());
                 continue;
             }
-            let (entry, dbv, hlc) = l;
-            let (masks, ids): (Vec<u8>, Vec<u8>) = conn
-                .prepare_cached("SELECT masks, ids FROM confluo_bulk WHERE id = ?1")?
-                .query_row([entry], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let (dbv, hlc, masks, ids): (i64, i64, Vec<u8>, Vec<u8>) = conn
+                .prepare_cached("SELECT dbv, hlc, masks, ids FROM confluo_bulk WHERE id = ?1")?
+                .query_row([entry], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?;
             let e = Arc::new(BulkEntry::decode(entry, dbv, hlc, &masks, &ids)?);
-            cache.insert(key(l), e.clone());
+            cache.insert((table, entry, tag), e.clone());
             entries.push(e);
         }
         Ok(Overlay { entries })
@@ -273,10 +262,11 @@ pub(crate) fn record(
         fold(conn, t, oldest)?;
     }
     conn.prepare_cached(
-        "INSERT INTO confluo_bulk(tbl, dbv, hlc, masks, ids) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO confluo_bulk(tbl, tag, dbv, hlc, masks, ids) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
         t.id,
+        uuid::Uuid::new_v4().as_u64_pair().0 as i64,
         stamp.dbv as i64,
         stamp.hlc.0 as i64,
         masks
@@ -294,8 +284,8 @@ fn delete(conn: &Connection, e: &BulkEntry) -> Result<()> {
     Ok(())
 }
 
-/// Writes `e`, the table's oldest entry, into the rows it still holds, and
-/// deletes it. A row takes the entry's db_version: its changes are no newer
+/// Writes `e` into the rows it still holds, and deletes it. Entries are
+/// folded oldest first (of those kept): no older entry holds its rows. A row takes the entry's db_version: its changes are no newer
 /// than they were.
 fn fold(conn: &Connection, t: &TableInfo, e: &Arc<BulkEntry>) -> Result<()> {
     let meta = t.meta_table();

@@ -119,11 +119,13 @@ impl<'e> Updates<'e> {
         let mut last = 0;
         let mut start = 0;
         while start < events.len() {
-            let key = &events[start].1.key;
+            let key = events[start].1.key.as_sql();
+            // One row's writes: keys SQLite calls equal (1 and 1.0) are one
+            // row, whatever type each write gave it.
             let end = start
                 + events[start..]
                     .iter()
-                    .take_while(|(_, e)| e.key == *key)
+                    .take_while(|(_, e)| same_key(e.key.as_sql(), key))
                     .count();
             let group = &events[start..end];
             start = end;
@@ -201,10 +203,12 @@ fn record_bulk(
                 (*id, &e.key)
             })
             .collect();
-        let mut ids = Vec::with_capacity(rows.len());
+        let mut ids: Vec<i64> = Vec::with_capacity(rows.len());
         for (&row, at_home) in rows.iter().zip(alive_at_home(conn, t, &wanted)?) {
-            if at_home {
-                ids.push(updates.rows[row][0].0);
+            let id = updates.rows[row][0].0;
+            // An entry names each row once (only one key is at an id).
+            if at_home && ids.last() != Some(&id) {
+                ids.push(id);
                 recorded[row] = true;
             }
         }

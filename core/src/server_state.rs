@@ -365,12 +365,17 @@ impl Database {
             let mut total = 0u64;
             for t in &tables {
                 let overlay = self.inner.bulk.overlay(conn, t.id)?;
-                // What the push's export would send of a row.
-                let takes_row = |r: &rusqlite::Row<'_>| -> Result<bool> {
+                // Whether the push sends anything of a row: its newest change
+                // is unsent (its own, or that of a bulk entry that holds it),
+                // or one of its cells is, under a newer change from the server.
+                let counts = |r: &rusqlite::Row<'_>| -> Result<bool> {
                     let (cl, dbv) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
+                    if unsent(dbv) {
+                        return Ok(true);
+                    }
                     let mut clocks = RowClocks::decode(r.get_ref(2)?.as_blob()?, dbv)?;
-                    overlay.apply(r.get(3)?, cl, dbv, &mut clocks, t.slots.len());
-                    Ok(push.takes_row(t, cl, &clocks))
+                    let newest = overlay.apply(r.get(3)?, cl, dbv, &mut clocks, t.slots.len());
+                    Ok(unsent(newest) || push.takes_row(t, cl, &clocks))
                 };
                 let meta = t.meta_table();
                 let mut stmt = conn.prepare_cached(&format!(
@@ -378,8 +383,7 @@ impl Database {
                 ))?;
                 let mut rows = stmt.query([pushed as i64])?;
                 while let Some(r) = rows.next()? {
-                    let dbv = r.get::<_, i64>(1)? as u64;
-                    if unsent(dbv) || takes_row(r)? {
+                    if counts(r)? {
                         total += 1;
                     }
                 }
@@ -392,7 +396,7 @@ impl Database {
                         if let Some(r) =
                             by_id.query(rusqlite::params![id, pushed as i64])?.next()?
                         {
-                            if takes_row(r)? {
+                            if counts(r)? {
                                 total += 1;
                             }
                         }
