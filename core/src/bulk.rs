@@ -1,17 +1,20 @@
-//! Bulk stamps: one record for a transaction that updated many rows alike.
+//! Bulk stamps: one record for a transaction that updated or deleted many
+//! rows alike.
 //!
 //! `UPDATE todo SET done = 1` over 100,000 rows would otherwise rewrite
 //! 100,000 metadata rows at commit (read, decode, re-encode, write, and move
 //! each row's `dbv` index entry), several times what SQLite spends on the
-//! update itself. Instead, when a transaction updated at least
-//! `Options::bulk_update_rows` rows of a table the same way (the same columns, each row
-//! alive and its metadata at its own id), commit writes one entry to
-//! `confluo_bulk`: the table, the transaction's db_version and clock, the
-//! columns, and the rows' ids.
+//! update itself; a `DELETE` of many rows, likewise. Instead, when a
+//! transaction updated at least `Options::bulk_update_rows` rows of a table
+//! the same way (the same columns), or deleted as many, each row alive and
+//! its metadata at its own id, commit writes one entry to `confluo_bulk`:
+//! the table, the transaction's db_version and clock, the columns (or that
+//! the rows were deleted), and the rows' ids.
 //!
-//! A row's clocks are its metadata's with the entries laid over them: an
-//! entry that holds the row's id and is newer than the row's `dbv` (so the
-//! row's metadata was not written since) stamps its columns. Whatever
+//! A row's causal length and clocks are its metadata's with the entries
+//! laid over them: an entry that holds the row's id and is newer than the
+//! row's `dbv` (so the row's metadata was not written since) stamps its
+//! columns, or deletes the row. Whatever
 //! writes a row's metadata reads it through the entries first, so the
 //! written row carries their stamps, and its new `dbv` ends their hold on
 //! it. An export after `since` reads, beside the rows whose `dbv` is newer,
@@ -26,15 +29,15 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::capture::LOCAL_SITE;
+use crate::capture::{EventKind, LOCAL_SITE};
 use crate::clocks::{RowClocks, Stamp};
 use crate::codec::{put_varint, Reader};
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
 use crate::schema::TableInfo;
 
-/// The fewest rows a transaction updates alike in one table for them to
-/// be recorded as one entry instead of one by one (the default of
+/// The fewest rows a transaction updates alike (or deletes) in one table
+/// for them to be recorded as one entry instead of one by one (the default of
 /// `Options::bulk_update_rows`): below it, the entry would cost every later
 /// read of the table more than it saves.
 pub(crate) const BULK_UPDATE_ROWS: usize = 1024;
@@ -45,25 +48,79 @@ const MAX_ENTRIES: usize = 4;
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS confluo_bulk(
   id INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, tag INTEGER NOT NULL, dbv INTEGER NOT NULL,
-  hlc INTEGER NOT NULL, masks BLOB NOT NULL, ids BLOB NOT NULL);
+  hlc INTEGER NOT NULL, deletes INTEGER NOT NULL, masks BLOB NOT NULL, ids BLOB NOT NULL);
 ";
 
-/// One transaction's update of many rows of a table.
+/// One transaction's update, or delete, of many rows of a table.
 #[derive(Debug)]
 pub(crate) struct BulkEntry {
     /// Its row in `confluo_bulk`.
     pub entry: i64,
     pub dbv: u64,
     pub hlc: Hlc,
+    /// The rows were deleted (and `masks` is empty).
+    pub deletes: bool,
     /// The updated column slots, 62 per word (as `EventKind::Updated`).
     pub masks: Box<[u64]>,
-    /// The rows' metadata ids, sorted.
-    pub ids: Box<[i64]>,
+    /// The rows' metadata ids.
+    pub ids: SortedIds,
+}
+
+/// Ids, sorted, with an index of where each stretch of ids starts: ids are
+/// spread evenly (hashes), so an id's stretch holds one or two, and a
+/// lookup reads two index slots and an id or two instead of a binary
+/// search's dozen and a half ids spread over the array (read for every row
+/// of every export).
+#[derive(Debug)]
+pub(crate) struct SortedIds {
+    ids: Box<[i64]>,
+    /// `starts[s]`: the first id of stretch `s` (`id >> shift`).
+    starts: Box<[u32]>,
+    shift: u32,
+}
+
+impl SortedIds {
+    pub fn new(ids: Vec<i64>) -> SortedIds {
+        debug_assert!(ids.is_sorted());
+        let max = ids.last().copied().unwrap_or(0).max(0) as u64;
+        let id_bits = 64 - max.leading_zeros();
+        let stretch_bits = (ids.len().max(1).next_power_of_two().trailing_zeros()).min(id_bits);
+        let shift = id_bits - stretch_bits;
+        let mut starts = vec![0u32; (1 << stretch_bits) + 1];
+        let mut at = 0usize;
+        for (s, start) in starts.iter_mut().enumerate() {
+            while at < ids.len() && ((ids[at].max(0) as u64) >> shift) < s as u64 {
+                at += 1;
+            }
+            *start = at as u32;
+        }
+        SortedIds {
+            ids: ids.into(),
+            starts: starts.into(),
+            shift,
+        }
+    }
+
+    pub fn contains(&self, id: i64) -> bool {
+        let Ok(id_u) = u64::try_from(id) else {
+            return false;
+        };
+        let s = (id_u >> self.shift) as usize;
+        if s + 1 >= self.starts.len() {
+            return false;
+        }
+        let (from, to) = (self.starts[s] as usize, self.starts[s + 1] as usize);
+        self.ids[from..to].contains(&id)
+    }
+
+    pub fn as_slice(&self) -> &[i64] {
+        &self.ids
+    }
 }
 
 impl BulkEntry {
     fn holds(&self, id: i64) -> bool {
-        self.ids.binary_search(&id).is_ok()
+        self.ids.contains(id)
     }
 
     fn stamp(&self) -> Stamp {
@@ -74,13 +131,16 @@ impl BulkEntry {
         }
     }
 
-    /// Whether every row and column of `older` is one of this entry's.
+    /// Whether nothing of `older` shows under this entry: it deletes or
+    /// stamps every row and column `older` stamps.
     fn covers(&self, older: &BulkEntry) -> bool {
-        let masks_cover = older.masks.iter().enumerate().all(|(w, &m)| {
-            let mine = self.masks.get(w).copied().unwrap_or(0);
-            m & !mine == 0
-        });
-        masks_cover && older.ids.iter().all(|&id| self.holds(id))
+        let masks_cover = self.deletes
+            || (!older.deletes
+                && older.masks.iter().enumerate().all(|(w, &m)| {
+                    let mine = self.masks.get(w).copied().unwrap_or(0);
+                    m & !mine == 0
+                }));
+        masks_cover && older.ids.as_slice().iter().all(|&id| self.holds(id))
     }
 
     fn encode_ids(ids: &[i64]) -> Vec<u8> {
@@ -93,7 +153,12 @@ impl BulkEntry {
         out
     }
 
-    fn decode(entry: i64, dbv: i64, hlc: i64, masks: &[u8], ids: &[u8]) -> Result<BulkEntry> {
+    fn decode(
+        entry: i64,
+        (dbv, hlc, deletes): (i64, i64, bool),
+        masks: &[u8],
+        ids: &[u8],
+    ) -> Result<BulkEntry> {
         let corrupt = || Error::Sqlite {
             message: "corrupt confluo metadata: a bulk stamp entry".into(),
             code: None,
@@ -123,8 +188,9 @@ impl BulkEntry {
             entry,
             dbv: dbv as u64,
             hlc: Hlc(hlc as u64),
+            deletes,
             masks,
-            ids: out.into(),
+            ids: SortedIds::new(out),
         })
     }
 }
@@ -146,27 +212,31 @@ impl Overlay {
         self.entries.iter().any(|e| e.holds(id))
     }
 
-    /// Lays the entries over the clocks of the row at `id` (causal length
-    /// `cl`, metadata `dbv` `row_dbv`); returns the row's newest db_version
-    /// with them.
+    /// Lays the entries over the causal length and clocks of the row at
+    /// `id`, whose metadata's `dbv` is `row_dbv`; returns the row's newest
+    /// db_version with them.
     pub fn apply(
         &self,
         id: i64,
-        cl: u64,
+        cl: &mut u64,
         row_dbv: u64,
         clocks: &mut RowClocks,
         slots: usize,
     ) -> u64 {
         let mut newest = row_dbv;
-        if cl % 2 == 0 {
-            // Entries only hold rows that were alive, and a row deleted
-            // since has a newer dbv.
-            return newest;
-        }
         for e in &self.entries {
+            // Entries only hold rows that were alive; one deleted since (by
+            // its own metadata or by an older entry) has nothing newer.
+            if *cl % 2 == 0 {
+                break;
+            }
             if e.dbv > row_dbv && e.holds(id) {
-                crate::local::stamp_columns(clocks, &e.masks, e.stamp(), slots);
-                newest = newest.max(e.dbv);
+                if e.deletes {
+                    crate::local::apply_local(cl, clocks, &EventKind::Deleted, e.stamp(), slots);
+                } else {
+                    crate::local::stamp_columns(clocks, &e.masks, e.stamp(), slots);
+                }
+                newest = e.dbv;
             }
         }
         newest
@@ -181,9 +251,12 @@ impl Overlay {
     /// once.
     pub fn ids_after(&self, since: u64) -> Vec<i64> {
         let mut newer = self.entries.iter().filter(|e| e.dbv > since);
-        let mut ids: Vec<i64> = newer.next().map(|e| e.ids.to_vec()).unwrap_or_default();
+        let mut ids: Vec<i64> = newer
+            .next()
+            .map(|e| e.ids.as_slice().to_vec())
+            .unwrap_or_default();
         for e in newer {
-            ids.extend_from_slice(&e.ids);
+            ids.extend_from_slice(e.ids.as_slice());
             ids.sort_unstable();
             ids.dedup();
         }
@@ -215,12 +288,14 @@ impl BulkCache {
                 entries.push(e.clone());
                 continue;
             }
-            let (dbv, hlc, masks, ids): (i64, i64, Vec<u8>, Vec<u8>) = conn
-                .prepare_cached("SELECT dbv, hlc, masks, ids FROM confluo_bulk WHERE id = ?1")?
+            let (stamp, masks, ids): (_, Vec<u8>, Vec<u8>) = conn
+                .prepare_cached(
+                    "SELECT dbv, hlc, deletes, masks, ids FROM confluo_bulk WHERE id = ?1",
+                )?
                 .query_row([entry], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get(3)?, r.get(4)?))
                 })?;
-            let e = Arc::new(BulkEntry::decode(entry, dbv, hlc, &masks, &ids)?);
+            let e = Arc::new(BulkEntry::decode(entry, stamp, &masks, &ids)?);
             cache.insert((table, entry, tag), e.clone());
             entries.push(e);
         }
@@ -229,7 +304,8 @@ impl BulkCache {
 }
 
 /// Records the entry of a transaction at `stamp` that updated the columns
-/// `masks` of the rows `ids` (sorted) of `t`, making room for it.
+/// `masks` of the rows `ids` (sorted) of `t`, or deleted them (`masks`
+/// empty), making room for it.
 pub(crate) fn record(
     conn: &Connection,
     cache: &BulkCache,
@@ -242,8 +318,9 @@ pub(crate) fn record(
         entry: 0,
         dbv: stamp.dbv,
         hlc: stamp.hlc,
+        deletes: masks.is_empty(),
         masks: masks.into(),
-        ids: ids.into(),
+        ids: SortedIds::new(ids.to_vec()),
     };
     let overlay = cache.overlay(conn, t.id)?;
     let mut kept = overlay.entries.len();
@@ -262,13 +339,15 @@ pub(crate) fn record(
         fold(conn, t, oldest)?;
     }
     conn.prepare_cached(
-        "INSERT INTO confluo_bulk(tbl, tag, dbv, hlc, masks, ids) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO confluo_bulk(tbl, tag, dbv, hlc, deletes, masks, ids) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
         t.id,
         uuid::Uuid::new_v4().as_u64_pair().0 as i64,
         stamp.dbv as i64,
         stamp.hlc.0 as i64,
+        entry.deletes,
         masks
             .iter()
             .flat_map(|m| m.to_le_bytes())
@@ -292,12 +371,12 @@ fn fold(conn: &Connection, t: &TableInfo, e: &Arc<BulkEntry>) -> Result<()> {
     let mut read =
         conn.prepare_cached(&format!("SELECT cl, dbv, clocks FROM {meta} WHERE id = ?1"))?;
     let mut write = conn.prepare_cached(&format!(
-        "UPDATE {meta} SET dbv = ?2, clocks = ?3 WHERE id = ?1"
+        "UPDATE {meta} SET cl = ?2, dbv = ?3, clocks = ?4 WHERE id = ?1"
     ))?;
     let just_this = Overlay {
         entries: vec![e.clone()],
     };
-    for &id in e.ids.iter() {
+    for &id in e.ids.as_slice() {
         let Some((cl, dbv, blob)) = read
             .query_row([id], |r| {
                 Ok((
@@ -310,13 +389,13 @@ fn fold(conn: &Connection, t: &TableInfo, e: &Arc<BulkEntry>) -> Result<()> {
         else {
             continue;
         };
-        let (cl, dbv) = (cl as u64, dbv as u64);
+        let (mut cl, dbv) = (cl as u64, dbv as u64);
         if dbv >= e.dbv || cl % 2 == 0 {
             continue;
         }
         let mut clocks = RowClocks::decode(&blob, dbv)?;
-        let newest = just_this.apply(id, cl, dbv, &mut clocks, t.slots.len());
-        write.execute(params![id, newest as i64, clocks.encode(newest)])?;
+        let newest = just_this.apply(id, &mut cl, dbv, &mut clocks, t.slots.len());
+        write.execute(params![id, cl as i64, newest as i64, clocks.encode(newest)])?;
     }
     delete(conn, e)
 }
@@ -335,4 +414,32 @@ pub(crate) fn forget(conn: &Connection, table: i64) -> Result<()> {
     conn.prepare_cached("DELETE FROM confluo_bulk WHERE tbl = ?1")?
         .execute([table])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The index finds exactly the ids a search of the sorted ids does.
+        #[test]
+        fn sorted_ids_hold_exactly_their_ids(
+            mut ids in prop::collection::vec(
+                prop_oneof![0i64..64, 0i64..(1 << 47), Just((1i64 << 47) - 1)],
+                0..300,
+            ),
+            probes in prop::collection::vec(
+                prop_oneof![-3i64..70, 0i64..(1 << 47), (1i64 << 47)..(1 << 50)],
+                50,
+            ),
+        ) {
+            ids.sort_unstable();
+            ids.dedup();
+            let index = SortedIds::new(ids.clone());
+            for probe in probes.iter().chain(&ids) {
+                prop_assert_eq!(index.contains(*probe), ids.binary_search(probe).is_ok(), "{}", probe);
+            }
+        }
+    }
 }

@@ -32,9 +32,9 @@ pub struct Options {
     /// Where wall-clock time comes from (tests inject a manual clock).
     pub time: Arc<dyn TimeSource>,
     /// A transaction that updates at least this many rows of one table in
-    /// the same columns records them as one bulk entry, instead of
-    /// rewriting each row's metadata at commit. Tests lower it to exercise
-    /// bulk entries with a few rows.
+    /// the same columns, or deletes as many, records them as one bulk
+    /// entry, instead of rewriting each row's metadata at commit. Tests
+    /// lower it to exercise bulk entries with a few rows.
     pub bulk_update_rows: usize,
 }
 

@@ -101,21 +101,22 @@ fn sorted_by_row(events: Vec<Event>, ids: &RowIds) -> Vec<(i64, Event)> {
         .collect()
 }
 
-/// The rows of one table a transaction only updated, by the columns it
-/// updated: `events` split into each row's writes (`rows`), and for each set
-/// of columns the positions in `rows` of the rows updated in just those.
-struct Updates<'e> {
+/// One table's writes in a transaction, by row: `events` split into each
+/// row's writes (`rows`), and the rows written alike (`alike`): for each
+/// set of columns, the positions in `rows` of the rows only updated in just
+/// those, and for none, of the rows only deleted.
+struct RowWrites<'e> {
     rows: Vec<&'e [(i64, Event)]>,
-    by_columns: Vec<(Cow<'e, [u64]>, Vec<usize>)>,
+    alike: Vec<(Cow<'e, [u64]>, Vec<usize>)>,
 }
 
-impl<'e> Updates<'e> {
+impl<'e> RowWrites<'e> {
     fn of(events: &'e [(i64, Event)]) -> Self {
         let mut rows = Vec::new();
-        let mut by_columns: Vec<(Cow<'e, [u64]>, Vec<usize>)> = Vec::new();
+        let mut alike: Vec<(Cow<'e, [u64]>, Vec<usize>)> = Vec::new();
         let mut index: HashMap<Cow<'e, [u64]>, usize> = HashMap::new();
-        // Rows come updated alike in runs: the last set of columns is
-        // tried before hashing.
+        // Rows come written alike in runs: the last set of columns is tried
+        // before hashing.
         let mut last = 0;
         let mut start = 0;
         while start < events.len() {
@@ -129,18 +130,24 @@ impl<'e> Updates<'e> {
                     .count();
             let group = &events[start..end];
             start = end;
-            if let Some(masks) = updated_columns(group) {
-                if by_columns.get(last).is_none_or(|(m, _)| *m != masks) {
+            let shape = match group {
+                [(_, e)] if e.kind == EventKind::Deleted && !e.uncertain => {
+                    Some(Cow::Borrowed(&[][..]))
+                }
+                _ => updated_columns(group),
+            };
+            if let Some(masks) = shape {
+                if alike.get(last).is_none_or(|(m, _)| *m != masks) {
                     last = *index.entry(masks.clone()).or_insert_with(|| {
-                        by_columns.push((masks, Vec::new()));
-                        by_columns.len() - 1
+                        alike.push((masks, Vec::new()));
+                        alike.len() - 1
                     });
                 }
-                by_columns[last].1.push(rows.len());
+                alike[last].1.push(rows.len());
             }
             rows.push(group);
         }
-        Updates { rows, by_columns }
+        RowWrites { rows, alike }
     }
 }
 
@@ -180,19 +187,19 @@ struct Bulk<'a> {
     min_rows: usize,
 }
 
-/// Records as bulk entries (see `bulk`) the rows of `updates` updated alike
-/// in numbers worth one; returns which rows it recorded. A row goes in only
-/// if it is alive and its metadata is at its own id, which is what an entry
-/// names it by.
+/// Records as bulk entries (see `bulk`) the rows written alike in numbers
+/// worth one; returns which rows it recorded. A row goes in only if it is
+/// alive and its metadata is at its own id, which is what an entry names it
+/// by.
 fn record_bulk(
     conn: &Connection,
     bulk: Bulk<'_>,
     t: &TableInfo,
-    updates: &Updates<'_>,
+    updates: &RowWrites<'_>,
     stamp: Stamp,
 ) -> Result<Vec<bool>> {
     let mut recorded = vec![false; updates.rows.len()];
-    for (masks, rows) in &updates.by_columns {
+    for (masks, rows) in &updates.alike {
         if rows.len() < bulk.min_rows {
             continue;
         }
@@ -275,7 +282,7 @@ fn record_rows(
     stamp: Stamp,
 ) -> Result<()> {
     let overlay = bulk.cache.overlay(conn, t.id)?;
-    let updates = Updates::of(events);
+    let updates = RowWrites::of(events);
     let in_bulk = record_bulk(conn, bulk, t, &updates, stamp)?;
     let meta = t.meta_table();
     let slots = t.slots.len();
@@ -313,6 +320,8 @@ fn record_rows(
             continue;
         }
         let written = match *group {
+            // A row a bulk entry holds is read through it, below.
+            _ if overlay.holds(*id) => 0,
             // The common cases need nothing of the old metadata.
             [(
                 _,
@@ -328,8 +337,7 @@ fn record_rows(
                     ..
                 },
             )] => deleted.execute(params![id, key, dbv, tombstone])?,
-            // A row a bulk entry holds is read through it, below.
-            _ if !overlay.holds(*id) => match updated_columns(group) {
+            _ => match updated_columns(group) {
                 // Nothing written when the row has no metadata yet (it is
                 // then recorded as a new one, every column written, as
                 // `apply_local` does) or another key holds the id.
@@ -338,7 +346,6 @@ fn record_rows(
                 }
                 None => 0,
             },
-            _ => 0,
         };
         if written == 0 {
             let at = rows.locate(*id, key)?;

@@ -638,8 +638,14 @@ impl Database {
             None => RowState::unknown(),
             Some(stored) => {
                 let mut clocks = RowClocks::decode(&stored.clocks, stored.dbv as u64)?;
-                let cl = stored.cl as u64;
-                overlay.apply(at.id, cl, stored.dbv as u64, &mut clocks, t.slots.len());
+                let mut cl = stored.cl as u64;
+                overlay.apply(
+                    at.id,
+                    &mut cl,
+                    stored.dbv as u64,
+                    &mut clocks,
+                    t.slots.len(),
+                );
                 let to_cell = |s: Stamp| -> Result<Cell<Local>> {
                     let site = *ctx
                         .sites
@@ -658,7 +664,7 @@ impl Database {
                     })
                 };
                 RowState {
-                    cl: stored.cl as u64,
+                    cl,
                     marker: clocks.marker.map(to_cell).transpose()?,
                     cells: clocks
                         .cells
@@ -1192,9 +1198,9 @@ fn export_table(
         ))?;
         let mut rows = pulled_rows.query([since as i64])?;
         while let Some(r) = rows.next()? {
-            let (cl, dbv) = (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64);
+            let (mut cl, dbv) = (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64);
             let mut clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, dbv)?;
-            overlay.apply(r.get(4)?, cl, dbv, &mut clocks, t.slots.len());
+            overlay.apply(r.get(4)?, &mut cl, dbv, &mut clocks, t.slots.len());
             if !from.takes_row(t, cl, &clocks) {
                 continue;
             }
@@ -1304,8 +1310,13 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
     ))?;
     let mut rows_in_order = key_sorted(&rows, |r| &r.0).into_iter().peekable();
     for m in key_sorted(&metas, |m| &m.0) {
-        let (key, cl, dbv, clocks, id) =
+        let (key, mut cl, dbv, clocks, id) =
             std::mem::replace(&mut metas[m], (Value::Null, 0, 0, Vec::new(), 0));
+        let mut clocks = RowClocks::decode(&clocks, dbv)?;
+        // Before the values: a row a bulk entry deleted is not looked for.
+        export
+            .overlay
+            .apply(id, &mut cl, dbv, &mut clocks, t.slots.len());
         let mut values: Option<Vec<Value>> = None;
         if cl % 2 == 1 {
             while rows_in_order
@@ -1321,10 +1332,6 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
                 }
             }
         }
-        let mut clocks = RowClocks::decode(&clocks, dbv)?;
-        export
-            .overlay
-            .apply(id, cl, dbv, &mut clocks, t.slots.len());
         // A live row missing from the table reads as NULLs, as in the join.
         export.row(row_key(t, key)?, cl, &clocks, |i| {
             Ok(values
@@ -1352,10 +1359,10 @@ impl RowExport<'_> {
     /// columns (the metadata joined to the table).
     fn joined_row(&mut self, r: &rusqlite::Row<'_>) -> Result<()> {
         let key = Value::from_ref(r.get_ref(1)?);
-        let (cl, dbv) = (r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64);
+        let (mut cl, dbv) = (r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64);
         let mut clocks = RowClocks::decode(r.get_ref(4)?.as_blob()?, dbv)?;
         self.overlay
-            .apply(r.get(0)?, cl, dbv, &mut clocks, self.t.slots.len());
+            .apply(r.get(0)?, &mut cl, dbv, &mut clocks, self.t.slots.len());
         self.row(row_key(self.t, key)?, cl, &clocks, |i| {
             Ok(Value::from_ref(r.get_ref(5 + i)?))
         })

@@ -369,12 +369,12 @@ impl Database {
                 // is unsent (its own, or that of a bulk entry that holds it),
                 // or one of its cells is, under a newer change from the server.
                 let counts = |r: &rusqlite::Row<'_>| -> Result<bool> {
-                    let (cl, dbv) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
+                    let (mut cl, dbv) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
                     if unsent(dbv) {
                         return Ok(true);
                     }
                     let mut clocks = RowClocks::decode(r.get_ref(2)?.as_blob()?, dbv)?;
-                    let newest = overlay.apply(r.get(3)?, cl, dbv, &mut clocks, t.slots.len());
+                    let newest = overlay.apply(r.get(3)?, &mut cl, dbv, &mut clocks, t.slots.len());
                     Ok(unsent(newest) || push.takes_row(t, cl, &clocks))
                 };
                 let meta = t.meta_table();

@@ -117,6 +117,11 @@ enum Op {
     Delete {
         key: usize,
     },
+    /// `DELETE FROM todo WHERE <key's number> % m = r`.
+    DeleteWhere {
+        m: usize,
+        r: usize,
+    },
     /// A change of the key: a delete and an insert.
     Rekey {
         from: usize,
@@ -148,8 +153,9 @@ fn simple_op() -> impl Strategy<Value = Op> {
             .prop_map(|(column, value, m, r)| Op::UpdateWhere { column, value, m, r: r % m }),
         3 => (k.clone(), 0..2usize, 0..3usize).prop_map(|(key, column, value)| Op::UpdateOne { key, column, value }),
         1 => (0..3usize).prop_map(|value| Op::UpdateBoth { value }),
-        1 => k.clone().prop_map(|key| Op::Insert { key }),
+        2 => k.clone().prop_map(|key| Op::Insert { key }),
         1 => k.clone().prop_map(|key| Op::Delete { key }),
+        1 => (2..5usize, 0..5usize).prop_map(|(m, r)| Op::DeleteWhere { m, r: r % m }),
         1 => (k.clone(), k.clone()).prop_map(|(from, to)| Op::Rekey { from, to }),
         2 => (k, 0..2usize, 0..3usize, any::<bool>())
             .prop_map(|(key, column, value, from_server)| Op::Remote { key, column, value, from_server }),
@@ -201,6 +207,10 @@ fn statement(op: &Op) -> Option<(String, Vec<Value>)> {
             vec![key(*k)],
         ),
         Op::Delete { key: k } => ("DELETE FROM todo WHERE id = ?1".into(), vec![key(*k)]),
+        Op::DeleteWhere { m, r } => (
+            "DELETE FROM todo WHERE CAST(substr(id, 2) AS INTEGER) % ?1 = ?2".into(),
+            vec![Value::Integer(*m as i64), Value::Integer(*r as i64)],
+        ),
         Op::Rekey { from, to } => (
             "UPDATE OR IGNORE todo SET id = ?1 WHERE id = ?2".into(),
             vec![key(*to), key(*from)],
@@ -311,35 +321,45 @@ fn run_alike(bulk: &Database, plain: &Database, clock: &ManualTimeSource, statem
     }
 }
 
+/// A database with the default threshold and one that never records
+/// entries, each with `rows` rows.
+fn default_and_plain(clock: &Arc<ManualTimeSource>, rows: usize) -> (Database, Database) {
+    let (bulk, plain) = (
+        replica(clock, Options::default().bulk_update_rows),
+        replica(clock, usize::MAX),
+    );
+    for db in [&bulk, &plain] {
+        insert_rows(db, rows);
+    }
+    (bulk, plain)
+}
+
+/// A peer's edit of the title of row `id`, the peer having taken every
+/// row from `from`: only the edit, so that the rows it took from one
+/// database do not tie with another's own clocks, broken by their
+/// (random) site ids.
+fn peer_edit(clock: &Arc<ManualTimeSource>, from: &Database, id: &str) -> confluo_core::ChangeSet {
+    let peer = replica(clock, usize::MAX);
+    pull(&peer, from);
+    clock.advance(1);
+    let before = peer.db_version();
+    peer.execute(
+        "UPDATE todo SET title = 'theirs' WHERE id = ?1",
+        &[text(id)],
+    )
+    .unwrap();
+    peer.changes_since(before, None).unwrap()
+}
+
 #[test]
 fn an_update_of_many_rows_is_one_entry_instead_of_a_write_per_row() {
     let clock = clock();
-    let (bulk, plain) = (
-        replica(&clock, Options::default().bulk_update_rows),
-        replica(&clock, usize::MAX),
-    );
-    for db in [&bulk, &plain] {
-        insert_rows(db, 2000);
-    }
-    let rewritten = |db: &Database| {
-        count(
-            db,
-            "SELECT count(*) FROM confluo_meta_todo WHERE dbv = (SELECT max(dbv) FROM confluo_meta_todo)",
-        )
-    };
+    let (bulk, plain) = default_and_plain(&clock, 2000);
     run_alike(&bulk, &plain, &clock, &["UPDATE todo SET status = 'done'"]);
     assert_eq!(count(&bulk, "SELECT count(*) FROM confluo_bulk"), 1);
-    assert_eq!(rewritten(&plain), 2000);
-    assert_eq!(
-        rewritten(&bulk),
-        2000,
-        "the rows' metadata is still the insert's"
-    );
-    assert_eq!(
-        count(&bulk, "SELECT max(dbv) FROM confluo_meta_todo"),
-        1,
-        "no row was restamped"
-    );
+    let newest = "SELECT max(dbv) FROM confluo_meta_todo";
+    assert_eq!(count(&plain, newest), 2, "every row restamped");
+    assert_eq!(count(&bulk, newest), 1, "no row restamped");
     // Every row's status goes out, stamped with the update's clock.
     let update = bulk.changes_since(1, None).unwrap().changes;
     assert_eq!(update.len(), 2000);
@@ -374,16 +394,8 @@ fn an_update_of_many_rows_is_one_entry_instead_of_a_write_per_row() {
         count(&bulk, "SELECT max(dbv) FROM confluo_meta_todo") > 1,
         "the oldest entry was written into its rows"
     );
-    // Single edits of rows the entries hold, local and merged. The peer
-    // sends only its own edit: the rows it took from one database would
-    // tie with the other's own clocks, broken by their (random) site ids.
-    let peer = replica(&clock, usize::MAX);
-    pull(&peer, &plain);
-    clock.advance(1);
-    let before = peer.db_version();
-    peer.execute("UPDATE todo SET title = 'theirs' WHERE id = 'k0007'", &[])
-        .unwrap();
-    let theirs = peer.changes_since(before, None).unwrap();
+    // Single edits of rows the entries hold, local and merged.
+    let theirs = peer_edit(&clock, &plain, "k0007");
     for db in [&bulk, &plain] {
         assert_eq!(db.apply(&theirs).unwrap().applied, 1);
     }
@@ -642,4 +654,54 @@ fn an_entry_of_a_transaction_that_failed_to_commit_is_never_read() {
     for since in 0..=b.db_version() {
         assert_exports_alike(&a, &b, since, "two handles");
     }
+}
+
+#[test]
+fn a_delete_of_many_rows_is_one_entry_and_a_row_inserted_again_comes_back_to_life() {
+    let clock = clock();
+    let (bulk, plain) = default_and_plain(&clock, 3000);
+    // A peer's edit of a row that is deleted here meanwhile.
+    let theirs = peer_edit(&clock, &plain, "k0005");
+    clock.advance(1);
+    run_alike(
+        &bulk,
+        &plain,
+        &clock,
+        &["DELETE FROM todo WHERE id < 'k1500'"],
+    );
+    assert_eq!(
+        count(&bulk, "SELECT count(*) FROM confluo_bulk WHERE deletes"),
+        1
+    );
+    assert_eq!(
+        count(&bulk, "SELECT max(dbv) FROM confluo_meta_todo"),
+        1,
+        "no row's metadata was written"
+    );
+    let deleted = bulk.changes_since(bulk.db_version() - 1, None).unwrap();
+    assert_eq!(deleted.changes.len(), 1500);
+    assert!(deleted
+        .changes
+        .iter()
+        .all(|c| c.column.is_none() && c.cl == 2));
+    for db in [&bulk, &plain] {
+        db.apply(&theirs).unwrap();
+    }
+    run_alike(
+        &bulk,
+        &plain,
+        &clock,
+        &[
+            "INSERT INTO todo VALUES ('k0007', 'again', 'open')",
+            "UPDATE todo SET status = 'done' WHERE id >= 'k1400'",
+        ],
+    );
+    let again = bulk.changes_since(0, None).unwrap().changes;
+    assert!(again
+        .iter()
+        .any(|c| c.pk[0] == text("k0007") && c.column.is_none() && c.cl == 3));
+    for since in 0..=bulk.db_version() {
+        assert_exports_alike(&bulk, &plain, since, "at the end");
+    }
+    assert_eq!(dump(&bulk, "todo"), dump(&plain, "todo"));
 }

@@ -48,6 +48,10 @@ enum LocalOp {
         column: usize,
         value: usize,
     },
+    /// One statement that deletes every row but one.
+    DeleteAllBut {
+        key: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +90,7 @@ fn local_op() -> impl Strategy<Value = LocalOp> {
         2 => k.clone().prop_map(|key| LocalOp::Delete { key }),
         1 => (k.clone(), k).prop_map(|(from, to)| LocalOp::ChangeKey { from, to }),
         2 => (0..2usize, 0..VALUES.len()).prop_map(|(column, value)| LocalOp::UpdateAll { column, value }),
+        1 => (0..KEYS.len()).prop_map(|key| LocalOp::DeleteAllBut { key }),
     ]
 }
 
@@ -288,6 +293,15 @@ fn write(r: &mut Replica, ops: &[LocalOp]) -> Vec<M> {
                 for (k, row) in state.iter().filter(|(_, row)| row.cl % 2 == 1) {
                     if row.cells[column].as_ref().and_then(|c| c.2.clone()) != new {
                         emit(k, Some(column), new.clone(), row.cl);
+                    }
+                }
+            }
+            LocalOp::DeleteAllBut { key } => {
+                tx.execute("DELETE FROM todo WHERE id <> ?1", &[text(KEYS[key])])
+                    .unwrap();
+                for (k, row) in state.iter().filter(|(_, row)| row.cl % 2 == 1) {
+                    if k != KEYS[key] {
+                        emit(k, None, None, row.cl + 1);
                     }
                 }
             }
