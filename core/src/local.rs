@@ -232,12 +232,12 @@ fn record_bulk(
 
 /// For each of `wanted` (ids ascending, each with its key), whether the
 /// key's metadata is at that id (its own) and the row is alive. The
-/// metadata is walked in id order: a step to the next row costs a fraction
-/// of a seek, so the rows between two wanted ones are stepped over when
-/// they are few, and the walk starts again at the next wanted id past a
-/// longer gap.
+/// metadata is walked in id order: a step to the next row costs about a
+/// quarter of a seek (670 instructions against 2,800), so the rows between
+/// two wanted ones are stepped over when they are few, and the walk starts
+/// again at the next wanted id past a longer gap.
 fn alive_at_home(conn: &Connection, t: &TableInfo, wanted: &[(i64, &Value)]) -> Result<Vec<bool>> {
-    const MAX_STEPS: usize = 32;
+    const MAX_STEPS: usize = 4;
     let mut walk = conn.prepare_cached(&format!(
         "SELECT id, pk, cl FROM {} WHERE id >= ?1 ORDER BY id",
         t.meta_table()
