@@ -163,7 +163,8 @@ impl BulkEntry {
             message: "corrupt confluo metadata: a bulk stamp entry".into(),
             code: None,
         };
-        if masks.len() % 8 != 0 {
+        // A delete names no column; an update, some.
+        if masks.len() % 8 != 0 || deletes != masks.is_empty() {
             return Err(corrupt());
         }
         let masks = masks
@@ -303,22 +304,33 @@ impl BulkCache {
     }
 }
 
-/// Records the entry of a transaction at `stamp` that updated the columns
-/// `masks` of the rows `ids` (sorted) of `t`, or deleted them (`masks`
-/// empty), making room for it.
+/// What an entry records of its rows.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum BulkWrite<'a> {
+    /// The columns in these masks (62 slots per word) were updated.
+    Updated(&'a [u64]),
+    Deleted,
+}
+
+/// Records the entry of a transaction at `stamp` that wrote the rows `ids`
+/// (sorted) of `t` alike, making room for it.
 pub(crate) fn record(
     conn: &Connection,
     cache: &BulkCache,
     t: &TableInfo,
     stamp: Stamp,
-    masks: &[u64],
+    write: BulkWrite<'_>,
     ids: &[i64],
 ) -> Result<()> {
+    let (deletes, masks) = match write {
+        BulkWrite::Updated(masks) => (false, masks),
+        BulkWrite::Deleted => (true, &[][..]),
+    };
     let entry = BulkEntry {
         entry: 0,
         dbv: stamp.dbv,
         hlc: stamp.hlc,
-        deletes: masks.is_empty(),
+        deletes,
         masks: masks.into(),
         ids: SortedIds::new(ids.to_vec()),
     };

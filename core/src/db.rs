@@ -140,9 +140,11 @@ CREATE TABLE IF NOT EXISTS confluo_rejected(
 /// The layout of Confluo's own tables. 1: tables and columns known by
 /// name; 2: by identity (`cid`, see `evolution`), names being aliases;
 /// 3: row metadata keyed by an id derived from the row's key (`row_ids`);
-/// 4: bulk stamps (`bulk`), which a build that does not read them would
-/// take for missing changes.
-const METADATA_FORMAT: i64 = 4;
+/// 4: bulk stamps of updates (`bulk`), which a build that does not read
+/// them would take for missing changes; 5: bulk stamps of deletes too
+/// (`confluo_bulk.deletes`), which a build of format 4 would take for
+/// updates of no column.
+const METADATA_FORMAT: i64 = 5;
 
 /// The writer connection's page cache at most, in KiB.
 const WRITER_CACHE_KIB: i64 = 16 * 1024;
@@ -231,8 +233,14 @@ impl Database {
                     false
                 }
                 Some(METADATA_FORMAT) => false,
-                // Format 4 only adds `confluo_bulk`, made above.
-                Some(3) => {
+                // Format 4 adds `confluo_bulk` (made above with the columns
+                // of format 5); format 5, its `deletes` column.
+                Some(older @ (3 | 4)) => {
+                    if older == 4 {
+                        conn.execute_batch(
+                            "ALTER TABLE confluo_bulk ADD COLUMN deletes INTEGER NOT NULL DEFAULT 0",
+                        )?;
+                    }
                     conn.execute(
                         "UPDATE confluo_state SET value = ?1 WHERE key = 'format'",
                         [METADATA_FORMAT],

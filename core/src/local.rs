@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use rusqlite::{params, Connection};
 
-use crate::bulk::{self, BulkCache, Overlay};
+use crate::bulk::{self, BulkCache, BulkWrite, Overlay};
 
 use crate::capture::{lock, Event, EventKind, LOCAL_SITE};
 use crate::clocks::{encode_tombstone, encode_uniform, RowClocks, Stamp};
@@ -220,7 +220,13 @@ fn record_bulk(
             }
         }
         if ids.len() >= bulk.min_rows {
-            bulk::record(conn, bulk.cache, t, stamp, masks, &ids)?;
+            // Rows only deleted are keyed by no columns (see `RowWrites`).
+            let write = if masks.is_empty() {
+                BulkWrite::Deleted
+            } else {
+                BulkWrite::Updated(masks)
+            };
+            bulk::record(conn, bulk.cache, t, stamp, write, &ids)?;
         } else {
             for &row in rows {
                 recorded[row] = false;

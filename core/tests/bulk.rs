@@ -488,49 +488,68 @@ fn two_handles_on_one_file_read_each_other_s_entries() {
     }
 }
 
+/// Databases of formats 3 (no `confluo_bulk`) and 4 (entries of updates
+/// only) open as format 5 and record entries of updates and deletes; a
+/// newer format is refused, as a build of format 4 refuses format 5 (it
+/// would take delete entries for updates of no column).
 #[test]
-fn a_database_of_format_3_opens_and_records_bulk_entries() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("f3.db");
-    let db = Database::open(&path).unwrap();
-    db.execute_batch(TODO_SCHEMA).unwrap();
-    db.enable_sync("todo").unwrap();
-    insert_rows(&db, 5);
-    db.close().unwrap();
-    let raw = rusqlite::Connection::open(&path).unwrap();
-    raw.execute_batch(
-        "DROP TABLE confluo_bulk; UPDATE confluo_state SET value = 3 WHERE key = 'format';",
-    )
-    .unwrap();
-    drop(raw);
-    let db = Database::open_with(
-        &path,
-        Options {
-            bulk_update_rows: 2,
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    db.execute("UPDATE todo SET status = 'done'", &[]).unwrap();
-    assert_eq!(count(&db, "SELECT count(*) FROM confluo_bulk"), 1);
-    assert_eq!(
-        count(&db, "SELECT value FROM confluo_state WHERE key = 'format'"),
-        4
-    );
-    db.close().unwrap();
-    // A build that knows only format 3 must not open it: it would take the
-    // entries' rows for unchanged. The check it would make is on this value.
-    let raw = rusqlite::Connection::open(&path).unwrap();
-    raw.execute(
-        "UPDATE confluo_state SET value = 5 WHERE key = 'format'",
-        [],
-    )
-    .unwrap();
-    drop(raw);
-    let err = Database::open(&path)
-        .err()
-        .expect("a newer format is refused");
-    assert!(err.to_string().contains("newer than this build"), "{err}");
+fn databases_of_formats_3_and_4_open_and_record_bulk_entries() {
+    for (format, bulk_table) in [
+        (3, ""),
+        (
+            4,
+            "CREATE TABLE confluo_bulk(id INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, \
+             tag INTEGER NOT NULL, dbv INTEGER NOT NULL, hlc INTEGER NOT NULL, \
+             masks BLOB NOT NULL, ids BLOB NOT NULL);",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("older.db");
+        let db = Database::open(&path).unwrap();
+        db.execute_batch(TODO_SCHEMA).unwrap();
+        db.enable_sync("todo").unwrap();
+        insert_rows(&db, 5);
+        db.close().unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute_batch(&format!(
+            "DROP TABLE confluo_bulk; {bulk_table} \
+             UPDATE confluo_state SET value = {format} WHERE key = 'format';"
+        ))
+        .unwrap();
+        drop(raw);
+        let db = Database::open_with(
+            &path,
+            Options {
+                bulk_update_rows: 2,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        db.execute("UPDATE todo SET status = 'done'", &[]).unwrap();
+        db.execute("DELETE FROM todo WHERE id < 'k0003'", &[])
+            .unwrap();
+        assert_eq!(
+            count(&db, "SELECT count(*) FROM confluo_bulk WHERE deletes"),
+            1,
+            "format {format}"
+        );
+        assert_eq!(
+            count(&db, "SELECT value FROM confluo_state WHERE key = 'format'"),
+            5
+        );
+        db.close().unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute(
+            "UPDATE confluo_state SET value = 6 WHERE key = 'format'",
+            [],
+        )
+        .unwrap();
+        drop(raw);
+        let err = Database::open(&path)
+            .err()
+            .expect("a newer format is refused");
+        assert!(err.to_string().contains("newer than this build"), "{err}");
+    }
 }
 
 /// A table `t(k PRIMARY KEY NOT NULL, a TEXT, b TEXT)`, synced, with rows

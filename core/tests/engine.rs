@@ -1695,7 +1695,7 @@ fn metadata_keyed_by_the_row_key_is_moved_to_row_ids_at_open() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((format, old_tables), (4, 0));
+    assert_eq!((format, old_tables), (5, 0));
     let peer = synced(TODO_SCHEMA, "todo");
     pull(&peer, &Database::open(&path).unwrap());
     // 50 rows, 15 deleted (t40..=t49, t5..=t9), t7 back.
