@@ -276,10 +276,19 @@ pub(crate) struct BulkCache(Mutex<HashMap<(i64, i64, i64), Arc<BulkEntry>>>);
 impl BulkCache {
     /// The entries of table `table` as `conn` sees them.
     pub fn overlay(&self, conn: &Connection, table: i64) -> Result<Overlay> {
-        let listed: Vec<(i64, i64)> = conn
-            .prepare_cached("SELECT id, tag FROM confluo_bulk WHERE tbl = ?1 ORDER BY dbv, id")?
-            .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
+        // Every table's entries (a few), and no parameter: bound to
+        // `tbl = ?`, SQLite (built with STAT4) prepares the statement anew at
+        // each run, which cost more than the rest of a small sync's export.
+        let mut listed: Vec<(i64, i64)> = Vec::new();
+        let mut stmt = conn.prepare_cached("SELECT tbl, id, tag FROM confluo_bulk")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            if r.get::<_, i64>(0)? == table {
+                listed.push((r.get(1)?, r.get(2)?));
+            }
+        }
+        // Oldest first: rows are numbered in the order they were written.
+        listed.sort_unstable();
         let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // What another handle folded, or a transaction rolled back, goes.
         cache.retain(|&(t, entry, tag), _| t != table || listed.contains(&(entry, tag)));
