@@ -981,11 +981,11 @@ impl Database {
             .optional()?
             .unwrap_or(0) as u64;
         if cs.since <= seen && cs.until > seen {
-            conn.execute(
+            conn.prepare_cached(
                 "INSERT INTO confluo_peers(site_ord, seen) VALUES (?1, ?2) \
                  ON CONFLICT(site_ord) DO UPDATE SET seen = excluded.seen",
-                params![ord, cs.until as i64],
-            )?;
+            )?
+            .execute(params![ord, cs.until as i64])?;
         }
         Ok(())
     }

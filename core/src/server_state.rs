@@ -237,10 +237,9 @@ impl Database {
         let conn = tx.conn();
         if until > get_u64(conn, "pushed")? {
             set(conn, "pushed", until as i64)?;
-            conn.execute(
-                "DELETE FROM confluo_server_dbvs WHERE dbv <= ?1",
-                [until as i64],
-            )?;
+            // Cached: it runs at every sync that pushed.
+            conn.prepare_cached("DELETE FROM confluo_server_dbvs WHERE dbv <= ?1")?
+                .execute([until as i64])?;
         }
         Ok(())
     }
