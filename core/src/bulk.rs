@@ -14,11 +14,12 @@
 //! A row's causal length and clocks are its metadata's with the entries
 //! laid over them: an entry that holds the row's id and is newer than the
 //! row's `dbv` (so the row's metadata was not written since) stamps its
-//! columns, or deletes the row. Whatever
-//! writes a row's metadata reads it through the entries first, so the
-//! written row carries their stamps, and its new `dbv` ends their hold on
-//! it. An export after `since` reads, beside the rows whose `dbv` is newer,
-//! the rows of the entries newer than `since`.
+//! columns, or deletes the row. Whatever writes a row's metadata reads it
+//! through the entries first, so the written row carries their stamps, and
+//! its new `dbv` ends their hold on it. (A transaction's entries and the
+//! rows it writes one by one are never the same rows.) An export after
+//! `since` reads, beside the rows whose `dbv` is newer, the rows of the
+//! entries newer than `since`.
 //!
 //! A table keeps at most `MAX_ENTRIES`; one more first folds the oldest into
 //! its rows (what commit would have done), and an entry whose rows and

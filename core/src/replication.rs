@@ -95,7 +95,7 @@ struct TableStatements<'c> {
     /// Metadata writes held until the rows of a merge call are merged, then
     /// made in id order, the metadata table's own (see `write_held`).
     held: Vec<HeldMeta>,
-    held_ids: HashSet<i64>,
+    held_ids: HashSet<i64, foldhash::fast::RandomState>,
     /// The app table's writes by kind and written slots (a table sees few
     /// shapes, so a short list is searched without building a key).
     writes: Vec<(u8, Vec<usize>, CachedStatement<'c>)>,
@@ -166,7 +166,7 @@ impl<'c> ApplyCtx<'c> {
                 let statements = TableStatements {
                     meta: MetaRows::new(conn, t)?,
                     held: Vec::new(),
-                    held_ids: HashSet::new(),
+                    held_ids: HashSet::default(),
                     writes: Vec::new(),
                     overlay: None,
                 };
@@ -1070,7 +1070,7 @@ fn number_seqs(changes: &mut [Change]) {
 pub(crate) struct ExportFrom<'a> {
     pub since: u64,
     pub exclude: Option<u32>,
-    pub skip: Option<&'a HashSet<u64>>,
+    pub skip: Option<&'a ServerVersions>,
 }
 
 impl ExportFrom<'_> {
@@ -1097,14 +1097,18 @@ impl ExportFrom<'_> {
     }
 }
 
+/// Local db_versions (no peer chooses them): hashed with foldhash, looked
+/// up for every cell a push reads.
+pub(crate) type ServerVersions = HashSet<u64, foldhash::fast::RandomState>;
+
 /// The db_versions after `since` at which changes pulled from the server
 /// were recorded.
-pub(crate) fn server_versions_after(conn: &Connection, since: u64) -> Result<HashSet<u64>> {
+pub(crate) fn server_versions_after(conn: &Connection, since: u64) -> Result<ServerVersions> {
     let mut stmt = conn.prepare_cached("SELECT dbv FROM confluo_server_dbvs WHERE dbv > ?1")?;
     let versions = stmt
         .query_map([since as i64], |r| r.get::<_, i64>(0))?
         .map(|r| r.map(|v| v as u64))
-        .collect::<rusqlite::Result<HashSet<u64>>>()?;
+        .collect::<rusqlite::Result<ServerVersions>>()?;
     Ok(versions)
 }
 
