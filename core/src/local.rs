@@ -195,24 +195,24 @@ fn record_bulk(
     conn: &Connection,
     bulk: Bulk<'_>,
     t: &TableInfo,
-    updates: &RowWrites<'_>,
+    writes: &RowWrites<'_>,
     stamp: Stamp,
 ) -> Result<Vec<bool>> {
-    let mut recorded = vec![false; updates.rows.len()];
-    for (masks, rows) in &updates.alike {
+    let mut recorded = vec![false; writes.rows.len()];
+    for (masks, rows) in &writes.alike {
         if rows.len() < bulk.min_rows {
             continue;
         }
         let wanted: Vec<(i64, &Value)> = rows
             .iter()
             .map(|&row| {
-                let (id, e) = &updates.rows[row][0];
+                let (id, e) = &writes.rows[row][0];
                 (*id, &e.key)
             })
             .collect();
         let mut ids: Vec<i64> = Vec::with_capacity(rows.len());
         for (&row, at_home) in rows.iter().zip(alive_at_home(conn, t, &wanted)?) {
-            let id = updates.rows[row][0].0;
+            let id = writes.rows[row][0].0;
             // An entry names each row once (only one key is at an id).
             if at_home && ids.last() != Some(&id) {
                 ids.push(id);
@@ -288,8 +288,8 @@ fn record_rows(
     stamp: Stamp,
 ) -> Result<()> {
     let overlay = bulk.cache.overlay(conn, t.id)?;
-    let updates = RowWrites::of(events);
-    let in_bulk = record_bulk(conn, bulk, t, &updates, stamp)?;
+    let writes = RowWrites::of(events);
+    let in_bulk = record_bulk(conn, bulk, t, &writes, stamp)?;
     let meta = t.meta_table();
     let slots = t.slots.len();
     let uniform = encode_uniform(stamp.hlc, stamp.site, slots);
@@ -319,7 +319,7 @@ fn record_rows(
     let hlc = stamp.hlc.0 as i64;
     let slots_arg = slots as i64;
 
-    for (group, _) in updates.rows.iter().zip(&in_bulk).filter(|(_, b)| !**b) {
+    for (group, _) in writes.rows.iter().zip(&in_bulk).filter(|(_, b)| !**b) {
         let (id, Event { key, .. }) = &group[0];
         if group.iter().any(|(_, e)| e.uncertain) {
             reconcile(conn, t, *id, key, stamp, &mut rows, &overlay)?;
