@@ -214,10 +214,25 @@ impl Overlay {
         self.entries.iter().any(|e| e.holds(id))
     }
 
+    /// The row at `id` as its metadata stores it (causal length `cl`,
+    /// `dbv`, the clocks `blob`) with the entries laid over it: its causal
+    /// length, clocks, and newest db_version.
+    pub fn read(
+        &self,
+        id: i64,
+        (mut cl, dbv): (u64, u64),
+        blob: &[u8],
+        slots: usize,
+    ) -> Result<(u64, RowClocks, u64)> {
+        let mut clocks = RowClocks::decode(blob, dbv)?;
+        let newest = self.apply(id, &mut cl, dbv, &mut clocks, slots);
+        Ok((cl, clocks, newest))
+    }
+
     /// Lays the entries over the causal length and clocks of the row at
     /// `id`, whose metadata's `dbv` is `row_dbv`; returns the row's newest
     /// db_version with them.
-    pub fn apply(
+    fn apply(
         &self,
         id: i64,
         cl: &mut u64,
@@ -411,12 +426,11 @@ fn fold(conn: &Connection, t: &TableInfo, e: &Arc<BulkEntry>) -> Result<()> {
         else {
             continue;
         };
-        let (mut cl, dbv) = (cl as u64, dbv as u64);
+        let (cl, dbv) = (cl as u64, dbv as u64);
         if dbv >= e.dbv || cl % 2 == 0 {
             continue;
         }
-        let mut clocks = RowClocks::decode(&blob, dbv)?;
-        let newest = just_this.apply(id, &mut cl, dbv, &mut clocks, t.slots.len());
+        let (cl, clocks, newest) = just_this.read(id, (cl, dbv), &blob, t.slots.len())?;
         write.execute(params![id, cl as i64, newest as i64, clocks.encode(newest)])?;
     }
     delete(conn, e)

@@ -636,16 +636,8 @@ impl Database {
         };
         let mut row: RowState<Local> = match &at.stored {
             None => RowState::unknown(),
-            Some(stored) => {
-                let mut clocks = RowClocks::decode(&stored.clocks, stored.dbv as u64)?;
-                let mut cl = stored.cl as u64;
-                overlay.apply(
-                    at.id,
-                    &mut cl,
-                    stored.dbv as u64,
-                    &mut clocks,
-                    t.slots.len(),
-                );
+            Some(_) => {
+                let (cl, clocks) = at.clocks(overlay, t.slots.len())?;
                 let to_cell = |s: Stamp| -> Result<Cell<Local>> {
                     let site = *ctx
                         .sites
@@ -1202,9 +1194,9 @@ fn export_table(
         ))?;
         let mut rows = pulled_rows.query([since as i64])?;
         while let Some(r) = rows.next()? {
-            let (mut cl, dbv) = (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64);
-            let mut clocks = RowClocks::decode(r.get_ref(3)?.as_blob()?, dbv)?;
-            overlay.apply(r.get(4)?, &mut cl, dbv, &mut clocks, t.slots.len());
+            let stored = (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64);
+            let (cl, clocks, _) =
+                overlay.read(r.get(4)?, stored, r.get_ref(3)?.as_blob()?, t.slots.len())?;
             if !from.takes_row(t, cl, &clocks) {
                 continue;
             }
@@ -1314,13 +1306,10 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
     ))?;
     let mut rows_in_order = key_sorted(&rows, |r| &r.0).into_iter().peekable();
     for m in key_sorted(&metas, |m| &m.0) {
-        let (key, mut cl, dbv, clocks, id) =
+        let (key, cl, dbv, clocks, id) =
             std::mem::replace(&mut metas[m], (Value::Null, 0, 0, Vec::new(), 0));
-        let mut clocks = RowClocks::decode(&clocks, dbv)?;
         // Before the values: a row a bulk entry deleted is not looked for.
-        export
-            .overlay
-            .apply(id, &mut cl, dbv, &mut clocks, t.slots.len());
+        let (cl, clocks, _) = export.overlay.read(id, (cl, dbv), &clocks, t.slots.len())?;
         let mut values: Option<Vec<Value>> = None;
         if cl % 2 == 1 {
             while rows_in_order
@@ -1363,10 +1352,13 @@ impl RowExport<'_> {
     /// columns (the metadata joined to the table).
     fn joined_row(&mut self, r: &rusqlite::Row<'_>) -> Result<()> {
         let key = Value::from_ref(r.get_ref(1)?);
-        let (mut cl, dbv) = (r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64);
-        let mut clocks = RowClocks::decode(r.get_ref(4)?.as_blob()?, dbv)?;
-        self.overlay
-            .apply(r.get(0)?, &mut cl, dbv, &mut clocks, self.t.slots.len());
+        let stored = (r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64);
+        let (cl, clocks, _) = self.overlay.read(
+            r.get(0)?,
+            stored,
+            r.get_ref(4)?.as_blob()?,
+            self.t.slots.len(),
+        )?;
         self.row(row_key(self.t, key)?, cl, &clocks, |i| {
             Ok(Value::from_ref(r.get_ref(5 + i)?))
         })

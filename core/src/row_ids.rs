@@ -260,9 +260,8 @@ impl Located {
     pub fn clocks(&self, overlay: &Overlay, slots: usize) -> Result<(u64, RowClocks)> {
         Ok(match &self.stored {
             Some(row) => {
-                let (mut cl, dbv) = (row.cl as u64, row.dbv as u64);
-                let mut clocks = RowClocks::decode(&row.clocks, dbv)?;
-                overlay.apply(self.id, &mut cl, dbv, &mut clocks, slots);
+                let stored = (row.cl as u64, row.dbv as u64);
+                let (cl, clocks, _) = overlay.read(self.id, stored, &row.clocks, slots)?;
                 (cl, clocks)
             }
             None => (0, RowClocks::default()),

@@ -7,7 +7,6 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::capture::lock;
 use crate::changeset::{Change, ChangeSet};
-use crate::clocks::RowClocks;
 use crate::db::Database;
 use crate::error::{Error, Result};
 use crate::replication::{ApplyReport, Sender};
@@ -368,12 +367,12 @@ impl Database {
                 // is unsent (its own, or that of a bulk entry that holds it),
                 // or one of its cells is, under a newer change from the server.
                 let counts = |r: &rusqlite::Row<'_>| -> Result<bool> {
-                    let (mut cl, dbv) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
-                    if unsent(dbv) {
+                    let stored = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
+                    if unsent(stored.1) {
                         return Ok(true);
                     }
-                    let mut clocks = RowClocks::decode(r.get_ref(2)?.as_blob()?, dbv)?;
-                    let newest = overlay.apply(r.get(3)?, &mut cl, dbv, &mut clocks, t.slots.len());
+                    let (cl, clocks, newest) =
+                        overlay.read(r.get(3)?, stored, r.get_ref(2)?.as_blob()?, t.slots.len())?;
                     Ok(unsent(newest) || push.takes_row(t, cl, &clocks))
                 };
                 let meta = t.meta_table();

@@ -450,20 +450,31 @@ fn bulk_entries_go_with_the_metadata_they_stand_for() {
     assert!(db.changes_since(0, None).unwrap().changes.is_empty());
 }
 
-#[test]
-fn two_handles_on_one_file_read_each_other_s_entries() {
-    let clock = clock();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shared.db");
+/// Two handles on one file in `dir`, with the todo table synced, that
+/// record updates of `bulk_rows` rows or more as an entry.
+fn two_handles(
+    dir: &std::path::Path,
+    clock: &Arc<ManualTimeSource>,
+    bulk_rows: usize,
+) -> (Database, Database) {
+    let path = dir.join("shared.db");
     let options = || Options {
         time: clock.clone(),
-        bulk_update_rows: 2,
+        bulk_update_rows: bulk_rows,
         ..Options::default()
     };
     let a = Database::open_with(&path, options()).unwrap();
     a.execute_batch(TODO_SCHEMA).unwrap();
     a.enable_sync("todo").unwrap();
     let b = Database::open_with(&path, options()).unwrap();
+    (a, b)
+}
+
+#[test]
+fn two_handles_on_one_file_read_each_other_s_entries() {
+    let clock = clock();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_handles(dir.path(), &clock, 2);
     let plain = replica(&clock, usize::MAX);
     insert_rows(&a, 30);
     insert_rows(&plain, 30);
@@ -643,21 +654,12 @@ fn pending_counts_rows_of_an_unsent_entry_whatever_its_columns_became() {
 fn an_entry_of_a_transaction_that_failed_to_commit_is_never_read() {
     let clock = clock();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shared.db");
-    let options = || Options {
-        time: clock.clone(),
-        bulk_update_rows: 1,
-        ..Options::default()
-    };
-    let a = Database::open_with(&path, options()).unwrap();
-    a.execute_batch(TODO_SCHEMA).unwrap();
-    a.enable_sync("todo").unwrap();
+    let (a, b) = two_handles(dir.path(), &clock, 1);
     a.execute_batch(
         "CREATE TABLE p(id TEXT PRIMARY KEY);
          CREATE TABLE c(x TEXT REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED);",
     )
     .unwrap();
-    let b = Database::open_with(&path, options()).unwrap();
     insert_rows(&a, 10);
     clock.advance(1);
     let failed = a.write(|tx| {
