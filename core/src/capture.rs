@@ -31,9 +31,38 @@ pub(crate) struct Event {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum EventKind {
     Inserted,
-    /// Bitmasks of the changed column slots, 62 slots per word.
-    Updated(Box<[u64]>),
+    Updated(Masks),
     Deleted,
+}
+
+/// Bitmasks of the changed column slots, 62 slots per word. A table of up
+/// to 62 columns needs one word, kept inline: an UPDATE of many rows
+/// captures one event per row, and an allocation each cost as much as the
+/// rest of the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Masks {
+    One(u64),
+    Many(Box<[u64]>),
+}
+
+impl std::ops::Deref for Masks {
+    type Target = [u64];
+
+    fn deref(&self) -> &[u64] {
+        match self {
+            Masks::One(word) => std::slice::from_ref(word),
+            Masks::Many(words) => words,
+        }
+    }
+}
+
+impl From<Vec<u64>> for Masks {
+    fn from(words: Vec<u64>) -> Self {
+        match words[..] {
+            [word] => Masks::One(word),
+            _ => Masks::Many(words.into()),
+        }
+    }
 }
 
 /// What the writer connection's functions and hooks share.
@@ -301,7 +330,9 @@ fn install_row_functions(
             st.capture(table, new, EventKind::Inserted);
             return Ok(true);
         }
-        let mut masks: Vec<u64> = Vec::new();
+        // The first word of the masks, then the others (tables of more
+        // than 62 columns).
+        let (mut first, mut more): (u64, Vec<u64>) = (0, Vec::new());
         for (pair, slot) in slots.chunks_exact(2).enumerate() {
             let at = first_pair + 2 * pair;
             let new = ctx.get_raw(at);
@@ -312,17 +343,27 @@ fn install_row_functions(
             fits(new, max_value_bytes)?;
             let slot = usize::from(u16::from_le_bytes([slot[0], slot[1]]));
             let (word, bit) = (slot / 62, slot % 62);
-            if masks.len() <= word {
-                masks.resize(word + 1, 0);
+            if word == 0 {
+                first |= 1 << bit;
+                continue;
             }
-            masks[word] |= 1 << bit;
+            if more.len() < word {
+                more.resize(word, 0);
+            }
+            more[word - 1] |= 1 << bit;
         }
-        if masks.is_empty() {
+        if first == 0 && more.is_empty() {
             // Every value stayed what it was: no write to record.
             return Ok(false);
         }
+        let masks = if more.is_empty() {
+            Masks::One(first)
+        } else {
+            more.insert(0, first);
+            Masks::Many(more.into())
+        };
         let key = captured_key(&st, ctx, new_key, npk)?;
-        st.capture(table, key, EventKind::Updated(masks.into()));
+        st.capture(table, key, EventKind::Updated(masks));
         Ok(true)
     })?;
     Ok(())
@@ -397,8 +438,8 @@ pub(crate) fn install(
         let key = Value::from_ref(ctx.get_raw(1));
         let masks = (2..ctx.len())
             .map(|i| ctx.get::<i64>(i).map(|m| m as u64))
-            .collect::<rusqlite::Result<Box<[u64]>>>()?;
-        lock(&s).capture(table, key, EventKind::Updated(masks));
+            .collect::<rusqlite::Result<Vec<u64>>>()?;
+        lock(&s).capture(table, key, EventKind::Updated(masks.into()));
         Ok(true)
     })?;
 

@@ -158,7 +158,7 @@ fn updated_columns(group: &[(i64, Event)]) -> Option<Cow<'_, [u64]>> {
     if let [(_, e)] = group {
         // The common case, without a copy.
         return match &e.kind {
-            EventKind::Updated(m) if !e.uncertain => Some(Cow::Borrowed(m)),
+            EventKind::Updated(m) if !e.uncertain => Some(Cow::Borrowed(&m[..])),
             _ => None,
         };
     }
@@ -387,7 +387,7 @@ pub(crate) fn restamp_function(ctx: &rusqlite::functions::Context<'_>) -> Result
     let rusqlite::types::ValueRef::Blob(masks) = ctx.get_raw(6) else {
         return Err(bad("masks"));
     };
-    let masks: Box<[u64]> = masks
+    let masks: Vec<u64> = masks
         .chunks_exact(8)
         .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
         .collect();
@@ -401,7 +401,7 @@ pub(crate) fn restamp_function(ctx: &rusqlite::functions::Context<'_>) -> Result
     apply_local(
         &mut cl,
         &mut clocks,
-        &EventKind::Updated(masks),
+        &EventKind::Updated(masks.into()),
         stamp,
         slots,
     );
