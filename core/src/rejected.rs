@@ -107,9 +107,7 @@ impl Database {
             }
             // They came from the server: never pushed back to it.
             if let Some(dbv) = ctx.report.db_version {
-                tx.conn()
-                    .prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
-                    .execute([dbv as i64])?;
+                crate::server_state::record_server_version(tx.conn(), dbv)?;
             }
             Ok(())
         })?;

@@ -51,8 +51,7 @@ fn record_pulled(
     tag: Option<&str>,
 ) -> Result<()> {
     if let Some(dbv) = ctx.report.db_version {
-        conn.prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
-            .execute([dbv as i64])?;
+        record_server_version(conn, dbv)?;
     }
     set(conn, "cursor", cursor as i64)?;
     match tag {
@@ -63,6 +62,20 @@ fn record_pulled(
             Ok(())
         }
     }
+}
+
+/// Notes that local version `dbv` holds only changes that came from the
+/// server, which are never pushed back. When every version before it is
+/// pushed already, the push mark moves onto it instead: the next push then
+/// starts after it, rather than reading its rows back only to leave them
+/// out (for a device that syncs often, most of what a push read).
+pub(crate) fn record_server_version(conn: &Connection, dbv: u64) -> Result<()> {
+    if get_u64(conn, "pushed")? + 1 == dbv {
+        return set(conn, "pushed", dbv as i64);
+    }
+    conn.prepare_cached("INSERT OR IGNORE INTO confluo_server_dbvs(dbv) VALUES (?1)")?
+        .execute([dbv as i64])?;
+    Ok(())
 }
 
 fn set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> {
@@ -192,7 +205,8 @@ impl Database {
         })
     }
 
-    /// The local db_version up to which the server has accepted our pushes.
+    /// The local db_version up to which the server has everything: our
+    /// pushes it accepted, and the versions pulled from it in between.
     pub fn pushed_version(&self) -> Result<u64> {
         self.read_snapshot(|conn| get_u64(conn, "pushed"))
     }

@@ -1354,11 +1354,11 @@ fn a_first_push_after_a_pull_sends_only_our_own_rows() {
             )
             .unwrap();
     }
+    a.execute("INSERT INTO todo VALUES ('mine', 'milk', 'open')", &[])
+        .unwrap();
     let theirs = other.changes_since(0, None).unwrap().changes;
     a.apply_from_server(&theirs, 1, None).unwrap();
     assert_eq!(a.pushed_version().unwrap(), 0, "a device that never pushed");
-    a.execute("INSERT INTO todo VALUES ('mine', 'milk', 'open')", &[])
-        .unwrap();
     a.execute("UPDATE todo SET status = 'done' WHERE id = 't7'", &[])
         .unwrap();
     let mut sent: Vec<(String, Option<String>)> = a
@@ -1382,6 +1382,50 @@ fn a_first_push_after_a_pull_sends_only_our_own_rows() {
     ];
     expected.sort();
     assert_eq!(sent, expected);
+}
+
+#[test]
+fn a_pull_with_nothing_unsent_moves_the_push_mark_past_what_it_applied() {
+    let c = clock();
+    let (a, other) = (todo_replica(&c), todo_replica(&c));
+    a.execute("INSERT INTO todo VALUES ('mine', 'milk', 'open')", &[])
+        .unwrap();
+    a.mark_pushed(a.db_version()).unwrap();
+    let mut server_version = 0;
+    let mut from_other = |title: &str| {
+        c.advance(1);
+        other
+            .execute(
+                "INSERT INTO todo VALUES ('theirs', ?1, 'open') \
+                 ON CONFLICT(id) DO UPDATE SET title = excluded.title",
+                &[text(title)],
+            )
+            .unwrap();
+        server_version += 1;
+        (
+            other.changes_since(0, None).unwrap().changes,
+            server_version,
+        )
+    };
+    // Everything of ours is on the server: the pulled version needs no
+    // push, and the next push starts after it.
+    let (theirs, at) = from_other("bread");
+    assert_eq!(a.apply_from_server(&theirs, at, None).unwrap().applied, 3);
+    assert_eq!(a.pushed_version().unwrap(), a.db_version());
+    assert_eq!(a.pending_changes().unwrap(), 0);
+    assert!(a.changes_for_server().unwrap().changes.is_empty());
+    // An edit of ours waits: the mark stays before it, and the push sends
+    // that edit alone.
+    a.execute("UPDATE todo SET status = 'done' WHERE id = 'mine'", &[])
+        .unwrap();
+    let pushed = a.pushed_version().unwrap();
+    let (theirs, at) = from_other("rye bread");
+    assert_eq!(a.apply_from_server(&theirs, at, None).unwrap().applied, 1);
+    assert_eq!(a.pushed_version().unwrap(), pushed);
+    assert_eq!(a.pending_changes().unwrap(), 1);
+    let outgoing = a.changes_for_server().unwrap().changes;
+    assert_eq!(outgoing.len(), 1, "{outgoing:?}");
+    assert_eq!(outgoing[0].value, text("done"));
 }
 
 /// A replica with a synced `todo`, a synced `history` that an app trigger
