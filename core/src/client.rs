@@ -406,20 +406,26 @@ impl Client {
         }
     }
 
+    /// `body` compressed, for a server that said it takes zstd, when there
+    /// is something to gain.
+    fn packed(&self, body: &[u8]) -> Option<Vec<u8>> {
+        (body.len() >= coding::MIN_COMPRESSED_BYTES && takes_zstd(&self.config.server_url))
+            .then(|| coding::compress(body))
+    }
+
+    /// Posts `body` (sent as `packed`, its compressed form, when there is
+    /// one) to the sync endpoint; `part` names it in a multi-request push.
+    #[allow(clippy::too_many_arguments)]
     fn post_sync(
         &self,
         cursor: u64,
         tag: Option<&str>,
         who: &Ident,
         body: &[u8],
+        packed: Option<Vec<u8>>,
         part: Option<(&str, usize, usize)>,
         report: &mut SyncReport,
     ) -> Result<Reply> {
-        // Compressed only for a server that said it takes zstd, and only
-        // when there is something to gain.
-        let packed = (body.len() >= coding::MIN_COMPRESSED_BYTES
-            && takes_zstd(&self.config.server_url))
-        .then(|| coding::compress(body));
         // Safe to send twice: merging is idempotent, and a part staged
         // twice is kept once.
         let answer = self.authorized(|auth, fresh| {
@@ -445,7 +451,7 @@ impl Client {
             // The server behind this address no longer takes zstd (another
             // server, or an older one): send it plain from now on.
             remember_zstd(&self.config.server_url, false);
-            return self.post_sync(cursor, tag, who, body, part, report);
+            return self.post_sync(cursor, tag, who, body, None, part, report);
         }
         self.read_page(answer, report)
     }
@@ -566,12 +572,18 @@ impl Client {
         who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Reply> {
-        let parts = split(
+        let ranges = match split(
             outgoing,
             self.config.max_request_bytes,
             self.config.max_request_changes,
-        );
-        let n = parts.len();
+        ) {
+            Parts::One(body) => {
+                let packed = self.packed(&body);
+                return self.post_sync(cursor, tag, who, &body, packed, None, report);
+            }
+            Parts::Many(ranges) => ranges,
+        };
+        let n = ranges.len();
         // The same changes go under the same id, however often they are
         // sent again (and whichever handle on this file sends them), so a
         // retry replaces what the server staged; other changes, another id.
@@ -582,16 +594,32 @@ impl Client {
             .map(|b| format!("{b:02x}"))
             .collect();
         let id = format!("{site}-{}-{}", outgoing.since, outgoing.until);
-        for (i, part) in parts.iter().enumerate() {
-            let part_header = (n > 1).then_some((id.as_str(), i + 1, n));
-            let reply = self.post_sync(cursor, tag, who, part, part_header, report)?;
-            self.tell_progress(report);
-            match reply {
-                Reply::Staged if i + 1 < n => continue,
-                reply => return Ok(reply),
+        // Each part is encoded and compressed on a helper thread while the
+        // one before it is on its way: the device's work and the server's
+        // (and the network's round trip) overlap. One part waits at most.
+        std::thread::scope(|scope| {
+            let (next, parts) = std::sync::mpsc::sync_channel(1);
+            scope.spawn(move || {
+                for range in ranges {
+                    let body = outgoing.part(range).encode();
+                    let packed = self.packed(&body);
+                    // Gone: the push stopped (an error), so no more parts.
+                    if next.send((body, packed)).is_err() {
+                        return;
+                    }
+                }
+            });
+            for (i, (body, packed)) in parts.into_iter().enumerate() {
+                let part = Some((id.as_str(), i + 1, n));
+                let reply = self.post_sync(cursor, tag, who, &body, packed, part, report)?;
+                self.tell_progress(report);
+                match reply {
+                    Reply::Staged if i + 1 < n => continue,
+                    reply => return Ok(reply),
+                }
             }
-        }
-        Err(network("a push with no parts", false))
+            Err(network("a push with no parts", false))
+        })
     }
 
     fn tell_progress(&self, report: &SyncReport) {
@@ -609,88 +637,186 @@ impl Client {
         who: &Ident,
         report: &mut SyncReport,
     ) -> Result<Round> {
-        let (mut cursor, mut tag) = db.server_position()?;
-        // Pages of a version larger than one page wait on disk until its
-        // last page: memory stays bounded by a page, whatever the version.
-        let mut staged = 0usize;
-        let mut next = first;
-        let mut resume: Option<String> = None;
-        loop {
-            let mut page = match next.take() {
-                Some(p) => p,
-                None => match self.get_changes(
-                    cursor,
-                    tag.as_deref(),
-                    who,
-                    resume.as_deref(),
-                    Duration::ZERO,
-                    report,
-                )? {
-                    Reply::Page(p) => p,
-                    Reply::Gone => return Ok(Round::Gone),
-                    Reply::Staged => return Err(network("unexpected 202 to a pull", false)),
-                },
-            };
-            report.pulled += page.changes.changes.len();
-            resume = page.resume.take();
-            if let Some(epoch) = &page.epoch {
-                if who.epoch.as_deref() != Some(epoch.as_str()) {
-                    db.set_server_epoch(epoch)?;
-                }
-            }
-            if resume.is_some() {
-                db.stage_page(&page.encoded, staged == 0)?;
-                staged += 1;
-            }
-            if resume.is_none() && (page.changes.until > cursor || !page.changes.changes.is_empty())
-            {
-                let until = page.changes.until.max(cursor);
-                if until > cursor {
-                    tag = page.tag.take();
-                }
-                let applied = if staged > 0 {
-                    db.apply_staged_from_server(&page.changes.changes, until, tag.as_deref())?
-                } else {
-                    db.apply_from_server(&page.changes.changes, until, tag.as_deref())?
+        let (cursor, tag) = db.server_position()?;
+        let mut from = PullFrom {
+            cursor,
+            tag,
+            resume: None,
+        };
+        let mut store = PageStore {
+            cursor,
+            tag: from.tag.clone(),
+            staged: 0,
+        };
+        let page = match first {
+            Some(page) => page,
+            None => match self.fetch_page(&from, who, report)? {
+                Some(page) => page,
+                None => return Ok(Round::Gone),
+            },
+        };
+        from.past(&page);
+        if !page.more {
+            store.take((self, db, who), *page, report)?;
+            return Ok(Round::Done);
+        }
+        // More pages: each is fetched on a helper thread while the one
+        // before it is stored or applied, so the server's work (and the
+        // round trip) overlaps the device's. At most one page waits, so
+        // memory stays bounded by a few pages, whatever the version.
+        std::thread::scope(|scope| {
+            let (next, pages) = std::sync::mpsc::sync_channel(1);
+            scope.spawn(move || loop {
+                let mut received = SyncReport::default();
+                let fetched = self.fetch_page(&from, who, &mut received);
+                let more = match &fetched {
+                    Ok(Some(page)) => {
+                        from.past(page);
+                        page.more
+                    }
+                    _ => false,
                 };
-                report.applied += applied.applied;
-                report.rejected += applied.rejected;
-                staged = 0;
-                cursor = until;
+                // Gone: the pull stopped (an error), so no more pages.
+                if next.send((fetched, received)).is_err() || !more {
+                    return;
+                }
+            });
+            store.take((self, db, who), *page, report)?;
+            for (fetched, received) in pages {
+                // A page fetched before a cancel is not stored after it.
+                if self.cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                report.bytes_received += received.bytes_received;
+                report.server_time_ms = received.server_time_ms.or(report.server_time_ms);
+                let Some(page) = fetched? else {
+                    return Ok(Round::Gone);
+                };
+                let more = page.more;
+                store.take((self, db, who), *page, report)?;
+                if !more {
+                    return Ok(Round::Done);
+                }
             }
-            self.tell_progress(report);
-            if !page.more {
-                return Ok(Round::Done);
-            }
+            Err(network("the server's pages stopped before the last", true))
+        })
+    }
+
+    /// The page after `from`; `None` when the server no longer has the
+    /// history it points into (410).
+    fn fetch_page(
+        &self,
+        from: &PullFrom,
+        who: &Ident,
+        report: &mut SyncReport,
+    ) -> Result<Option<Box<Page>>> {
+        let reply = self.get_changes(
+            from.cursor,
+            from.tag.as_deref(),
+            who,
+            from.resume.as_deref(),
+            Duration::ZERO,
+            report,
+        )?;
+        match reply {
+            Reply::Page(page) => Ok(Some(page)),
+            Reply::Gone => Ok(None),
+            Reply::Staged => Err(network("unexpected 202 to a pull", false)),
         }
     }
 }
 
-/// Splits a change set into encoded parts of at most about `max` bytes.
+/// Where the next pull request starts: the cursor and its version's tag,
+/// and inside a version larger than a page, the server's resume token.
+struct PullFrom {
+    cursor: u64,
+    tag: Option<String>,
+    resume: Option<String>,
+}
+
+impl PullFrom {
+    /// Moves past `page`.
+    fn past(&mut self, page: &Page) {
+        self.resume = page.resume.clone();
+        if self.resume.is_none() && page.changes.until > self.cursor {
+            self.cursor = page.changes.until;
+            self.tag = page.tag.clone();
+        }
+    }
+}
+
+/// The pulled pages' way into the database: the cursor applied so far
+/// (and its tag), and how many pages of a version larger than one page
+/// wait on disk for its last (memory stays bounded by a page).
+struct PageStore {
+    cursor: u64,
+    tag: Option<String>,
+    staged: usize,
+}
+
+impl PageStore {
+    /// Stores `page`: applies it, with the staged pages before it, once it
+    /// ends a version (or moves the cursor), else stages it.
+    fn take(
+        &mut self,
+        (client, db, who): (&Client, &Database, &Ident),
+        mut page: Page,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        report.pulled += page.changes.changes.len();
+        if let Some(epoch) = &page.epoch {
+            if who.epoch.as_deref() != Some(epoch.as_str()) {
+                db.set_server_epoch(epoch)?;
+            }
+        }
+        if page.resume.is_some() {
+            db.stage_page(&page.encoded, self.staged == 0)?;
+            self.staged += 1;
+        } else if page.changes.until > self.cursor || !page.changes.changes.is_empty() {
+            let until = page.changes.until.max(self.cursor);
+            if until > self.cursor {
+                self.tag = page.tag.take();
+            }
+            let applied = if self.staged > 0 {
+                db.apply_staged_from_server(&page.changes.changes, until, self.tag.as_deref())?
+            } else {
+                db.apply_from_server(&page.changes.changes, until, self.tag.as_deref())?
+            };
+            report.applied += applied.applied;
+            report.rejected += applied.rejected;
+            self.staged = 0;
+            self.cursor = until;
+        }
+        client.tell_progress(report);
+        Ok(())
+    }
+}
+
+/// How a push goes: one request with the whole change set (encoded), or
+/// several, each with a range of its changes.
+enum Parts {
+    One(Vec<u8>),
+    Many(Vec<std::ops::Range<usize>>),
+}
+
+/// Splits a change set into parts of at most about `max` bytes encoded.
 /// Parts end between rows where they can; a row too large for one part is
 /// cut between its changes (the server merges every part of a push in one
 /// transaction, so the row still lands whole).
-fn split(cs: &ChangeSet, max: usize, max_changes: usize) -> Vec<Vec<u8>> {
+fn split(cs: &ChangeSet, max: usize, max_changes: usize) -> Parts {
     let max_changes = max_changes.max(1);
     if cs.changes.len() <= max_changes {
         let whole = cs.encode();
         if whole.len() <= max {
-            return vec![whole];
+            return Parts::One(whole);
         }
     }
-    let part = |range: std::ops::Range<usize>| {
-        ChangeSet {
-            changes: cs.changes[range].to_vec(),
-            ..cs.clone_header()
-        }
-        .encode()
-    };
     let mut parts = Vec::new();
     let (mut start, mut size) = (0, 0);
     for (i, c) in cs.changes.iter().enumerate() {
         let cost = c.value.payload_len() + c.pk.iter().map(|v| v.payload_len()).sum::<usize>() + 32;
         if size > 0 && (size + cost > max || i - start >= max_changes) {
-            parts.push(part(start..i));
+            parts.push(start..i);
             (start, size) = (i, 0);
         }
         size += cost;
@@ -699,14 +825,22 @@ fn split(cs: &ChangeSet, max: usize, max_changes: usize) -> Vec<Vec<u8>> {
             .get(i + 1)
             .is_none_or(|n| n.table != c.table || n.pk != c.pk);
         if (size >= max / 2 && row_ends) || i + 1 == cs.changes.len() {
-            parts.push(part(start..i + 1));
+            parts.push(start..i + 1);
             (start, size) = (i + 1, 0);
         }
     }
-    parts
+    Parts::Many(parts)
 }
 
 impl ChangeSet {
+    /// The changes in `range`, as a change set of their own.
+    fn part(&self, range: std::ops::Range<usize>) -> ChangeSet {
+        ChangeSet {
+            changes: self.changes[range].to_vec(),
+            ..self.clone_header()
+        }
+    }
+
     fn clone_header(&self) -> ChangeSet {
         ChangeSet {
             source: self.source,
@@ -912,11 +1046,13 @@ mod tests {
     fn parts_hold_at_most_the_changes_a_server_takes_and_lose_none() {
         let cs = changes(10, 3);
         for (max_bytes, max_changes) in [(1 << 20, 4), (1 << 20, 1), (40, 100), (1 << 20, 100)] {
-            let parts = split(&cs, max_bytes, max_changes);
-            let decoded: Vec<ChangeSet> = parts
-                .iter()
-                .map(|p| ChangeSet::decode(p).unwrap())
-                .collect();
+            let decoded: Vec<ChangeSet> = match split(&cs, max_bytes, max_changes) {
+                Parts::One(body) => vec![ChangeSet::decode(&body).unwrap()],
+                Parts::Many(ranges) => ranges
+                    .into_iter()
+                    .map(|r| ChangeSet::decode(&cs.part(r).encode()).unwrap())
+                    .collect(),
+            };
             assert!(
                 decoded.iter().all(|p| p.changes.len() <= max_changes),
                 "{max_bytes} {max_changes}"
@@ -925,6 +1061,6 @@ mod tests {
             assert_eq!(all.len(), cs.changes.len());
             assert!(all.iter().zip(&cs.changes).all(|(a, b)| a.value == b.value));
         }
-        assert_eq!(split(&cs, 1 << 20, 100).len(), 1);
+        assert!(matches!(split(&cs, 1 << 20, 100), Parts::One(_)));
     }
 }

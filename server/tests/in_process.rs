@@ -150,6 +150,72 @@ fn a_version_over_many_pages_lands_whole_or_not_at_all() {
     assert_eq!(b.server_cursor().unwrap(), 1);
 }
 
+/// A token for the first `good` requests, none after: a request that
+/// fails at a chosen point of a sync.
+struct TokensRunOut {
+    good: AtomicUsize,
+}
+
+impl confluo_core::TokenProvider for TokensRunOut {
+    fn token(&self) -> Result<String, String> {
+        match self
+            .good
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        {
+            Ok(_) => Ok("dev-token".into()),
+            Err(_) => Err("the test's tokens ran out".into()),
+        }
+    }
+}
+
+fn failing_after(cfg: &SyncConfig, requests: usize) -> SyncConfig {
+    SyncConfig {
+        token: Arc::new(TokensRunOut {
+            good: AtomicUsize::new(requests),
+        }),
+        ..cfg.clone()
+    }
+}
+
+/// Parts and pages travel while the ones before them are prepared or
+/// stored: a request that fails in the middle still fails the sync, at
+/// once, with nothing of the push or the version half done.
+#[test]
+fn a_request_failing_midway_through_many_parts_or_pages_lands_nothing() {
+    let server = server(Config {
+        page_bytes: 2_000,
+        ..Config::default()
+    });
+    let mut cfg = SyncConfig::new(server.url(), "midway", "dev-token");
+    cfg.max_request_bytes = 4_000;
+    let (a, b) = (Arc::new(device()), Arc::new(device()));
+    insert_rows(&a, 300);
+    // The push's third part finds no token.
+    let (a_cfg, failing) = (cfg.clone(), failing_after(&cfg, 2));
+    let err = within_deadline({
+        let a = a.clone();
+        move || a.sync_now(&failing).unwrap_err()
+    });
+    assert!(matches!(err, confluo_core::Error::Auth(_)), "{err}");
+    assert_eq!(a.pending_changes().unwrap(), 300, "the push was not taken");
+    let r = a.sync_now(&a_cfg).unwrap();
+    assert_eq!(r.pushed, 900);
+    // B's pull: the fifth page's request finds no token.
+    for good in [1, 4] {
+        let failing = failing_after(&cfg, good);
+        let err = within_deadline({
+            let b = b.clone();
+            move || b.sync_now(&failing).unwrap_err()
+        });
+        assert!(matches!(err, confluo_core::Error::Auth(_)), "{err}");
+        assert!(dump(&b).is_empty(), "part of a version was applied");
+        assert_eq!(b.server_cursor().unwrap(), 0);
+    }
+    let r = b.sync_now(&cfg).unwrap();
+    assert_eq!(r.applied, 900);
+    assert_eq!(dump(&a), dump(&b));
+}
+
 #[test]
 fn a_space_is_bound_to_one_database() {
     let server = server(Config::default());
