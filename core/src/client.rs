@@ -610,6 +610,9 @@ impl Client {
                 }
             });
             for (i, (body, packed)) in parts.into_iter().enumerate() {
+                // Prepared before the answer that said the server takes
+                // zstd (a first push): compressed now.
+                let packed = packed.or_else(|| self.packed(&body));
                 let part = Some((id.as_str(), i + 1, n));
                 let reply = self.post_sync(cursor, tag, who, &body, packed, part, report)?;
                 self.tell_progress(report);

@@ -556,9 +556,7 @@ fn page_response(
         .fetch_add(body.len() as u64, Ordering::Relaxed);
     let mut resp = ([("content-type", CHANGESET_TYPE)], body).into_response();
     let h = resp.headers_mut();
-    // Pushes may come compressed (RFC 7694), and the page depends on the
-    // request's Accept-Encoding.
-    h.insert("accept-encoding", HeaderValue::from_static(coding::ZSTD));
+    // The page depends on the request's Accept-Encoding.
     h.insert("vary", HeaderValue::from_static("accept-encoding"));
     if zstd {
         h.insert("content-encoding", HeaderValue::from_static(coding::ZSTD));
@@ -664,6 +662,11 @@ fn respond(app: &App, route: &'static str, result: Result<Response, ApiError>) -
     });
     app.metrics.request(route, resp.status().as_u16());
     stamp_server_time(&mut resp);
+    // Pushes may come compressed (RFC 7694): said in every answer, so that
+    // a device learns it from its first request, whatever the answer (the
+    // parts of a device's first push are answered 202, not with a page).
+    resp.headers_mut()
+        .insert("accept-encoding", HeaderValue::from_static(coding::ZSTD));
     resp
 }
 

@@ -1004,6 +1004,25 @@ fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
         "{} < {first_size}",
         first.bytes_sent
     );
+    // The first answer said the server takes zstd: a first push of several
+    // parts sends the first plain, and the others compressed.
+    let c = device();
+    c.write(|tx| {
+        for i in 0..300 {
+            tx.execute(
+                "INSERT INTO todo VALUES (?1, 'water the plants on the balcony', 'open')",
+                &[format!("todo-{i:05}").into()],
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let size = c.changes_since(0, None).unwrap().encode().len() as u64;
+    let fresh = self::server(Config::default());
+    let mut in_parts = SyncConfig::new(fresh.url(), "parts", "dev-token");
+    in_parts.max_request_bytes = size as usize / 4;
+    let sent = c.sync_now(&in_parts).unwrap().bytes_sent;
+    assert!(sent * 2 < size, "sent {sent} for {size} bytes of changes");
     let seen = a.db_version();
     add(300);
     let second_size = a.changes_since(seen, None).unwrap().encode().len() as u64;
