@@ -17,7 +17,8 @@ pub const PROTOCOL_VERSION: &str = "1";
 const CHANGESET_TYPE: &str = "application/vnd.confluo.changeset";
 
 /// Supplies the bearer token for each request, so apps can refresh
-/// expiring tokens.
+/// expiring tokens. Called on the thread that runs the sync, or on the
+/// helper thread that fetches a long pull's pages ahead.
 pub trait TokenProvider: Send + Sync + 'static {
     fn token(&self) -> std::result::Result<String, String>;
 
@@ -67,9 +68,10 @@ pub struct SyncConfig {
     /// page pulled), for a progress display.
     pub progress: Option<ProgressListener>,
     /// Set it (from any thread) to cancel a `sync_now` in flight: no
-    /// request starts after that, and the sync fails with
-    /// `Error::Cancelled`. A request already sent is not cut short (its
-    /// timeout bounds it).
+    /// request starts after that, nothing more is applied, and the sync
+    /// fails with `Error::Cancelled`. A request already sent is not cut
+    /// short (its timeout bounds it): in a pull of many pages, that can be
+    /// the next page's, fetched while one is applied.
     pub cancel: Option<Arc<AtomicBool>>,
     /// Background sync only: whether the platform says the network is up
     /// when it starts (later hints go to `BackgroundSync::set_online`).
@@ -666,7 +668,8 @@ impl Client {
         // More pages: each is fetched on a helper thread while the one
         // before it is stored or applied, so the server's work (and the
         // round trip) overlaps the device's. At most one page waits, so
-        // memory stays bounded by a few pages, whatever the version.
+        // memory stays bounded by a few pages, whatever the version. When
+        // storing fails, the sync ends once the request in flight does.
         std::thread::scope(|scope| {
             let (next, pages) = std::sync::mpsc::sync_channel(1);
             scope.spawn(move || loop {

@@ -277,40 +277,48 @@ impl Database {
         recipient: Option<SiteId>,
         skip_server_versions: bool,
     ) -> Result<ChangeSet> {
+        self.read_snapshot(|conn| self.export_in(conn, since, recipient, skip_server_versions))
+    }
+
+    /// `export`, in the read snapshot of `conn`.
+    pub(crate) fn export_in(
+        &self,
+        conn: &Connection,
+        since: u64,
+        recipient: Option<SiteId>,
+        skip_server_versions: bool,
+    ) -> Result<ChangeSet> {
         let source = self.site_id();
-        self.read_snapshot(|conn| {
-            let tables = self.tables_in(conn)?;
-            let sites = self.sites_as_of(conn)?;
-            let exclude =
-                recipient.and_then(|r| sites.iter().position(|s| *s == r).map(|p| p as u32));
-            let skip = if skip_server_versions {
-                Some(server_versions_after(conn, since)?)
-            } else {
-                None
-            };
-            let mut changes = Vec::new();
-            let mut until = since;
-            for t in &tables {
-                let from = ExportFrom {
-                    since,
-                    exclude,
-                    skip: skip.as_ref(),
-                };
-                let overlay = self.inner.bulk.overlay(conn, t.id)?;
-                until = until.max(export_table(conn, t, &overlay, from, &sites, &mut changes)?);
-            }
-            until = until.max(export_pending(conn, since, recipient, &mut changes)?);
-            if let Some(skip) = &skip {
-                changes.retain(|c| !skip.contains(&c.db_version));
-            }
-            number_seqs(&mut changes);
-            Ok(ChangeSet {
-                source,
-                recipient,
+        let tables = self.tables_in(conn)?;
+        let sites = self.sites_as_of(conn)?;
+        let exclude = recipient.and_then(|r| sites.iter().position(|s| *s == r).map(|p| p as u32));
+        let skip = if skip_server_versions {
+            Some(server_versions_after(conn, since)?)
+        } else {
+            None
+        };
+        let mut changes = Vec::new();
+        let mut until = since;
+        for t in &tables {
+            let from = ExportFrom {
                 since,
-                until,
-                changes,
-            })
+                exclude,
+                skip: skip.as_ref(),
+            };
+            let overlay = self.inner.bulk.overlay(conn, t.id)?;
+            until = until.max(export_table(conn, t, &overlay, from, &sites, &mut changes)?);
+        }
+        until = until.max(export_pending(conn, since, recipient, &mut changes)?);
+        if let Some(skip) = &skip {
+            changes.retain(|c| !skip.contains(&c.db_version));
+        }
+        number_seqs(&mut changes);
+        Ok(ChangeSet {
+            source,
+            recipient,
+            since,
+            until,
+            changes,
         })
     }
 

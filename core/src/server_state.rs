@@ -214,8 +214,10 @@ impl Database {
     /// What to push: everything recorded after the last accepted push,
     /// except changes that came from the server.
     pub fn changes_for_server(&self) -> Result<ChangeSet> {
-        let pushed = self.pushed_version()?;
-        self.export(pushed, None, true)
+        // The mark and the export in one snapshot: a pull committed in
+        // between may move the mark past its version instead of listing it
+        // as the server's, and that version's rows would go back.
+        self.read_snapshot(|conn| self.export_in(conn, get_u64(conn, "pushed")?, None, true))
     }
 
     /// Where our last accepted push landed on the server, and that
