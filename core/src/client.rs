@@ -415,8 +415,9 @@ impl Client {
             .then(|| coding::compress(body))
     }
 
-    /// Posts `body` (sent as `packed`, its compressed form, when there is
-    /// one) to the sync endpoint; `part` names it in a multi-request push.
+    /// Posts `body` to the sync endpoint, as `packed` (its compressed form)
+    /// when the caller made it, else compressed here if the server takes
+    /// zstd; `part` names it in a multi-request push.
     #[allow(clippy::too_many_arguments)]
     fn post_sync(
         &self,
@@ -428,6 +429,9 @@ impl Client {
         part: Option<(&str, usize, usize)>,
         report: &mut SyncReport,
     ) -> Result<Reply> {
+        // A part prepared before the answer that said the server takes zstd
+        // (a first push) is compressed now.
+        let packed = packed.or_else(|| self.packed(body));
         // Safe to send twice: merging is idempotent, and a part staged
         // twice is kept once.
         let answer = self.authorized(|auth, fresh| {
@@ -579,10 +583,7 @@ impl Client {
             self.config.max_request_bytes,
             self.config.max_request_changes,
         ) {
-            Parts::One(body) => {
-                let packed = self.packed(&body);
-                return self.post_sync(cursor, tag, who, &body, packed, None, report);
-            }
+            Parts::One(body) => return self.post_sync(cursor, tag, who, &body, None, None, report),
             Parts::Many(ranges) => ranges,
         };
         let n = ranges.len();
@@ -612,9 +613,6 @@ impl Client {
                 }
             });
             for (i, (body, packed)) in parts.into_iter().enumerate() {
-                // Prepared before the answer that said the server takes
-                // zstd (a first push): compressed now.
-                let packed = packed.or_else(|| self.packed(&body));
                 let part = Some((id.as_str(), i + 1, n));
                 let reply = self.post_sync(cursor, tag, who, &body, packed, part, report)?;
                 self.tell_progress(report);
@@ -842,18 +840,11 @@ impl ChangeSet {
     /// The changes in `range`, as a change set of their own.
     fn part(&self, range: std::ops::Range<usize>) -> ChangeSet {
         ChangeSet {
-            changes: self.changes[range].to_vec(),
-            ..self.clone_header()
-        }
-    }
-
-    fn clone_header(&self) -> ChangeSet {
-        ChangeSet {
             source: self.source,
             recipient: self.recipient,
             since: self.since,
             until: self.until,
-            changes: Vec::new(),
+            changes: self.changes[range].to_vec(),
         }
     }
 }

@@ -426,20 +426,29 @@ impl PageBuilder {
     }
 }
 
+/// A pull's query: the rows of `row_versions` matching `$where`, with their
+/// cells, in version order.
+macro_rules! pull_query {
+    ($where:literal) => {
+        concat!(
+            "SELECT v.version, v.tbl, v.pk, r.cells FROM row_versions AS v \
+             JOIN rows AS r ON r.space = v.space AND r.tbl = v.tbl AND r.pk = v.pk WHERE ",
+            $where,
+            " ORDER BY v.version, v.tbl, v.pk"
+        )
+    };
+}
+
 /// A pull's rows after its cursor, up to the space's version (a push
 /// merged in steps writes rows at its version before the space moves to
 /// it): each row once per version its cells carry, in version order, so a
 /// page holds, for each version it covers, that version's cells of every
 /// row, whichever version the row is at now.
-const PULL_FROM_CURSOR: &str = "SELECT v.version, v.tbl, v.pk, r.cells FROM row_versions AS v \
-     JOIN rows AS r ON r.space = v.space AND r.tbl = v.tbl AND r.pk = v.pk \
-     WHERE v.space = ?1 AND v.version > ?2 AND v.version <= ?3 ORDER BY v.version, v.tbl, v.pk";
+const PULL_FROM_CURSOR: &str = pull_query!("v.space = ?1 AND v.version > ?2 AND v.version <= ?3");
 
 /// `PULL_FROM_CURSOR` from inside a version, after the row a page ended at.
-const PULL_RESUMED: &str = "SELECT v.version, v.tbl, v.pk, r.cells FROM row_versions AS v \
-     JOIN rows AS r ON r.space = v.space AND r.tbl = v.tbl AND r.pk = v.pk \
-     WHERE v.space = ?1 AND (v.version, v.tbl, v.pk) > (?2, ?3, ?4) AND v.version <= ?5 \
-     ORDER BY v.version, v.tbl, v.pk";
+const PULL_RESUMED: &str =
+    pull_query!("v.space = ?1 AND (v.version, v.tbl, v.pk) > (?2, ?3, ?4) AND v.version <= ?5");
 
 /// The most bytes of unfinished multi-request pushes kept per space.
 pub const MAX_STAGED_BYTES: usize = 256 << 20;

@@ -983,8 +983,8 @@ fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
     let server = server(Config::default());
     let cfg = SyncConfig::new(server.url(), "s", "dev-token");
     let (a, b) = (device(), device());
-    let add = |from: usize| {
-        a.write(|tx| {
+    let add = |db: &Database, from: usize| {
+        db.write(|tx| {
             for i in from..from + 300 {
                 tx.execute(
                     "INSERT INTO todo VALUES (?1, 'water the plants on the balcony', 'open')",
@@ -995,7 +995,7 @@ fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
         })
         .unwrap();
     };
-    add(0);
+    add(&a, 0);
     let first_size = a.changes_since(0, None).unwrap().encode().len() as u64;
     let first = a.sync_now(&cfg).unwrap();
     // Sent plain: the device did not know yet what the server takes.
@@ -1007,16 +1007,7 @@ fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
     // The first answer said the server takes zstd: a first push of several
     // parts sends the first plain, and the others compressed.
     let c = device();
-    c.write(|tx| {
-        for i in 0..300 {
-            tx.execute(
-                "INSERT INTO todo VALUES (?1, 'water the plants on the balcony', 'open')",
-                &[format!("todo-{i:05}").into()],
-            )?;
-        }
-        Ok(())
-    })
-    .unwrap();
+    add(&c, 0);
     let size = c.changes_since(0, None).unwrap().encode().len() as u64;
     let fresh = self::server(Config::default());
     let mut in_parts = SyncConfig::new(fresh.url(), "parts", "dev-token");
@@ -1024,7 +1015,7 @@ fn devices_compress_what_they_send_once_the_server_says_it_takes_zstd() {
     let sent = c.sync_now(&in_parts).unwrap().bytes_sent;
     assert!(sent * 2 < size, "sent {sent} for {size} bytes of changes");
     let seen = a.db_version();
-    add(300);
+    add(&a, 300);
     let second_size = a.changes_since(seen, None).unwrap().encode().len() as u64;
     let second = a.sync_now(&cfg).unwrap();
     assert!(
