@@ -88,8 +88,9 @@ fn sorted_by_row(events: Vec<Event>, ids: &RowIds) -> Vec<(i64, Event)> {
                 .take_while(|o| (o.0, o.1) == (table, id))
                 .count();
         if end - start > 1 {
-            order[start..end]
-                .sort_by(|a, b| key_order(&events[a.2].key, &events[b.2].key).then(a.2.cmp(&b.2)));
+            order[start..end].sort_by(|a, b| {
+                key_order(events[a.2].key.as_sql(), events[b.2].key.as_sql()).then(a.2.cmp(&b.2))
+            });
         }
         start = end;
     }

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, params_from_iter, CachedStatement, Connection, OptionalExtension};
 
 use crate::bulk::Overlay;
@@ -1273,12 +1274,11 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
     let t = export.t;
     let table = quote(&t.name);
     let live = export.live.len();
-    let read_values = |r: &rusqlite::Row<'_>| -> Result<Vec<Value>> {
-        (0..live)
-            .map(|i| Ok(Value::from_ref(r.get_ref(1 + i)?)))
-            .collect()
-    };
-    let mut rows: Vec<(Value, Vec<Value>)> = Vec::new();
+    // The table's keys (only matched, never sent: their bytes are kept in
+    // one buffer), and its rows' live values side by side (`live` to a row)
+    // in one vector.
+    let mut keys = KeyBuffer::default();
+    let mut values: Vec<Value> = Vec::new();
     {
         let mut read = conn.prepare_cached(&format!(
             "SELECT {key}{cols} FROM {table} AS t",
@@ -1286,10 +1286,15 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
         ))?;
         let mut read = read.query([])?;
         while let Some(r) = read.next()? {
-            rows.push((Value::from_ref(r.get_ref(0)?), read_values(r)?));
+            keys.push(r.get_ref(0)?);
+            for i in 0..live {
+                values.push(Value::from_ref(r.get_ref(1 + i)?));
+            }
         }
     }
-    let mut metas: Vec<(Value, u64, u64, Vec<u8>, i64)> = Vec::new();
+    // Each row's metadata, its clocks decoded as read (with the bulk
+    // entries laid over them) instead of held as blobs.
+    let mut metas: Vec<(Value, u64, RowClocks)> = Vec::new();
     {
         let mut read = conn.prepare_cached(&format!(
             "SELECT pk, cl, dbv, clocks, id FROM {}",
@@ -1297,13 +1302,12 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
         ))?;
         let mut read = read.query([])?;
         while let Some(r) = read.next()? {
-            metas.push((
-                Value::from_ref(r.get_ref(0)?),
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)? as u64,
-                r.get(3)?,
-                r.get(4)?,
-            ));
+            let stored = (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64);
+            let (cl, clocks, _) =
+                export
+                    .overlay
+                    .read(r.get(4)?, stored, r.get_ref(3)?.as_blob()?, t.slots.len())?;
+            metas.push((Value::from_ref(r.get_ref(0)?), cl, clocks));
         }
     }
     // A live row whose key the table holds converted by its column's
@@ -1312,35 +1316,96 @@ fn export_everything(conn: &Connection, export: &mut RowExport<'_>, cols: &str) 
         "SELECT 0{cols} FROM {table} AS t WHERE {}",
         key_matches(t, "?1")
     ))?;
-    let mut rows_in_order = key_sorted(&rows, |r| &r.0).into_iter().peekable();
-    for m in key_sorted(&metas, |m| &m.0) {
-        let (key, cl, dbv, clocks, id) =
-            std::mem::replace(&mut metas[m], (Value::Null, 0, 0, Vec::new(), 0));
-        // Before the values: a row a bulk entry deleted is not looked for.
-        let (cl, clocks, _) = export.overlay.read(id, (cl, dbv), &clocks, t.slots.len())?;
-        let mut values: Option<Vec<Value>> = None;
+    let mut rows_in_order = key_sorted(keys.len(), |r| keys.get(r))
+        .into_iter()
+        .peekable();
+    // Reserved whole: a first export for everyone takes every cell of
+    // every live row.
+    if export.from.exclude.is_none() {
+        export.out.reserve(metas.len() * (1 + live));
+    }
+    for m in key_sorted(metas.len(), |m| metas[m].0.as_sql()) {
+        let (key, cl, clocks) =
+            std::mem::replace(&mut metas[m], (Value::Null, 0, RowClocks::default()));
+        // A row deleted (by its metadata or a bulk entry) is not looked for;
+        // a live row missing from the table reads as NULLs, as in the join.
+        let mut looked_up: Vec<Value>;
+        let mut row_values: &mut [Value] = &mut [];
         if cl % 2 == 1 {
             while rows_in_order
-                .next_if(|&r| key_order(&rows[r].0, &key).is_lt())
+                .next_if(|&r| key_order(keys.get(r), key.as_sql()).is_lt())
                 .is_some()
             {}
-            values = rows_in_order
-                .next_if(|&r| same_key(key.as_sql(), rows[r].0.as_sql()))
-                .map(|r| std::mem::take(&mut rows[r].1));
-            if values.is_none() {
-                if let Some(r) = lookup.query([&key])?.next()? {
-                    values = Some(read_values(r)?);
-                }
+            if let Some(r) = rows_in_order.next_if(|&r| same_key(key.as_sql(), keys.get(r))) {
+                row_values = &mut values[r * live..(r + 1) * live];
+            } else if let Some(r) = lookup.query([&key])?.next()? {
+                looked_up = (0..live)
+                    .map(|i| Ok(Value::from_ref(r.get_ref(1 + i)?)))
+                    .collect::<Result<_>>()?;
+                row_values = &mut looked_up;
             }
         }
-        // A live row missing from the table reads as NULLs, as in the join.
         export.row(row_key(t, key)?, cl, &clocks, |i| {
-            Ok(values
-                .as_mut()
-                .map_or(Value::Null, |v| std::mem::replace(&mut v[i], Value::Null)))
+            Ok(row_values
+                .get_mut(i)
+                .map_or(Value::Null, |v| std::mem::replace(v, Value::Null)))
         })?;
     }
     Ok(())
+}
+
+/// Keys read from SQLite, their bytes kept in one buffer: an allocation
+/// for all of them instead of one each.
+#[derive(Default)]
+struct KeyBuffer {
+    bytes: Vec<u8>,
+    keys: Vec<BufferedKey>,
+}
+
+enum BufferedKey {
+    Null,
+    Integer(i64),
+    Real(f64),
+    /// A range of `bytes`.
+    Text(usize, usize),
+    Blob(usize, usize),
+}
+
+impl KeyBuffer {
+    fn push(&mut self, key: ValueRef<'_>) {
+        let mut range = |b: &[u8]| {
+            self.bytes.extend_from_slice(b);
+            (self.bytes.len() - b.len(), self.bytes.len())
+        };
+        let key = match key {
+            ValueRef::Null => BufferedKey::Null,
+            ValueRef::Integer(i) => BufferedKey::Integer(i),
+            ValueRef::Real(r) => BufferedKey::Real(r),
+            ValueRef::Text(t) => {
+                let (start, end) = range(t);
+                BufferedKey::Text(start, end)
+            }
+            ValueRef::Blob(b) => {
+                let (start, end) = range(b);
+                BufferedKey::Blob(start, end)
+            }
+        };
+        self.keys.push(key);
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn get(&self, i: usize) -> ValueRef<'_> {
+        match self.keys[i] {
+            BufferedKey::Null => ValueRef::Null,
+            BufferedKey::Integer(i) => ValueRef::Integer(i),
+            BufferedKey::Real(r) => ValueRef::Real(r),
+            BufferedKey::Text(start, end) => ValueRef::Text(&self.bytes[start..end]),
+            BufferedKey::Blob(start, end) => ValueRef::Blob(&self.bytes[start..end]),
+        }
+    }
 }
 
 /// What one table's export needs to turn a row into changes.

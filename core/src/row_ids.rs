@@ -172,13 +172,13 @@ pub(crate) fn same_key(a: ValueRef<'_>, b: ValueRef<'_>) -> bool {
 /// A total order of keys that calls two keys equal exactly when
 /// `same_key` does, and otherwise orders them as SQLite does (NULL,
 /// numbers by value, text, blobs; text and blobs byte by byte).
-pub(crate) fn key_order(a: &Value, b: &Value) -> Ordering {
-    fn rank(v: &Value) -> u8 {
+pub(crate) fn key_order(a: ValueRef<'_>, b: ValueRef<'_>) -> Ordering {
+    fn rank(v: ValueRef<'_>) -> u8 {
         match v {
-            Value::Null => 0,
-            Value::Integer(_) | Value::Real(_) => 1,
-            Value::Text(_) => 2,
-            Value::Blob(_) => 3,
+            ValueRef::Null => 0,
+            ValueRef::Integer(_) | ValueRef::Real(_) => 1,
+            ValueRef::Text(_) => 2,
+            ValueRef::Blob(_) => 3,
         }
     }
     // An integer against a real, exactly (no rounding through f64).
@@ -194,12 +194,11 @@ pub(crate) fn key_order(a: &Value, b: &Value) -> Ordering {
         }
     }
     match (a, b) {
-        (Value::Integer(x), Value::Integer(y)) => x.cmp(y),
-        (Value::Real(x), Value::Real(y)) => x.partial_cmp(y).unwrap_or(Ordering::Equal),
-        (Value::Integer(x), Value::Real(y)) => int_real(*x, *y),
-        (Value::Real(x), Value::Integer(y)) => int_real(*y, *x).reverse(),
-        (Value::Text(x), Value::Text(y)) => x.as_bytes().cmp(y.as_bytes()),
-        (Value::Blob(x), Value::Blob(y)) => x.cmp(y),
+        (ValueRef::Integer(x), ValueRef::Integer(y)) => x.cmp(&y),
+        (ValueRef::Real(x), ValueRef::Real(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+        (ValueRef::Integer(x), ValueRef::Real(y)) => int_real(x, y),
+        (ValueRef::Real(x), ValueRef::Integer(y)) => int_real(y, x).reverse(),
+        (ValueRef::Text(x), ValueRef::Text(y)) | (ValueRef::Blob(x), ValueRef::Blob(y)) => x.cmp(y),
         _ => rank(a).cmp(&rank(b)),
     }
 }
@@ -207,7 +206,7 @@ pub(crate) fn key_order(a: &Value, b: &Value) -> Ordering {
 /// The first bytes of a key as an integer that orders as `key_order` does
 /// where they differ: sorts compare these first, and the keys themselves
 /// only on a tie (numbers always tie).
-fn order_prefix(v: &Value) -> u64 {
+fn order_prefix(v: ValueRef<'_>) -> u64 {
     let bytes = |rank: u8, b: &[u8]| {
         let mut word = [0u8; 8];
         word[0] = rank;
@@ -216,24 +215,17 @@ fn order_prefix(v: &Value) -> u64 {
         u64::from_be_bytes(word)
     };
     match v {
-        Value::Null => 0,
-        Value::Integer(_) | Value::Real(_) => 1 << 56,
-        Value::Text(s) => bytes(2, s.as_bytes()),
-        Value::Blob(b) => bytes(3, b),
+        ValueRef::Null => 0,
+        ValueRef::Integer(_) | ValueRef::Real(_) => 1 << 56,
+        ValueRef::Text(s) => bytes(2, s),
+        ValueRef::Blob(b) => bytes(3, b),
     }
 }
 
-/// The positions of `items` in the `key_order` of their keys.
-pub(crate) fn key_sorted<T>(items: &[T], key: impl Fn(&T) -> &Value) -> Vec<usize> {
-    let mut order: Vec<(u64, usize)> = items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| (order_prefix(key(item)), i))
-        .collect();
-    order.sort_unstable_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then_with(|| key_order(key(&items[a.1]), key(&items[b.1])))
-    });
+/// The positions `0..len` in the `key_order` of their keys, `key(i)`.
+pub(crate) fn key_sorted<'k>(len: usize, key: impl Fn(usize) -> ValueRef<'k>) -> Vec<usize> {
+    let mut order: Vec<(u64, usize)> = (0..len).map(|i| (order_prefix(key(i)), i)).collect();
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key_order(key(a.1), key(b.1))));
     order.into_iter().map(|(_, i)| i).collect()
 }
 
@@ -472,9 +464,10 @@ mod tests {
                     |r| r.get(0),
                 )
                 .unwrap();
-            prop_assert_eq!(key_order(&a, &b) as i64, sqlite_order, "{:?} and {:?}", a, b);
-            let by_prefix = order_prefix(&a).cmp(&order_prefix(&b));
-            prop_assert!(by_prefix.is_eq() || by_prefix == key_order(&a, &b), "{:?} and {:?}", a, b);
+            let order = key_order(a.as_sql(), b.as_sql());
+            prop_assert_eq!(order as i64, sqlite_order, "{:?} and {:?}", a, b);
+            let by_prefix = order_prefix(a.as_sql()).cmp(&order_prefix(b.as_sql()));
+            prop_assert!(by_prefix.is_eq() || by_prefix == order, "{:?} and {:?}", a, b);
         }
     }
 
