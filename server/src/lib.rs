@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+mod group;
 pub mod metrics;
 pub mod pg;
 pub mod quota;
