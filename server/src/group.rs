@@ -79,10 +79,10 @@ impl<J, R> Group<J, R> {
                 return take(&mut turn);
             }
         }
-        // Leading (the lead passes on when this returns or unwinds). A
-        // commit takes at least the first write in line, and this job is in
-        // line until it is done.
-        let _lead = Lead(self);
+        // Leading (the lead passes on when this returns or unwinds). Each
+        // commit takes at least the first write in line, so this job is
+        // done after a few.
+        let _lead = Lead(self, &slot);
         while !matches!(*lock(&slot.turn), Turn::Done(_)) {
             commit(self);
         }
@@ -118,13 +118,16 @@ impl<J, R> Group<J, R> {
     }
 }
 
-/// The lead, held: passed to the first write in line when dropped, or
-/// ended when none is.
-struct Lead<'g, J, R>(&'g Group<J, R>);
+/// The lead, held by the thread of a write (its slot): passed to the first
+/// write in line when dropped, or ended when none is.
+struct Lead<'g, J, R>(&'g Group<J, R>, &'g Arc<Slot<J, R>>);
 
 impl<J, R> Drop for Lead<'_, J, R> {
     fn drop(&mut self) {
         let mut line = lock(&self.0.line);
+        // Still in line only if a commit panicked before taking it: its
+        // thread is unwinding, and the lead must not go to it.
+        line.waiting.retain(|waiting| !Arc::ptr_eq(waiting, self.1));
         match line.waiting.front() {
             Some(next) => {
                 *lock(&next.turn) = Turn::Lead;
@@ -266,7 +269,7 @@ mod tests {
                 })
             })
             .collect();
-        // Writer 0 leads and waits at the gate; the others line up behind.
+        // One of them leads and waits at the gate; the others line up.
         let deadline = Instant::now() + Duration::from_secs(10);
         while lock(&group.line).waiting.len() < 4 {
             assert!(Instant::now() < deadline, "the writers never lined up");
@@ -274,10 +277,39 @@ mod tests {
         }
         drop(held);
         // The leader's own run unwinds with its panic; the others return.
-        for result in writers.into_iter().filter_map(|w| w.join().unwrap().ok()) {
-            assert_eq!(result, u32::MAX, "abandoned with the failed commit");
-        }
+        let returned: Vec<u32> = writers
+            .into_iter()
+            .filter_map(|w| w.join().unwrap().ok())
+            .collect();
+        assert_eq!(returned, [u32::MAX; 3], "abandoned with the failed commit");
         let line = lock(&group.line);
         assert!(line.waiting.is_empty() && !line.leading);
+    }
+
+    /// A leader whose commit panics before it takes anything (its own
+    /// write still in line) does not hand the lead to itself: the next
+    /// writer is served.
+    #[test]
+    fn a_commit_that_panics_before_taking_leaves_the_line_open() {
+        let group: Arc<Group<u32, u32>> = Arc::new(Group::new(|| u32::MAX));
+        let first = group.clone();
+        let panicked = std::thread::spawn(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                first.run(0, |_| panic!("before take"))
+            }))
+        });
+        assert!(panicked.join().unwrap().is_err());
+        let (sent, received) = std::sync::mpsc::channel();
+        let second = group.clone();
+        std::thread::spawn(move || {
+            let result = second.run(1, |g| {
+                let batch = g.take(|_| true);
+                for slot in &batch.slots {
+                    g.finish(slot, slot.job);
+                }
+            });
+            let _ = sent.send(result);
+        });
+        assert_eq!(received.recv_timeout(Duration::from_secs(10)), Ok(1));
     }
 }

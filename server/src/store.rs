@@ -552,6 +552,37 @@ enum Grouped {
     SpaceBusy,
 }
 
+/// Rolls back the transaction open on a connection when dropped (an
+/// early return, a failed COMMIT, a panic): the writer is never left
+/// inside one, which would fail every later write.
+struct RollbackIfOpen<'c>(&'c Connection);
+
+impl Drop for RollbackIfOpen<'_> {
+    fn drop(&mut self) {
+        if !self.0.is_autocommit() {
+            let _ = run_cached(self.0, "ROLLBACK");
+        }
+    }
+}
+
+/// The writer, set not to wait for the disk at commit: set back when
+/// ended, or when dropped on any other way out.
+struct Unsynced<'c>(&'c Connection);
+
+impl Unsynced<'_> {
+    fn end(self) -> rusqlite::Result<()> {
+        let conn = self.0;
+        std::mem::forget(self);
+        conn.pragma_update(None, "synchronous", "FULL")
+    }
+}
+
+impl Drop for Unsynced<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.pragma_update(None, "synchronous", "FULL");
+    }
+}
+
 /// Runs `count` pieces of work (`work(conn, i)`) in one transaction, each
 /// under a savepoint of its own when there are several, so that one that
 /// fails is undone alone; returns each one's result. If the commit fails,
@@ -569,6 +600,7 @@ fn grouped_transaction<T>(
     if let Err(e) = run_cached(conn, "BEGIN IMMEDIATE") {
         return everyone(&e.into());
     }
+    let _open = RollbackIfOpen(conn);
     let mut results = Vec::with_capacity(count);
     for i in 0..count {
         let result = if count == 1 {
@@ -577,31 +609,27 @@ fn grouped_transaction<T>(
             match in_savepoint(conn, |conn| work(conn, i)) {
                 Ok(result) => result,
                 // Then what the piece wrote may stay: nothing is kept.
-                Err(e) => {
-                    let _ = run_cached(conn, "ROLLBACK");
-                    return everyone(&e.into());
-                }
+                Err(e) => return everyone(&e.into()),
             }
         };
         results.push(result);
         if conn.is_autocommit() {
             // SQLite rolled the whole transaction back (a full disk, an I/O
             // error): what came before is undone too, and what comes after
-            // must not run outside it.
+            // must not run outside it. A piece alone keeps its own error.
+            if count == 1 && results[0].is_err() {
+                return results;
+            }
             return everyone(&StoreError::Storage(
                 "the transaction was rolled back".into(),
             ));
         }
     }
-    // One alone that failed undoes the transaction (it is all it wrote).
-    let ended = if count == 1 && results[0].is_err() {
-        run_cached(conn, "ROLLBACK")
-    } else {
-        run_cached(conn, "COMMIT")
-    };
-    if let Err(e) = ended {
-        let _ = run_cached(conn, "ROLLBACK");
-        return everyone(&e.into());
+    // One alone that failed is not committed: `_open` rolls it back.
+    if count > 1 || results[0].is_ok() {
+        if let Err(e) = run_cached(conn, "COMMIT") {
+            return everyone(&e.into());
+        }
     }
     results
 }
@@ -711,12 +739,10 @@ impl SqliteStore {
     fn in_transaction<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
         let conn = self.writer.lock();
         run_cached(&conn, "BEGIN IMMEDIATE")?;
+        let _open = RollbackIfOpen(&conn);
         let result = f(&conn);
-        match &result {
-            Ok(_) => run_cached(&conn, "COMMIT")?,
-            Err(_) => {
-                let _ = run_cached(&conn, "ROLLBACK");
-            }
+        if result.is_ok() {
+            run_cached(&conn, "COMMIT")?;
         }
         result
     }
@@ -729,17 +755,19 @@ impl SqliteStore {
     ) -> StoreResult<T> {
         let conn = self.writer.lock();
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        run_cached(&conn, "BEGIN IMMEDIATE")?;
-        let result = f(&conn);
-        let ended = match &result {
-            Ok(_) => run_cached(&conn, "COMMIT"),
-            Err(_) => run_cached(&conn, "ROLLBACK"),
-        };
-        // Whatever happened: every other write waits for the disk.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        if result.is_ok() {
-            ended?;
-        }
+        // Whatever happens (a busy BEGIN, a panic): every other write
+        // waits for the disk.
+        let unsynced = Unsynced(&conn);
+        let result = (|| {
+            run_cached(&conn, "BEGIN IMMEDIATE")?;
+            let _open = RollbackIfOpen(&conn);
+            let result = f(&conn);
+            if result.is_ok() {
+                run_cached(&conn, "COMMIT")?;
+            }
+            result
+        })();
+        unsynced.end()?;
         result
     }
 
@@ -1830,9 +1858,76 @@ mod tests {
         wait_for_line(&store, 2);
         drop(writer);
         assert_eq!(to_free.join().unwrap().unwrap().version, 1);
-        assert!(!to_busy.is_finished(), "merged while its space was held");
+        assert!(store.space("busy").unwrap().is_none(), "merged while held");
+        assert!(!to_busy.is_finished());
         drop(in_steps);
         assert_eq!(to_busy.join().unwrap().unwrap().version, 1);
         assert_eq!(store.space("busy").unwrap().unwrap().version, 1);
+    }
+
+    /// A push that panics in the middle of a shared commit (a bug, not an
+    /// input) leaves the writer out of any transaction: the next push works.
+    #[test]
+    fn a_panic_inside_a_shared_commit_leaves_the_writer_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("server.db")).unwrap();
+        let cs = ChangeSet {
+            source: SiteId::from_bytes([7; 16]),
+            recipient: None,
+            since: 0,
+            until: 1,
+            changes: vec![change("r", Some("a"), 1)],
+        };
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let conn = store.writer.lock();
+            grouped_transaction(&conn, 2, |conn, i| {
+                assert!(i == 0, "the second push panics");
+                merge_push(conn, store.site, "s", &cs)
+            })
+        }));
+        assert!(panicked.is_err());
+        assert!(
+            store.writer.lock().is_autocommit(),
+            "left inside a transaction"
+        );
+        assert!(
+            store.space("s").unwrap().is_none(),
+            "the first push was kept"
+        );
+        let next = store.push_parts("s", decoded(vec![change("q", Some("a"), 2)]));
+        assert_eq!(next.unwrap().version, 1);
+    }
+
+    /// A step of a large push that cannot begin (another process holds
+    /// the file) still sets the writer back to waiting for the disk: the
+    /// pushes after it are acknowledged only once on disk.
+    #[test]
+    fn a_step_that_cannot_begin_leaves_the_writer_waiting_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .writer
+            .lock()
+            .busy_timeout(Duration::from_millis(50))
+            .unwrap();
+        let other: Arc<Mutex<Option<Connection>>> = Arc::default();
+        let holder = other.clone();
+        *store.between_steps.lock().unwrap() = Some(Box::new(move || {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            *holder.lock().unwrap() = Some(conn);
+        }));
+        let changes = (0..2 * PUSH_STEP + 10)
+            .map(|i| change(&format!("r{i}"), None, 10))
+            .collect();
+        assert!(store.push_parts("s", decoded(changes)).is_err());
+        drop(other.lock().unwrap().take());
+        let synchronous: i64 = store
+            .writer
+            .lock()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2, "FULL");
     }
 }
