@@ -552,6 +552,20 @@ enum Grouped {
     SpaceBusy,
 }
 
+/// Runs `f` in one write transaction on `conn`.
+fn transaction_on<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    run_cached(conn, "BEGIN IMMEDIATE")?;
+    let _open = RollbackIfOpen(conn);
+    let result = f(conn);
+    if result.is_ok() {
+        run_cached(conn, "COMMIT")?;
+    }
+    result
+}
+
 /// Rolls back the transaction open on a connection when dropped (an
 /// early return, a failed COMMIT, a panic): the writer is never left
 /// inside one, which would fail every later write.
@@ -737,14 +751,7 @@ impl SqliteStore {
 
     /// Runs `f` in one write transaction on the writer.
     fn in_transaction<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
-        let conn = self.writer.lock();
-        run_cached(&conn, "BEGIN IMMEDIATE")?;
-        let _open = RollbackIfOpen(&conn);
-        let result = f(&conn);
-        if result.is_ok() {
-            run_cached(&conn, "COMMIT")?;
-        }
-        result
+        transaction_on(&self.writer.lock(), f)
     }
 
     /// `in_transaction`, committed without waiting for the disk (see
@@ -758,15 +765,7 @@ impl SqliteStore {
         // Whatever happens (a busy BEGIN, a panic): every other write
         // waits for the disk.
         let unsynced = Unsynced(&conn);
-        let result = (|| {
-            run_cached(&conn, "BEGIN IMMEDIATE")?;
-            let _open = RollbackIfOpen(&conn);
-            let result = f(&conn);
-            if result.is_ok() {
-                run_cached(&conn, "COMMIT")?;
-            }
-            result
-        })();
+        let result = transaction_on(&conn, f);
         unsynced.end()?;
         result
     }
