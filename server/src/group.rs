@@ -105,10 +105,22 @@ impl<J, R> Group<J, R> {
         Batch { group: self, slots }
     }
 
-    /// How many writes wait in line (tests: to act once they are there).
+    /// Waits until `n` writes are in line (tests: to act once they are
+    /// there); fails after 10 s.
     #[cfg(test)]
-    pub fn waiting(&self) -> usize {
-        lock(&self.line).waiting.len()
+    pub fn wait_for_line(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let waiting = lock(&self.line).waiting.len();
+            if waiting >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} writes never lined up ({waiting} did)"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Hands a taken write its result (and wakes its thread).
@@ -167,7 +179,7 @@ fn take<R>(turn: &mut Turn<R>) -> R {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     /// Writes that arrive while a commit runs are committed together by
     /// the next one, and every writer gets its own result.
@@ -193,11 +205,7 @@ mod tests {
                 })
             })
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while lock(&group.line).waiting.len() < 8 {
-            assert!(Instant::now() < deadline, "the writers never lined up");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        group.wait_for_line(8);
         drop(held);
         let results: Vec<u32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
         assert_eq!(results, (0..8).map(|i| i * 10).collect::<Vec<_>>());
@@ -231,11 +239,7 @@ mod tests {
                 })
             })
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while lock(&group.line).waiting.len() < 6 {
-            assert!(Instant::now() < deadline, "the writers never lined up");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        group.wait_for_line(6);
         drop(held);
         let results: Vec<u32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
         assert_eq!(results, (100..106).collect::<Vec<_>>());
@@ -270,11 +274,7 @@ mod tests {
             })
             .collect();
         // One of them leads and waits at the gate; the others line up.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while lock(&group.line).waiting.len() < 4 {
-            assert!(Instant::now() < deadline, "the writers never lined up");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        group.wait_for_line(4);
         drop(held);
         // The leader's own run unwinds with its panic; the others return.
         let returned: Vec<u32> = writers

@@ -1555,17 +1555,19 @@ mod tests {
         assert_eq!(staged, 3);
     }
 
+    /// The writer's `PRAGMA synchronous` (2: FULL, waits for the disk).
+    fn synchronous(store: &SqliteStore) -> i64 {
+        store
+            .writer
+            .lock()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
     fn every_write_but_a_push_s_inner_steps_waits_for_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("server.db")).unwrap();
-        let synchronous = |store: &SqliteStore| -> i64 {
-            store
-                .writer
-                .lock()
-                .query_row("PRAGMA synchronous", [], |r| r.get(0))
-                .unwrap()
-        };
         const FULL: i64 = 2;
         let big: Vec<Change> = (0..PUSH_STEP + 10)
             .map(|i| change(&format!("r{i}"), None, 10))
@@ -1735,19 +1737,6 @@ mod tests {
         })]
     }
 
-    /// Waits until `n` pushes are in line behind the writer the test holds.
-    fn wait_for_line(store: &SqliteStore, n: usize) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while store.pushes.waiting() < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{n} pushes never lined up ({} did)",
-                store.pushes.waiting()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
     /// Pushes that arrive while the writer is busy are committed together:
     /// one commit (one wait for the disk) for all of them, each under a
     /// version of its own, each acknowledged with its own outcome.
@@ -1773,7 +1762,7 @@ mod tests {
                 })
             })
             .collect();
-        wait_for_line(&store, 8);
+        store.pushes.wait_for_line(8);
         drop(writer);
         let mut versions: Vec<u64> = pushes
             .into_iter()
@@ -1802,7 +1791,7 @@ mod tests {
             })
         };
         let first = good(1);
-        wait_for_line(&store, 1);
+        store.pushes.wait_for_line(1);
         // One key of table t with one value, another with two.
         let mut two_values = change("x", Some("a"), 5);
         two_values.pk = vec![Value::Text("x".into()), Value::Integer(1)].into();
@@ -1815,9 +1804,9 @@ mod tests {
                 )
             })
         };
-        wait_for_line(&store, 2);
+        store.pushes.wait_for_line(2);
         let second = good(2);
-        wait_for_line(&store, 3);
+        store.pushes.wait_for_line(3);
         drop(writer);
         assert!(matches!(
             refused.join().unwrap(),
@@ -1852,9 +1841,9 @@ mod tests {
             })
         };
         let to_busy = push("busy");
-        wait_for_line(&store, 1);
+        store.pushes.wait_for_line(1);
         let to_free = push("free");
-        wait_for_line(&store, 2);
+        store.pushes.wait_for_line(2);
         drop(writer);
         assert_eq!(to_free.join().unwrap().unwrap().version, 1);
         assert!(store.space("busy").unwrap().is_none(), "merged while held");
@@ -1922,11 +1911,6 @@ mod tests {
             .collect();
         assert!(store.push_parts("s", decoded(changes)).is_err());
         drop(other.lock().unwrap().take());
-        let synchronous: i64 = store
-            .writer
-            .lock()
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(synchronous, 2, "FULL");
+        assert_eq!(synchronous(&store), 2, "FULL");
     }
 }
