@@ -455,28 +455,22 @@ fn spawn_poller(
                 }
                 // Only a closed database ends the poll; anything else (a
                 // busy file, say) is waited out like a failed request.
-                let (cursor, tag) = match db.server_position() {
-                    Ok(position) => position,
+                let standing = match db.standing() {
+                    Ok(standing) => standing,
                     Err(Error::Closed) => break,
                     Err(_) => {
                         pause(&mut failures);
                         continue;
                     }
                 };
+                let who = Ident::new(&db, &standing);
+                let (cursor, tag) = (standing.cursor, standing.cursor_tag);
                 if reported_at == Some(cursor) {
                     sleep_unless(&stop, backoff(&config, stuck));
                     stuck = stuck.saturating_add(1);
                 } else {
                     stuck = 0;
                 }
-                let who = match Ident::of(&db) {
-                    Ok(who) => who,
-                    Err(Error::Closed) => break,
-                    Err(_) => {
-                        pause(&mut failures);
-                        continue;
-                    }
-                };
                 let mut report = SyncReport::default();
                 match client.get_changes(
                     cursor,

@@ -12,6 +12,7 @@ use crate::changeset::ChangeSet;
 use crate::coding::{self, ZSTD};
 use crate::db::Database;
 use crate::error::{Error, Result};
+use crate::server_state::Standing;
 
 pub const PROTOCOL_VERSION: &str = "1";
 const CHANGESET_TYPE: &str = "application/vnd.confluo.changeset";
@@ -214,12 +215,12 @@ impl Ident {
         req
     }
 
-    pub fn of(db: &Database) -> Result<Ident> {
-        Ok(Ident {
+    pub fn new(db: &Database, standing: &Standing) -> Ident {
+        Ident {
             site: db.site_id().to_string(),
-            epoch: db.server_epoch()?,
-            pushed: db.pushed_to()?,
-        })
+            epoch: standing.epoch.clone(),
+            pushed: standing.pushed_to.clone(),
+        }
     }
 }
 
@@ -504,20 +505,27 @@ impl Client {
         // One refresh per sync at most (the push and the pull would each
         // ask again for a token the server refuses).
         self.refresh_refused.store(false, Ordering::SeqCst);
-        db.bind_space(&self.config.space)?;
-        if let Round::Gone = self.round(db, &Ident::of(db)?, &mut report)? {
+        let (standing, outgoing) = db.standing_and_outgoing()?;
+        if standing.space.as_deref() != Some(self.config.space.as_str()) {
+            db.bind_space(&self.config.space)?;
+        }
+        let confirmed = standing.confirmed;
+        if let Round::Gone = self.round(db, standing, outgoing, &mut report)? {
             // The server no longer has the history our cursor points into:
             // pull everything again and push all of ours (see
             // `reset_server_cursor`). Nothing unsent is lost.
             db.reset_server_cursor()?;
-            if let Round::Gone = self.round(db, &Ident::of(db)?, &mut report)? {
+            let (standing, outgoing) = db.standing_and_outgoing()?;
+            if let Round::Gone = self.round(db, standing, outgoing, &mut report)? {
                 return Err(network(
                     "the server keeps losing its history (410 twice)",
                     true,
                 ));
             }
         }
-        db.confirm_space()?;
+        if !confirmed {
+            db.confirm_space()?;
+        }
         report.duration = started.elapsed();
         report.clock_offset_ms = report
             .server_time_ms
@@ -533,9 +541,18 @@ impl Client {
         Ok(report)
     }
 
-    fn round(&self, db: &Database, who: &Ident, report: &mut SyncReport) -> Result<Round> {
-        let outgoing = db.changes_for_server()?;
-        let (cursor, tag) = db.server_position()?;
+    /// Pushes `outgoing` and pulls from where `standing` says this
+    /// database stands (both read in one snapshot: see
+    /// `Database::standing_and_outgoing`).
+    fn round(
+        &self,
+        db: &Database,
+        standing: Standing,
+        outgoing: ChangeSet,
+        report: &mut SyncReport,
+    ) -> Result<Round> {
+        let who = &Ident::new(db, &standing);
+        let (cursor, tag) = (standing.cursor, standing.cursor_tag);
         let first = if outgoing.is_empty() {
             // Only changes that came from the server lie between the last
             // push and now: nothing to send, but the mark moves past them.
@@ -559,7 +576,7 @@ impl Client {
                     // The server will not take our changes (a read-only token,
                     // a value over its limits): still take everyone else's,
                     // then report why ours stay unsent.
-                    if let Round::Gone = self.pull(db, None, who, report)? {
+                    if let Round::Gone = self.pull(db, None, who, (cursor, tag), report)? {
                         return Ok(Round::Gone);
                     }
                     return Err(refused);
@@ -567,7 +584,7 @@ impl Client {
                 Err(e) => return Err(e),
             }
         };
-        self.pull(db, first, who, report)
+        self.pull(db, first, who, (cursor, tag), report)
     }
 
     fn push(
@@ -633,14 +650,16 @@ impl Client {
 
     /// Applies pages until the server has nothing more. A version split over
     /// several pages is applied once complete, in one transaction.
+    /// `(cursor, tag)`: where this database stands, as the push (if any)
+    /// told the server.
     fn pull(
         &self,
         db: &Database,
         first: Option<Box<Page>>,
         who: &Ident,
+        (cursor, tag): (u64, Option<String>),
         report: &mut SyncReport,
     ) -> Result<Round> {
-        let (cursor, tag) = db.server_position()?;
         let mut from = PullFrom {
             cursor,
             tag,

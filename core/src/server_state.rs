@@ -84,7 +84,66 @@ fn set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> 
     Ok(())
 }
 
+/// Where this database stands with its server, as `confluo_sync` says:
+/// everything a sync reads before it talks to the server.
+#[derive(Debug, Default)]
+pub(crate) struct Standing {
+    /// The space this database syncs with, once it has tried to.
+    pub space: Option<String>,
+    /// Whether a sync with that space ever succeeded.
+    pub confirmed: bool,
+    /// The epoch of the space's history this database follows.
+    pub epoch: Option<String>,
+    /// The server version pulled up to, and the tag the server gave it.
+    pub cursor: u64,
+    pub cursor_tag: Option<String>,
+    /// Where our last accepted push landed on the server, and that
+    /// version's tag.
+    pub pushed_to: Option<(u64, String)>,
+}
+
+impl Standing {
+    /// Reads it in the caller's snapshot, in one statement (the table
+    /// holds a handful of keys).
+    fn read(conn: &Connection) -> Result<Standing> {
+        use rusqlite::types::Value::{Integer, Text};
+        let mut standing = Standing::default();
+        let mut pushed_at = 0;
+        let mut pushed_tag = None;
+        let mut stmt = conn.prepare_cached("SELECT key, value FROM confluo_sync")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let value: rusqlite::types::Value = row.get(1)?;
+            match (row.get_ref(0)?.as_str()?, value) {
+                ("space", Text(s)) => standing.space = Some(s),
+                ("confirmed", _) => standing.confirmed = true,
+                ("epoch", Text(e)) => standing.epoch = Some(e),
+                ("cursor", Integer(c)) => standing.cursor = c as u64,
+                ("cursor_tag", Text(t)) => standing.cursor_tag = Some(t),
+                ("pushed_at", Integer(at)) => pushed_at = at as u64,
+                ("pushed_tag", Text(t)) => pushed_tag = Some(t),
+                _ => {}
+            }
+        }
+        standing.pushed_to = pushed_tag.map(|tag| (pushed_at, tag));
+        Ok(standing)
+    }
+}
+
 impl Database {
+    /// Where this database stands with its server (see `Standing`).
+    pub(crate) fn standing(&self) -> Result<Standing> {
+        self.read_snapshot(Standing::read)
+    }
+
+    /// Where this database stands with its server, and what to push (as
+    /// `changes_for_server`), in one snapshot: a sync reads both before it
+    /// talks to the server, and each snapshot costs a read transaction on
+    /// a reader whose page cache the last write emptied.
+    pub(crate) fn standing_and_outgoing(&self) -> Result<(Standing, ChangeSet)> {
+        self.read_snapshot(|conn| Ok((Standing::read(conn)?, self.outgoing_in(conn)?)))
+    }
+
     /// Ties this database to `space` the first time it syncs; later calls
     /// with another space are refused (one database syncs with one space),
     /// unless no sync with the bound space ever got an answer from the
@@ -194,17 +253,6 @@ impl Database {
         self.read_snapshot(|conn| get_u64(conn, "cursor"))
     }
 
-    /// The cursor and the tag the server gave that version, read together.
-    pub(crate) fn server_position(&self) -> Result<(u64, Option<String>)> {
-        self.read_snapshot(|conn| {
-            let tag = match get(conn, "cursor_tag")? {
-                Some(rusqlite::types::Value::Text(t)) => Some(t),
-                _ => None,
-            };
-            Ok((get_u64(conn, "cursor")?, tag))
-        })
-    }
-
     /// The local db_version up to which the server has everything: our
     /// pushes it accepted, and the versions pulled from it in between.
     pub fn pushed_version(&self) -> Result<u64> {
@@ -214,21 +262,15 @@ impl Database {
     /// What to push: everything recorded after the last accepted push,
     /// except changes that came from the server.
     pub fn changes_for_server(&self) -> Result<ChangeSet> {
-        // The mark and the export in one snapshot: a pull committed in
-        // between may move the mark past its version instead of listing it
-        // as the server's, and that version's rows would go back.
-        self.read_snapshot(|conn| self.export_in(conn, get_u64(conn, "pushed")?, None, true))
+        self.read_snapshot(|conn| self.outgoing_in(conn))
     }
 
-    /// Where our last accepted push landed on the server, and that
-    /// version's tag.
-    pub(crate) fn pushed_to(&self) -> Result<Option<(u64, String)>> {
-        self.read_snapshot(|conn| {
-            Ok(match get(conn, "pushed_tag")? {
-                Some(rusqlite::types::Value::Text(tag)) => Some((get_u64(conn, "pushed_at")?, tag)),
-                _ => None,
-            })
-        })
+    /// `changes_for_server` in the caller's snapshot. The mark and the
+    /// export are read in one: a pull committed in between may move the
+    /// mark past its version instead of listing it as the server's, and
+    /// that version's rows would go back.
+    fn outgoing_in(&self, conn: &Connection) -> Result<ChangeSet> {
+        self.export_in(conn, get_u64(conn, "pushed")?, None, true)
     }
 
     /// Records that the server accepted every change up to `until`, into
