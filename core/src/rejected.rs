@@ -21,6 +21,13 @@ pub struct RejectedChange {
     pub reason: String,
 }
 
+/// Whether any change is kept aside, in the caller's transaction.
+pub(crate) fn any_kept_aside(conn: &Connection) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM confluo_rejected)")?
+        .query_row([], |r| r.get(0))?)
+}
+
 impl Database {
     /// The changes kept aside because this database could not apply them,
     /// with the reasons.

@@ -3,6 +3,8 @@
 //! accepted its pushes, and which local db_versions came from the server (so
 //! they are never pushed back).
 
+use std::cell::Cell;
+
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::capture::lock;
@@ -310,10 +312,15 @@ impl Database {
         cursor: u64,
         tag: Option<&str>,
     ) -> Result<ApplyReport> {
+        // Asked in the apply's transaction: most often nothing is kept
+        // aside, and the question then costs no read transaction of its own.
+        let keeps_aside = Cell::new(false);
         let report = self.apply_changes(changes, Sender::Server, |_, tx, ctx| {
-            record_pulled(tx.conn(), ctx, cursor, tag)
+            record_pulled(tx.conn(), ctx, cursor, tag)?;
+            keeps_aside.set(crate::rejected::any_kept_aside(tx.conn())?);
+            Ok(())
         })?;
-        if report.applied > 0 {
+        if report.applied > 0 && keeps_aside.get() {
             self.retry_rejected_rows(changes)?;
         }
         Ok(report)
@@ -355,13 +362,16 @@ impl Database {
             }
             merge(last)
         };
+        let keeps_aside = Cell::new(false);
         let report = self.apply_chunks(pages, Sender::Server, |_, tx, ctx| {
             tx.conn()
                 .prepare_cached("DELETE FROM confluo_inbox")?
                 .execute([])?;
-            record_pulled(tx.conn(), ctx, cursor, tag)
+            record_pulled(tx.conn(), ctx, cursor, tag)?;
+            keeps_aside.set(crate::rejected::any_kept_aside(tx.conn())?);
+            Ok(())
         })?;
-        if report.applied > 0 {
+        if report.applied > 0 && keeps_aside.get() {
             // The pages are gone: every change kept aside is tried again
             // (there are few, and most often none).
             self.retry_rejected_where(|_| true)?;
