@@ -12,7 +12,7 @@ use crate::changeset::ChangeSet;
 use crate::coding::{self, ZSTD};
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::server_state::Standing;
+use crate::server_state::{AcceptedPush, Standing};
 
 pub const PROTOCOL_VERSION: &str = "1";
 const CHANGESET_TYPE: &str = "application/vnd.confluo.changeset";
@@ -553,6 +553,7 @@ impl Client {
     ) -> Result<Round> {
         let who = &Ident::new(db, &standing);
         let (cursor, tag) = (standing.cursor, standing.cursor_tag);
+        let mut accepted = None;
         let first = if outgoing.is_empty() {
             // Only changes that came from the server lie between the last
             // push and now: nothing to send, but the mark moves past them.
@@ -562,9 +563,13 @@ impl Client {
             None
         } else {
             match self.push(db, &outgoing, (cursor, tag.as_deref()), who, report) {
-                Ok(Reply::Page(page)) => {
-                    // The server has it: only now is it marked as sent.
-                    db.mark_pushed_to(outgoing.until, page.push.as_ref())?;
+                Ok(Reply::Page(mut page)) => {
+                    // The server has it: only now is it marked as sent, with
+                    // the page that answers it.
+                    accepted = Some(AcceptedPush {
+                        until: outgoing.until,
+                        at: page.push.take(),
+                    });
                     report.pushed += outgoing.changes.len();
                     Some(page)
                 }
@@ -576,7 +581,7 @@ impl Client {
                     // The server will not take our changes (a read-only token,
                     // a value over its limits): still take everyone else's,
                     // then report why ours stay unsent.
-                    if let Round::Gone = self.pull(db, None, who, (cursor, tag), report)? {
+                    if let Round::Gone = self.pull(db, None, who, (cursor, tag), None, report)? {
                         return Ok(Round::Gone);
                     }
                     return Err(refused);
@@ -584,7 +589,7 @@ impl Client {
                 Err(e) => return Err(e),
             }
         };
-        self.pull(db, first, who, (cursor, tag), report)
+        self.pull(db, first, who, (cursor, tag), accepted, report)
     }
 
     fn push(
@@ -658,6 +663,7 @@ impl Client {
         first: Option<Box<Page>>,
         who: &Ident,
         (cursor, tag): (u64, Option<String>),
+        accepted: Option<AcceptedPush>,
         report: &mut SyncReport,
     ) -> Result<Round> {
         let mut from = PullFrom {
@@ -669,6 +675,7 @@ impl Client {
             cursor,
             tag: from.tag.clone(),
             staged: 0,
+            accepted,
         };
         let page = match first {
             Some(page) => page,
@@ -775,6 +782,9 @@ struct PageStore {
     cursor: u64,
     tag: Option<String>,
     staged: usize,
+    /// The push the first page answers, recorded with that page (see
+    /// `Database::apply_pulled`).
+    accepted: Option<AcceptedPush>,
 }
 
 impl PageStore {
@@ -792,6 +802,13 @@ impl PageStore {
                 db.set_server_epoch(epoch)?;
             }
         }
+        let applies_alone = page.resume.is_none()
+            && self.staged == 0
+            && (page.changes.until > self.cursor || !page.changes.changes.is_empty());
+        let accepted = self.accepted.take();
+        if let Some(push) = accepted.as_ref().filter(|_| !applies_alone) {
+            db.mark_pushed_to(push)?;
+        }
         if page.resume.is_some() {
             db.stage_page(&page.encoded, self.staged == 0)?;
             self.staged += 1;
@@ -803,7 +820,8 @@ impl PageStore {
             let applied = if self.staged > 0 {
                 db.apply_staged_from_server(&page.changes.changes, until, self.tag.as_deref())?
             } else {
-                db.apply_from_server(&page.changes.changes, until, self.tag.as_deref())?
+                let accepted = accepted.as_ref();
+                db.apply_pulled(&page.changes.changes, until, self.tag.as_deref(), accepted)?
             };
             report.applied += applied.applied;
             report.rejected += applied.rejected;

@@ -86,6 +86,14 @@ fn set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> 
     Ok(())
 }
 
+/// A push the server accepted: every change up to local db_version
+/// `until`, into the server's version `at` (with that version's tag).
+#[derive(Debug)]
+pub(crate) struct AcceptedPush {
+    pub until: u64,
+    pub at: Option<(u64, String)>,
+}
+
 /// Where this database stands with its server, as `confluo_sync` says:
 /// everything a sync reads before it talks to the server.
 #[derive(Debug, Default)]
@@ -275,16 +283,18 @@ impl Database {
         self.export_in(conn, get_u64(conn, "pushed")?, None, true)
     }
 
-    /// Records that the server accepted every change up to `until`, into
-    /// its version `at` (with that version's tag), in one transaction.
-    pub(crate) fn mark_pushed_to(&self, until: u64, at: Option<&(u64, String)>) -> Result<()> {
-        self.write(|tx| {
-            if let Some((version, tag)) = at {
-                set(tx.conn(), "pushed_at", *version as i64)?;
-                set(tx.conn(), "pushed_tag", tag.as_str())?;
-            }
-            self.record_pushed(tx, until)
-        })
+    /// Records a push the server accepted, in one transaction.
+    pub(crate) fn mark_pushed_to(&self, push: &AcceptedPush) -> Result<()> {
+        self.write(|tx| self.record_accepted(tx, push))
+    }
+
+    /// Records a push the server accepted, in the caller's transaction.
+    fn record_accepted(&self, tx: &crate::db::Transaction<'_>, push: &AcceptedPush) -> Result<()> {
+        if let Some((version, tag)) = &push.at {
+            set(tx.conn(), "pushed_at", *version as i64)?;
+            set(tx.conn(), "pushed_tag", tag.as_str())?;
+        }
+        self.record_pushed(tx, push.until)
     }
 
     /// Records that the server accepted every change up to `until`.
@@ -312,10 +322,26 @@ impl Database {
         cursor: u64,
         tag: Option<&str>,
     ) -> Result<ApplyReport> {
+        self.apply_pulled(changes, cursor, tag, None)
+    }
+
+    /// `apply_from_server`, recording in the same transaction the push
+    /// whose answer brought the changes (`accepted`): most syncs then
+    /// commit once, not twice. Recorded first, as if committed before.
+    pub(crate) fn apply_pulled(
+        &self,
+        changes: &[Change],
+        cursor: u64,
+        tag: Option<&str>,
+        accepted: Option<&AcceptedPush>,
+    ) -> Result<ApplyReport> {
         // Asked in the apply's transaction: most often nothing is kept
         // aside, and the question then costs no read transaction of its own.
         let keeps_aside = Cell::new(false);
         let report = self.apply_changes(changes, Sender::Server, |_, tx, ctx| {
+            if let Some(push) = accepted {
+                self.record_accepted(tx, push)?;
+            }
             record_pulled(tx.conn(), ctx, cursor, tag)?;
             keeps_aside.set(crate::rejected::any_kept_aside(tx.conn())?);
             Ok(())
