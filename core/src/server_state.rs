@@ -327,7 +327,8 @@ impl Database {
 
     /// `apply_from_server`, recording in the same transaction the push
     /// whose answer brought the changes (`accepted`): most syncs then
-    /// commit once, not twice. Recorded first, as if committed before.
+    /// commit once, not twice. It is recorded before the pull's own marks,
+    /// as when it was committed before the pull.
     pub(crate) fn apply_pulled(
         &self,
         changes: &[Change],
@@ -335,8 +336,10 @@ impl Database {
         tag: Option<&str>,
         accepted: Option<&AcceptedPush>,
     ) -> Result<ApplyReport> {
-        // Asked in the apply's transaction: most often nothing is kept
-        // aside, and the question then costs no read transaction of its own.
+        // Whether changes were kept aside before: asked in the apply's
+        // transaction, where most often the answer is no and costs no read
+        // transaction of its own. Those this apply keeps aside are in its
+        // report.
         let keeps_aside = Cell::new(false);
         let report = self.apply_changes(changes, Sender::Server, |_, tx, ctx| {
             if let Some(push) = accepted {
@@ -346,7 +349,7 @@ impl Database {
             keeps_aside.set(crate::rejected::any_kept_aside(tx.conn())?);
             Ok(())
         })?;
-        if report.applied > 0 && keeps_aside.get() {
+        if report.applied > 0 && (keeps_aside.get() || report.rejected > 0) {
             self.retry_rejected_rows(changes)?;
         }
         Ok(report)
@@ -397,7 +400,7 @@ impl Database {
             keeps_aside.set(crate::rejected::any_kept_aside(tx.conn())?);
             Ok(())
         })?;
-        if report.applied > 0 && keeps_aside.get() {
+        if report.applied > 0 && (keeps_aside.get() || report.rejected > 0) {
             // The pages are gone: every change kept aside is tried again
             // (there are few, and most often none).
             self.retry_rejected_where(|_| true)?;

@@ -1878,6 +1878,33 @@ fn a_row_kept_aside_that_comes_in_later_brings_its_other_cells() {
 }
 
 #[test]
+fn a_row_refused_until_a_later_row_of_the_same_pull_comes_in_is_applied_after_it() {
+    let c = clock();
+    let (a, b) = (todo_replica(&c), todo_replica(&c));
+    b.execute_batch(
+        "CREATE TRIGGER needs_parent BEFORE INSERT ON todo WHEN NEW.id = 'child' \
+         AND NOT EXISTS (SELECT 1 FROM todo WHERE id = 'parent') \
+         BEGIN SELECT RAISE(ABORT, 'no parent yet'); END",
+    )
+    .unwrap();
+    a.execute("INSERT INTO todo VALUES ('parent', 'p', 'open')", &[])
+        .unwrap();
+    a.execute("INSERT INTO todo VALUES ('child', 'c', 'open')", &[])
+        .unwrap();
+    let mut theirs = a.changes_since(0, None).unwrap().changes;
+    // The child first: refused, since its parent is not there yet.
+    theirs.sort_by_key(|ch| format!("{:?}", ch.pk));
+    let report = b.apply_from_server(&theirs, 1, None).unwrap();
+    assert!(report.rejected > 0, "{report:?}");
+    assert_eq!(
+        b.rejected_count().unwrap(),
+        0,
+        "the child is still kept aside"
+    );
+    assert_eq!(dump(&b, "todo"), dump(&a, "todo"));
+}
+
+#[test]
 fn unbinding_a_space_forgets_its_server_and_pushes_everything_to_the_next() {
     let c = clock();
     let (a, other) = (todo_replica(&c), todo_replica(&c));
