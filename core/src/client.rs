@@ -820,8 +820,18 @@ impl PageStore {
             let applied = if self.staged > 0 {
                 db.apply_staged_from_server(&page.changes.changes, until, self.tag.as_deref())?
             } else {
-                let accepted = accepted.as_ref();
-                db.apply_pulled(&page.changes.changes, until, self.tag.as_deref(), accepted)?
+                let tag = self.tag.as_deref();
+                match db.apply_pulled(&page.changes.changes, until, tag, accepted.as_ref()) {
+                    Ok(applied) => applied,
+                    Err(e) => {
+                        // The push stays recorded however the pull fails,
+                        // or every sync until it succeeds sends it again.
+                        if let Some(push) = &accepted {
+                            let _ = db.mark_pushed_to(push);
+                        }
+                        return Err(e);
+                    }
+                }
             };
             report.applied += applied.applied;
             report.rejected += applied.rejected;

@@ -1088,3 +1088,30 @@ fn the_answer_to_a_push_from_a_current_device_starts_past_that_push() {
     assert_eq!(rows(&a), rows(&b));
     assert_eq!(rows(&a).len(), 4);
 }
+
+#[test]
+fn a_push_the_server_accepted_stays_recorded_when_the_pull_after_it_fails() {
+    let server = server(Config::default());
+    let cfg = SyncConfig::new(server.url(), "lists", "dev-token");
+    let (a, b) = (device(), device());
+    // An app trigger that throws away the transaction it runs in: B's
+    // apply of A's row fails whole, not row by row.
+    b.alter_synced_table(
+        "todo",
+        "CREATE TRIGGER no_poison BEFORE INSERT ON todo WHEN NEW.id = 'poison' \
+         BEGIN SELECT RAISE(ROLLBACK, 'no poison here'); END",
+    )
+    .unwrap();
+    a.execute("INSERT INTO todo VALUES ('poison', 'p', 'open')", &[])
+        .unwrap();
+    a.sync_now(&cfg).unwrap();
+    b.execute("INSERT INTO todo VALUES ('mine', 'm', 'open')", &[])
+        .unwrap();
+    assert!(b.sync_now(&cfg).is_err(), "the pull cannot be applied");
+    assert_eq!(
+        b.pending_changes().unwrap(),
+        0,
+        "the server has B's row: it is not sent again"
+    );
+    assert_eq!(a.sync_now(&cfg).unwrap().pulled, 3, "B's row reached A");
+}
