@@ -77,11 +77,9 @@ impl Database {
 
     /// Tries again the changes kept aside for rows that `applied` just
     /// changed: a row refused whole may have come in through a later change
-    /// of one of its cells, and its other cells must follow.
+    /// of one of its cells, and its other cells must follow. The caller
+    /// knows changes are kept aside (see `Database::apply_pulled`).
     pub(crate) fn retry_rejected_rows(&self, applied: &[Change]) -> Result<()> {
-        if self.rejected_count()? == 0 {
-            return Ok(());
-        }
         let rows: std::collections::HashSet<(&str, &[crate::value::Value])> =
             applied.iter().map(|c| (&*c.table, &*c.pk)).collect();
         self.retry_rejected_where(|c| rows.contains(&(&*c.table, &*c.pk)))
